@@ -1,0 +1,16 @@
+//! vdd, the Virtual Distro Dispatcher: one server for diskless thin clients.
+//!
+//! `ls src` is the architecture: one folder per service (`dhcp`, `tftp`, `http`, `nbd`),
+//! `boot` for the policy they share, `config` for the admin's file.
+//!
+//! Every service has the same shape: `Service::bind(Arc<Config>)` takes its sockets (so a
+//! port in use stops `vdd serve` before anything is served) and `Service::run(shutdown)`
+//! serves until the token is cancelled.
+
+pub mod boot;
+pub mod config;
+pub mod dhcp;
+pub mod http;
+pub mod nbd;
+pub mod netif;
+pub mod tftp;

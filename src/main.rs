@@ -1,0 +1,274 @@
+//! The `vdd` command: `serve`, `check`, `leases`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use vdd::config::{Config, DhcpMode, ExportMode};
+
+#[derive(Parser)]
+#[command(
+    name = "vdd",
+    version,
+    about = "Virtual Distro Dispatcher: network boot and guest VMs for diskless thin clients"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every enabled service (DHCP, TFTP, HTTP, NBD) until SIGINT or SIGTERM.
+    Serve {
+        /// Config file [default: ./config.toml, then /etc/vdd/config.toml]
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and print what would be served.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the DHCP lease table from the state directory.
+    Leases {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vdd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Serve { config } => {
+            let cfg = load_bound(config.as_deref(), true)?;
+            tokio::runtime::Runtime::new()
+                .context("starting the tokio runtime")?
+                .block_on(serve(Arc::new(cfg)))
+        }
+        Cmd::Check { config } => {
+            let cfg = load_bound(config.as_deref(), false)?;
+            print_summary(&cfg, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Cmd::Leases { config } => {
+            let cfg = Config::load(&Config::locate(config.as_deref())?)?;
+            vdd::dhcp::print_leases(&cfg, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+    }
+}
+
+/// Loads the config and checks it against the LAN interface. Without the interface,
+/// `serve` refuses and `check` warns.
+fn load_bound(given: Option<&Path>, serving: bool) -> Result<Config> {
+    let path = Config::locate(given)?;
+    let mut cfg = Config::load(&path)?;
+    let name = cfg.server.interface.clone();
+    match vdd::netif::lookup(&name).with_context(|| format!("reading interface {name}"))? {
+        Some(iface) => cfg.bind_interface(&iface)?,
+        None if serving => bail!(
+            "server.interface = {name:?}: no such interface on this machine; name the LAN interface (see `ip link`)"
+        ),
+        None => warn!(
+            interface = %name,
+            "no such interface here: checked everything else; `vdd serve` needs it"
+        ),
+    }
+    Ok(cfg)
+}
+
+fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
+    let server = cfg
+        .server_ip()
+        .map_or("(the interface's address)".to_string(), |ip| ip.to_string());
+    writeln!(out, "config {} is valid", cfg.path.display())?;
+    writeln!(
+        out,
+        "  interface  {}  address {server}",
+        cfg.server.interface
+    )?;
+    if let Some(net) = cfg.server.subnet {
+        writeln!(out, "  subnet     {net}")?;
+    }
+    writeln!(out, "  state      {}", cfg.server.state_dir.display())?;
+    let d = &cfg.dhcp;
+    match d.mode {
+        DhcpMode::Off => writeln!(out, "  dhcp       off")?,
+        DhcpMode::Proxy => writeln!(
+            out,
+            "  dhcp       proxy: boot information only, ports {} and {}",
+            d.port, d.proxy_port
+        )?,
+        DhcpMode::Full => {
+            let p = d.pool.expect("full mode has a pool");
+            writeln!(
+                out,
+                "  dhcp       full on port {}: pool {}-{} ({} addresses), lease {}, router {}, dns {}",
+                d.port,
+                p.first,
+                p.last,
+                p.len(),
+                humantime::format_duration(d.lease_time),
+                d.router.map_or("-".into(), |r| r.to_string()),
+                if d.dns.is_empty() {
+                    "-".into()
+                } else {
+                    d.dns.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+                },
+            )?;
+        }
+    }
+    for h in d.hosts.values() {
+        writeln!(
+            out,
+            "    host     {}  {}  {}",
+            h.mac,
+            h.address.map_or("-".into(), |a| a.to_string()),
+            h.hostname.as_deref().unwrap_or("-")
+        )?;
+    }
+    let b = &cfg.boot;
+    writeln!(
+        out,
+        "  boot       bios {}  uefi {}  (iPXE folder {})",
+        b.bios,
+        b.uefi,
+        b.ipxe_dir.display()
+    )?;
+    writeln!(
+        out,
+        "             iPXE -> http://{server}:{}/boot.ipxe: kernel {}  initrd {}",
+        cfg.http.port,
+        b.kernel
+            .as_deref()
+            .map_or("-".into(), |p| p.display().to_string()),
+        b.initrd
+            .as_deref()
+            .map_or("-".into(), |p| p.display().to_string()),
+    )?;
+    let on = |e: bool| if e { "on" } else { "off" };
+    writeln!(
+        out,
+        "  tftp       {} port {}  root {}  max {} transfers",
+        on(cfg.tftp.enabled),
+        cfg.tftp.port,
+        cfg.tftp.root.display(),
+        cfg.tftp.max_transfers
+    )?;
+    writeln!(
+        out,
+        "  http       {} port {}",
+        on(cfg.http.enabled),
+        cfg.http.port
+    )?;
+    writeln!(
+        out,
+        "  nbd        {} port {}",
+        on(cfg.nbd.enabled),
+        cfg.nbd.port
+    )?;
+    for e in &cfg.nbd.exports {
+        let mode = match (e.mode, e.persist) {
+            (ExportMode::ReadOnly, _) => "read-only",
+            (ExportMode::Overlay, false) => "overlay (discarded)",
+            (ExportMode::Overlay, true) => "overlay (kept)",
+        };
+        let missing = if e.path.exists() {
+            ""
+        } else {
+            "  (file missing)"
+        };
+        writeln!(
+            out,
+            "    export   {}  {}  {mode}{missing}",
+            e.name,
+            e.path.display()
+        )?;
+    }
+    Ok(())
+}
+
+/// Binds every enabled service first (a busy port stops start-up before anything is
+/// served), then runs them until a signal.
+async fn serve(cfg: Arc<Config>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.server.state_dir).with_context(|| {
+        format!(
+            "creating server.state_dir {}",
+            cfg.server.state_dir.display()
+        )
+    })?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    if cfg.dhcp.mode != DhcpMode::Off {
+        let s = vdd::dhcp::Service::bind(cfg.clone())
+            .await
+            .context("starting DHCP")?;
+        let t = shutdown.clone();
+        tasks.spawn(async move { s.run(t).await.context("DHCP") });
+    }
+    if cfg.tftp.enabled {
+        let s = vdd::tftp::Service::bind(cfg.clone())
+            .await
+            .context("starting TFTP")?;
+        let t = shutdown.clone();
+        tasks.spawn(async move { s.run(t).await.context("TFTP") });
+    }
+    if cfg.http.enabled {
+        let s = vdd::http::Service::bind(cfg.clone())
+            .await
+            .context("starting HTTP")?;
+        let t = shutdown.clone();
+        tasks.spawn(async move { s.run(t).await.context("HTTP") });
+    }
+    if cfg.nbd.enabled {
+        let s = vdd::nbd::Service::bind(cfg.clone())
+            .await
+            .context("starting NBD")?;
+        let t = shutdown.clone();
+        tasks.spawn(async move { s.run(t).await.context("NBD") });
+    }
+    info!(
+        interface = %cfg.server.interface,
+        ip = %cfg.server_ip().map_or("-".into(), |i| i.to_string()),
+        "vdd serving"
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        // A service that ends on its own is a failure: stop the others too.
+        Some(r) = tasks.join_next() => r.context("service task panicked").and_then(|r| r),
+    };
+    info!("shutting down");
+    shutdown.cancel();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            warn!("{e:#}");
+        }
+    }
+    result
+}

@@ -1,0 +1,294 @@
+//! The lab network shared by tests, benchmarks and end-to-end boots: network namespaces,
+//! veth pairs, one bridge and tap devices, all removed again on Drop.
+//!
+//! Topology of one lab (addresses exist only inside its namespaces):
+//!
+//! ```text
+//!   ns "<lab>-srv":  br0 10.77.0.1/24  <-- the server side (vdd, peers)
+//!                     |-- veth to ns "<lab>-cN" (eth0 there, no address until DHCP)
+//!                     |-- tapN (for QEMU thin clients, run inside the server ns)
+//! ```
+//!
+//! Every namespace name carries the pid and a counter, so parallel tests never collide,
+//! and deleting a namespace takes its links with it. Processes started through
+//! [`Lab::spawn`] are killed and reaped on Drop before the namespaces go.
+
+use std::ffi::OsStr;
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+/// The server's address on the lab bridge.
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// Prefix length of the lab subnet 10.77.0.0/24.
+pub const PREFIX: u8 = 24;
+/// The bridge inside the server namespace.
+pub const BRIDGE: &str = "br0";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Why a test that needs a lab cannot run here, or `None` when it can.
+///
+/// Checks for root and for each named tool on PATH. Under `CI=true` a missing requirement
+/// is a failure, not a skip: CI installs everything, so a skip there would hide a broken
+/// install step.
+pub fn missing(tools: &[&str]) -> Option<String> {
+    let mut why = Vec::new();
+    if !nix_is_root() {
+        why.push("not root".to_string());
+    }
+    for t in ["ip"].iter().chain(tools) {
+        if which(t).is_none() {
+            why.push(format!("`{t}` not installed"));
+        }
+    }
+    if why.is_empty() {
+        return None;
+    }
+    let why = why.join(", ");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI must provide everything this test needs, but: {why}");
+    }
+    Some(why)
+}
+
+/// Full path of a program on PATH (or in /usr/sbin, /sbin, which a non-login PATH may lack).
+pub fn which(prog: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(Into::into))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+fn nix_is_root() -> bool {
+    // Read from /proc so this helper needs no libc crate.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs `ip ARGS...` and fails with its stderr.
+pub fn ip<I, S>(args: I) -> Result<()>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running `ip`")?;
+    if !out.status.success() {
+        bail!(
+            "ip {:?} failed: {}",
+            args,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// One lab: a server namespace with a bridge, and client namespaces / taps on it.
+pub struct Lab {
+    /// Prefix of every namespace of this lab.
+    pub name: String,
+    /// The namespace vdd and the peers run in.
+    pub server_ns: String,
+    clients: Vec<String>,
+    taps: u32,
+    children: Vec<(String, Child)>,
+}
+
+/// A client namespace: one `eth0` on the lab bridge, no address until a DHCP client runs.
+#[derive(Clone, Debug)]
+pub struct ClientNs {
+    pub ns: String,
+    /// The MAC of its eth0, lower-case with colons.
+    pub mac: String,
+}
+
+impl Lab {
+    /// Creates the server namespace with `br0` at 10.77.0.1/24 and loopback up.
+    pub fn new(tag: &str) -> Result<Lab> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        // Namespace names end up in /run/netns; keep them short and unique per process.
+        let name = format!("vdd{}-{}-{}", short(tag), std::process::id(), n);
+        let server_ns = format!("{name}-s");
+        ip(["netns", "add", &server_ns])?;
+        let lab = Lab {
+            name,
+            server_ns,
+            clients: Vec::new(),
+            taps: 0,
+            children: Vec::new(),
+        };
+        let s = lab.server_ns.clone();
+        ip(["-n", &s, "link", "set", "lo", "up"])?;
+        ip(["-n", &s, "link", "add", BRIDGE, "type", "bridge"])?;
+        // No STP and no forwarding delay: a DHCP client must be heard at once.
+        ip([
+            "-n",
+            &s,
+            "link",
+            "set",
+            BRIDGE,
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+            "stp_state",
+            "0",
+        ])?;
+        ip([
+            "-n",
+            &s,
+            "addr",
+            "add",
+            &format!("{SERVER_IP}/{PREFIX}"),
+            "dev",
+            BRIDGE,
+        ])?;
+        ip(["-n", &s, "link", "set", BRIDGE, "up"])?;
+        Ok(lab)
+    }
+
+    /// Adds a client namespace with a veth whose far end sits on the bridge.
+    /// `mac` sets the client's MAC (e.g. for reservations); `None` keeps the random one.
+    pub fn add_client(&mut self, mac: Option<&str>) -> Result<ClientNs> {
+        let idx = self.clients.len();
+        let ns = format!("{}-c{}", self.name, idx);
+        ip(["netns", "add", &ns])?;
+        self.clients.push(ns.clone());
+        let peer = format!("vc{idx}");
+        ip([
+            "-n",
+            &self.server_ns,
+            "link",
+            "add",
+            &peer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ])?;
+        ip([
+            "-n",
+            &self.server_ns,
+            "link",
+            "set",
+            &peer,
+            "master",
+            BRIDGE,
+        ])?;
+        ip(["-n", &self.server_ns, "link", "set", &peer, "up"])?;
+        if let Some(mac) = mac {
+            ip(["-n", &ns, "link", "set", "eth0", "address", mac])?;
+        }
+        ip(["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(["-n", &ns, "link", "set", "eth0", "up"])?;
+        let mac = link_mac(&ns, "eth0")?;
+        Ok(ClientNs { ns, mac })
+    }
+
+    /// Adds a tap device on the bridge for a QEMU thin client started inside the server
+    /// namespace; returns its name.
+    pub fn add_tap(&mut self) -> Result<String> {
+        let tap = format!("tap{}", self.taps);
+        self.taps += 1;
+        ip([
+            "-n",
+            &self.server_ns,
+            "tuntap",
+            "add",
+            "dev",
+            &tap,
+            "mode",
+            "tap",
+        ])?;
+        ip(["-n", &self.server_ns, "link", "set", &tap, "master", BRIDGE])?;
+        ip(["-n", &self.server_ns, "link", "set", &tap, "up"])?;
+        Ok(tap)
+    }
+
+    /// A command that runs `prog` inside namespace `ns`.
+    pub fn cmd(ns: &str, prog: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(prog);
+        c
+    }
+
+    /// Starts `cmd` (built with [`Lab::cmd`]) and keeps it, so Drop kills it.
+    /// Returns its pid.
+    pub fn spawn(&mut self, label: &str, mut cmd: Command) -> Result<u32> {
+        let child = cmd.spawn().with_context(|| format!("starting {label}"))?;
+        let pid = child.id();
+        self.children.push((label.to_string(), child));
+        Ok(pid)
+    }
+
+    /// Kills one child started by [`Lab::spawn`] with `signal` and reaps it.
+    pub fn kill(&mut self, pid: u32, signal: &str) -> Result<()> {
+        if let Some(i) = self.children.iter().position(|(_, c)| c.id() == pid) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    /// True while the child with this pid has not exited.
+    pub fn is_running(&mut self, pid: u32) -> bool {
+        self.children
+            .iter_mut()
+            .find(|(_, c)| c.id() == pid)
+            .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+fn link_mac(ns: &str, dev: &str) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", dev])
+        .output()?;
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_string)
+        .with_context(|| format!("no MAC on {dev} in {ns}"))
+}
+
+fn short(tag: &str) -> String {
+    tag.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(6)
+        .collect()
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in self.clients.iter().chain(std::iter::once(&self.server_ns)) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}

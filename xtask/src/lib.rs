@@ -1,0 +1,3 @@
+//! Shared pieces of `cargo xtask` that the integration tests use too.
+
+pub mod lab;
