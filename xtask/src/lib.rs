@@ -1,3 +1,5 @@
 //! Shared pieces of `cargo xtask` that the integration tests use too.
 
+pub mod image;
 pub mod lab;
+pub mod qemu;

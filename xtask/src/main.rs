@@ -18,12 +18,24 @@ enum Cmd {
     /// Create a lab network (server namespace, bridge, one client) and print how to enter it;
     /// removes it when you press Enter.
     Lab,
+    /// Build an image: `thin-client` (the NBD root of the thin clients).
+    Image {
+        /// Which image: thin-client
+        name: String,
+        /// Rebuild even when the recipe has not changed
+        #[arg(long)]
+        force: bool,
+    },
     /// The README's test command: fmt, clippy, and every test of the workspace.
     Test,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Image { name, force } => match name.as_str() {
+            "thin-client" => xtask::image::thin_client(force).map(drop),
+            other => bail!("no image {other:?}; there is: thin-client"),
+        },
         Cmd::Test => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args([
