@@ -71,6 +71,21 @@ struct WireConfig {
     http: WireHttp,
     #[serde(default)]
     nbd: WireNbd,
+    #[serde(default)]
+    guest: Vec<WireGuest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireGuest {
+    name: String,
+    label: Option<String>,
+    display: Option<String>,
+    image: String,
+    memory: Option<String>,
+    cpus: Option<u32>,
+    description: Option<String>,
+    persist: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +340,41 @@ pub struct Nbd {
     pub exports: Vec<Export>,
 }
 
+/// How a guest's desktop reaches the thin client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Display {
+    /// QEMU's VNC server, with a one-time password per session.
+    Vnc,
+    /// The guest's display manager over XDMCP; the thin client runs the X server.
+    X11,
+}
+
+impl Display {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Display::Vnc => "vnc",
+            Display::X11 => "x11",
+        }
+    }
+}
+
+/// A guest system the menu offers.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    /// Short id, used in URLs and `vdd.autopick`.
+    pub name: String,
+    /// What the menu shows.
+    pub label: String,
+    pub display: Display,
+    /// The base image; sessions run on a qcow2 overlay of it.
+    pub image: PathBuf,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub description: String,
+    /// Keep each seat's overlay between sessions.
+    pub persist: bool,
+}
+
 /// The validated configuration. Built only by [`Config::load`] / [`Config::parse`].
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -336,6 +386,8 @@ pub struct Config {
     pub tftp: Tftp,
     pub http: Http,
     pub nbd: Nbd,
+    /// The menu, in the order of the file.
+    pub guests: Vec<Guest>,
 }
 
 /// What the LAN interface looks like, as read from the kernel.
@@ -744,6 +796,63 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         exports,
     };
 
+    // [[guest]]
+    let mut guests: Vec<Guest> = Vec::new();
+    for (i, g) in w.guest.iter().enumerate() {
+        let key = |k: &str| format!("guest[{i}].{k}");
+        if g.name.is_empty()
+            || g.name.len() > 32
+            || !g
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(invalid(
+                key("name"),
+                &g.name,
+                "lower-case letters, digits and '-', at most 32, such as \"debian\"",
+            ));
+        }
+        if guests.iter().any(|x| x.name == g.name) {
+            return Err(invalid(
+                key("name"),
+                &g.name,
+                "another [[guest]] has this name; names must be unique",
+            ));
+        }
+        let display = match g.display.as_deref().unwrap_or("vnc") {
+            "vnc" => Display::Vnc,
+            "x11" => Display::X11,
+            other => return Err(invalid(key("display"), other, "\"vnc\" or \"x11\"")),
+        };
+        let memory_mib = match &g.memory {
+            None => 1024,
+            Some(m) => parse_mib(m)
+                .filter(|&n| (64..=1 << 22).contains(&n))
+                .ok_or_else(|| {
+                    invalid(
+                        key("memory"),
+                        m,
+                        "a size between \"64M\" and \"4T\", such as \"2G\" or \"512M\"",
+                    )
+                })?,
+        };
+        let cpus = g.cpus.unwrap_or(1);
+        if !(1..=256).contains(&cpus) {
+            return Err(invalid(key("cpus"), cpus, "between 1 and 256"));
+        }
+        guests.push(Guest {
+            name: g.name.clone(),
+            label: g.label.clone().unwrap_or_else(|| g.name.clone()),
+            display,
+            image: resolve(&g.image),
+            memory_mib,
+            cpus,
+            description: g.description.clone().unwrap_or_default(),
+            persist: g.persist.unwrap_or(false),
+        });
+    }
+
     Ok(Config {
         path: path.to_path_buf(),
         server: Server {
@@ -757,7 +866,25 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         tftp,
         http,
         nbd,
+        guests,
     })
+}
+
+/// "2G", "512M", "1024" (MiB), "1T" -> MiB.
+fn parse_mib(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 0),
+        (i, 'M' | 'm') => (&s[..i], 1),
+        (i, 'G' | 'g') => (&s[..i], 1024),
+        (i, 'T' | 't') => (&s[..i], 1024 * 1024),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    if mult == 0 {
+        return Some(n / 1024);
+    }
+    n.checked_mul(mult)
 }
 
 /// The pool, the router and every reservation must sit in the LAN subnet.
@@ -1031,6 +1158,33 @@ uefi = "ipxe.efi"
         assert_eq!(c.nbd.exports[1].mode, ExportMode::Overlay);
         let e = err(&s.replace("mode = \"overlay\"", "mode = \"cow\""));
         assert!(e.starts_with("nbd.export[1].mode"), "{e}");
+    }
+
+    #[test]
+    fn guests() {
+        let s = format!(
+            "{GOOD}\n[[guest]]\nname = \"debian\"\nlabel = \"Debian 12 desktop\"\ndisplay = \"vnc\"\nimage = \"/srv/vdd/guests/debian.qcow2\"\nmemory = \"2G\"\ncpus = 2\n[[guest]]\nname = \"demo\"\nimage = \"images/out/demo.img\"\n"
+        );
+        let c = parse(&s).unwrap();
+        assert_eq!(c.guests.len(), 2);
+        assert_eq!(c.guests[0].memory_mib, 2048);
+        assert_eq!(c.guests[0].display, Display::Vnc);
+        assert_eq!(c.guests[1].label, "demo");
+        assert_eq!(c.guests[1].image, Path::new("/etc/vdd/images/out/demo.img"));
+        for (from, to, key) in [
+            ("memory = \"2G\"", "memory = \"2 gigs\"", "guest[0].memory"),
+            ("memory = \"2G\"", "memory = \"1M\"", "guest[0].memory"),
+            ("display = \"vnc\"", "display = \"rdp\"", "guest[0].display"),
+            ("name = \"demo\"", "name = \"debian\"", "guest[1].name"),
+            ("name = \"demo\"", "name = \"Demo\"", "guest[1].name"),
+            ("cpus = 2", "cpus = 0", "guest[0].cpus"),
+        ] {
+            let e = err(&s.replace(from, to));
+            assert!(e.starts_with(key), "{to}: {e}");
+        }
+        assert_eq!(parse_mib("512M"), Some(512));
+        assert_eq!(parse_mib("1024"), Some(1024));
+        assert_eq!(parse_mib("1T"), Some(1 << 20));
     }
 
     #[test]
