@@ -85,6 +85,8 @@ pub struct Opts {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
+    /// Firmware image instead of SeaBIOS (e.g. OVMF for UEFI).
+    pub firmware: Option<PathBuf>,
     /// Where the serial log and QMP socket go.
     pub dir: PathBuf,
 }
@@ -126,6 +128,9 @@ impl Qemu {
         .arg(format!("file:{}", serial_log.display()))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(fw) = &o.firmware {
+            cmd.arg("-bios").arg(fw);
+        }
         let nic = o.nic.as_deref().unwrap_or("e1000");
         let mac = o
             .mac
@@ -138,6 +143,7 @@ impl Qemu {
                 .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no")),
             None => cmd.args(["-netdev", "user,id=n0"]),
         };
+        // `mac` goes before any `romfile=` the model string may carry; both are properties.
         cmd.arg("-device").arg(format!("{nic},netdev=n0{mac}"));
         match &o.kernel {
             Some(k) => {
