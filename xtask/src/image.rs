@@ -3,7 +3,7 @@
 //! mirror host is ever written in the repo.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -140,6 +140,114 @@ pub fn thin_client(force: bool) -> Result<PathBuf> {
         image.display(),
         size as f64 / 1048576.0,
         t0.elapsed().as_secs_f64()
+    );
+    Ok(image)
+}
+
+/// The newest Debian kernel installed by `linux-image-amd64`.
+pub fn debian_kernel() -> Result<PathBuf> {
+    let mut ks: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .context("reading /boot")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .collect();
+    ks.sort();
+    ks.pop()
+        .context("no /boot/vmlinuz-*: apt-get install -y linux-image-amd64")
+}
+
+/// Runs a command and fails with its name when it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Builds `images/out/guest-demo.img`: a FAT disk booted by syslinux with Debian's kernel
+/// and a busybox initramfs that paints a banner (see images/guest-demo).
+pub fn guest_demo(force: bool) -> Result<PathBuf> {
+    let root = repo_root();
+    let recipe = root.join("images/guest-demo");
+    let out_dir = root.join("images/out");
+    std::fs::create_dir_all(&out_dir)?;
+    let image = out_dir.join("guest-demo.img");
+    let stamp = out_dir.join("guest-demo.recipe-sha256");
+    let kernel = debian_kernel()?;
+    let hash = format!("{} {}", recipe_hash(&recipe)?, kernel.display());
+    if !force
+        && image.exists()
+        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(hash.as_str())
+    {
+        eprintln!("xtask: {} is up to date", image.display());
+        return Ok(image);
+    }
+    for (tool, pkg) in [
+        ("mkfs.vfat", "dosfstools"),
+        ("mcopy", "mtools"),
+        ("syslinux", "syslinux"),
+        ("cpio", "cpio"),
+    ] {
+        if crate::lab::which(tool).is_none() {
+            bail!("`{tool}` is missing: apt-get install -y {pkg}");
+        }
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("no busybox: apt-get install -y busybox-static")?;
+
+    let work = out_dir.join("guest-demo.work");
+    let _ = std::fs::remove_dir_all(&work);
+    let tree = work.join("initramfs");
+    for d in ["bin", "dev", "proc", "sys", "tmp"] {
+        std::fs::create_dir_all(tree.join(d))?;
+    }
+    std::fs::copy(&busybox, tree.join("bin/busybox"))?;
+    std::fs::copy(recipe.join("init"), tree.join("init"))?;
+    // cpio newc from the file list, then gzip: what the kernel unpacks as initramfs.
+    let initrd = work.join("initrd.img");
+    run(Command::new("sh").current_dir(&tree).arg("-c").arg(format!(
+        "find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 | gzip -9 > {}",
+        initrd.display()
+    )))?;
+    let tmp = out_dir.join("guest-demo.img.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    // 48 MiB FAT: the kernel (~8 MiB) and the initramfs (~1 MiB) with room to spare.
+    run(Command::new("mkfs.vfat")
+        .args(["-n", "VDDDEMO", "-C"])
+        .arg(&tmp)
+        .arg("49152")
+        .stdout(Stdio::null()))?;
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(&tmp)
+        .arg(&kernel)
+        .arg("::/vmlinuz"))?;
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(&tmp)
+        .arg(&initrd)
+        .arg("::/initrd.img"))?;
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(&tmp)
+        .arg(recipe.join("syslinux.cfg"))
+        .arg("::/syslinux.cfg"))?;
+    run(Command::new("syslinux").arg("--install").arg(&tmp))?;
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::rename(&tmp, &image)?;
+    std::fs::write(&stamp, &hash)?;
+    eprintln!(
+        "xtask: {} is {:.1} MiB (kernel {})",
+        image.display(),
+        std::fs::metadata(&image)?.len() as f64 / 1048576.0,
+        kernel.display()
     );
     Ok(image)
 }

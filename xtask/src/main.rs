@@ -18,7 +18,7 @@ enum Cmd {
     /// Create a lab network (server namespace, bridge, one client) and print how to enter it;
     /// removes it when you press Enter.
     Lab,
-    /// Build an image: `thin-client` (the NBD root of the thin clients).
+    /// Build an image: `thin-client` (the NBD root of the thin clients), `guest-demo`.
     Image {
         /// Which image: thin-client
         name: String,
@@ -34,7 +34,8 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Image { name, force } => match name.as_str() {
             "thin-client" => xtask::image::thin_client(force).map(drop),
-            other => bail!("no image {other:?}; there is: thin-client"),
+            "guest-demo" => xtask::image::guest_demo(force).map(drop),
+            other => bail!("no image {other:?}; there are: thin-client, guest-demo"),
         },
         Cmd::Test => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
