@@ -73,6 +73,20 @@ struct WireConfig {
     nbd: WireNbd,
     #[serde(default)]
     guest: Vec<WireGuest>,
+    #[serde(default)]
+    dispatch: WireDispatch,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireDispatch {
+    max_vms: Option<usize>,
+    memory_budget: Option<String>,
+    vnc_ports: Option<String>,
+    idle_timeout: Option<String>,
+    accel: Option<String>,
+    qemu: Option<String>,
+    shutdown_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,6 +389,31 @@ pub struct Guest {
     pub persist: bool,
 }
 
+/// Which accelerator guest VMs get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM where a probe shows it really runs guests, TCG otherwise (with a warning).
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Limits and tools of the dispatcher (guest VMs).
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pub max_vms: usize,
+    /// MiB of guest memory all sessions together may use; `None`: 80% of the machine's.
+    pub memory_budget_mib: Option<u64>,
+    /// TCP ports for the VMs' VNC servers, inclusive.
+    pub vnc_ports: (u16, u16),
+    /// A seat whose client has not been seen this long gets its VMs stopped.
+    pub idle_timeout: Duration,
+    pub accel: AccelChoice,
+    pub qemu: String,
+    /// How long each step of a VM's shutdown (powerdown, quit) may take.
+    pub shutdown_timeout: Duration,
+}
+
 /// The validated configuration. Built only by [`Config::load`] / [`Config::parse`].
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -388,6 +427,7 @@ pub struct Config {
     pub nbd: Nbd,
     /// The menu, in the order of the file.
     pub guests: Vec<Guest>,
+    pub dispatch: Dispatch,
 }
 
 /// What the LAN interface looks like, as read from the kernel.
@@ -853,6 +893,71 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         });
     }
 
+    // [dispatch]
+    let dur = |key: &str, v: &Option<String>, default: u64| -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(s) => humantime::parse_duration(s)
+                .map_err(|_| invalid(key, s, "a duration such as \"30s\", \"10m\" or \"1h\"")),
+        }
+    };
+    let wd = &w.dispatch;
+    let vnc_ports = match &wd.vnc_ports {
+        None => (5910, 5999),
+        Some(s) => {
+            let bad = || {
+                invalid(
+                    "dispatch.vnc_ports",
+                    s,
+                    "FIRST-LAST within 5900-65535, such as \"5910-5999\"",
+                )
+            };
+            let (a, b) = s.split_once('-').ok_or_else(bad)?;
+            let a: u16 = a.trim().parse().map_err(|_| bad())?;
+            let b: u16 = b.trim().parse().map_err(|_| bad())?;
+            if a < 5900 || a > b {
+                return Err(bad());
+            }
+            (a, b)
+        }
+    };
+    let dispatch = Dispatch {
+        max_vms: match wd.max_vms {
+            Some(0) => return Err(invalid("dispatch.max_vms", 0, "at least 1")),
+            Some(n) => n,
+            None => 16,
+        },
+        memory_budget_mib: match wd.memory_budget.as_deref() {
+            None | Some("auto") => None,
+            Some(m) => Some(parse_mib(m).filter(|&n| n >= 64).ok_or_else(|| {
+                invalid(
+                    "dispatch.memory_budget",
+                    m,
+                    "\"auto\" (80% of the machine's memory) or a size such as \"16G\"",
+                )
+            })?),
+        },
+        vnc_ports,
+        idle_timeout: dur("dispatch.idle_timeout", &wd.idle_timeout, 600)?,
+        accel: match wd.accel.as_deref().unwrap_or("auto") {
+            "auto" => AccelChoice::Auto,
+            "kvm" => AccelChoice::Kvm,
+            "tcg" => AccelChoice::Tcg,
+            other => {
+                return Err(invalid(
+                    "dispatch.accel",
+                    other,
+                    "\"auto\", \"kvm\" or \"tcg\"",
+                ))
+            }
+        },
+        qemu: wd
+            .qemu
+            .clone()
+            .unwrap_or_else(|| "qemu-system-x86_64".into()),
+        shutdown_timeout: dur("dispatch.shutdown_timeout", &wd.shutdown_timeout, 20)?,
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
         server: Server {
@@ -867,6 +972,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         http,
         nbd,
         guests,
+        dispatch,
     })
 }
 
@@ -1182,6 +1288,20 @@ uefi = "ipxe.efi"
             let e = err(&s.replace(from, to));
             assert!(e.starts_with(key), "{to}: {e}");
         }
+        let d = parse(&format!(
+            "{s}\n[dispatch]\nmax_vms = 4\nvnc_ports = \"5901-5904\"\nmemory_budget = \"8G\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                d.dispatch.max_vms,
+                d.dispatch.vnc_ports,
+                d.dispatch.memory_budget_mib
+            ),
+            (4, (5901, 5904), Some(8192))
+        );
+        let e = err(&format!("{s}\n[dispatch]\nvnc_ports = \"80-90\"\n"));
+        assert!(e.starts_with("dispatch.vnc_ports"), "{e}");
         assert_eq!(parse_mib("512M"), Some(512));
         assert_eq!(parse_mib("1024"), Some(1024));
         assert_eq!(parse_mib("1T"), Some(1 << 20));
