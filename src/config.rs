@@ -163,6 +163,7 @@ struct WireHttp {
     enabled: Option<bool>,
     port: Option<u16>,
     root: Option<String>,
+    admin_token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -326,6 +327,8 @@ pub struct Http {
     pub port: u16,
     /// Extra files served under /files/ (default: the TFTP root).
     pub root: PathBuf,
+    /// `Authorization: Bearer` token of the admin API routes; `None` disables them.
+    pub admin_token: Option<String>,
 }
 
 /// How an NBD export treats writes.
@@ -779,6 +782,16 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             .as_deref()
             .map(resolve)
             .unwrap_or_else(|| tftp.root.clone()),
+        admin_token: match w.http.admin_token {
+            Some(t) if t.len() < 16 || !t.chars().all(|c| c.is_ascii_graphic()) => {
+                return Err(invalid(
+                    "http.admin_token",
+                    "(hidden)",
+                    "at least 16 printable characters without spaces; `openssl rand -hex 16` makes one",
+                ))
+            }
+            t => t,
+        },
     };
 
     // [nbd]
