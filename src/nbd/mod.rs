@@ -1,32 +1,172 @@
-//! The nbd service (being written; see its issue).
+//! The NBD service: serves the configured exports (read-only files, or per-client
+//! copy-on-write overlays) to network-booted clients over TCP.
+//!
+//! Spec: NetworkBlockDevice/nbd `doc/proto.md` (fixed newstyle negotiation, simple and
+//! structured replies). Layers: [`codec`] (bytes), [`policy`] (pure decisions),
+//! [`export`] (file backends), [`session`] (the tokio driver of one connection); this file
+//! is the accept loop.
 
+pub mod codec;
+pub mod export;
+pub mod policy;
+pub mod session;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::Config;
 
 /// Why the nbd service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Not written yet.
-    #[error("the nbd service is not built yet")]
-    NotBuilt,
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    BindSocket {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// The nbd service with its sockets bound.
+/// Payload bytes in flight over all connections, in KiB: 1 GiB. With the per-connection
+/// cap of 64 MiB this is what bounds memory for a classroom of clients.
+const TOTAL_BYTES_KIB: usize = 1 << 20;
+
+/// At most a few warnings per second for misbehaving clients, so a flood of garbage
+/// cannot flood the log as well.
+pub struct WarnLimit {
+    /// (second, count in that second) packed as second << 16 | count.
+    state: AtomicU64,
+}
+
+impl WarnLimit {
+    const PER_SECOND: u64 = 10;
+
+    pub fn new() -> WarnLimit {
+        WarnLimit {
+            state: AtomicU64::new(0),
+        }
+    }
+
+    /// True when a warning may be logged now.
+    pub fn allow(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            let (sec, n) = (cur >> 16, cur & 0xffff);
+            let next = if sec == now & 0xffff_ffff_ffff {
+                if n >= Self::PER_SECOND {
+                    return false;
+                }
+                cur + 1
+            } else {
+                (now << 16) | 1
+            };
+            match self
+                .state
+                .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
+        }
+    }
+}
+
+impl Default for WarnLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The nbd service with its socket bound.
 pub struct Service {
-    _cfg: Arc<Config>,
+    listener: TcpListener,
+    /// Caps connections (`nbd.max_connections`); a connection holds a permit for its life,
+    /// and the accept loop waits for one before accepting, so excess clients queue in the
+    /// kernel's backlog instead of costing memory here.
+    limit: Arc<Semaphore>,
+    max: usize,
+    shared: Arc<session::Shared>,
 }
 
 impl Service {
+    /// Binds `nbd.port` on the server's LAN address (all addresses when none is known).
     pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
-        let _ = cfg;
-        Err(Error::NotBuilt)
+        let ip = cfg
+            .server_ip()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V4);
+        let addr = SocketAddr::new(ip, cfg.nbd.port);
+        Self::bind_addr(cfg, addr).await
     }
 
+    /// Binds an explicit address (tests use 127.0.0.1:0).
+    pub async fn bind_addr(cfg: Arc<Config>, addr: SocketAddr) -> Result<Service, Error> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::BindSocket { addr, source })?;
+        let max = cfg.nbd.max_connections;
+        Ok(Service {
+            listener,
+            limit: Arc::new(Semaphore::new(max)),
+            max,
+            shared: Arc::new(session::Shared {
+                exports: Arc::new(export::Exports::new(&cfg)),
+                bytes: Arc::new(Semaphore::new(TOTAL_BYTES_KIB)),
+                warn: WarnLimit::new(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Accepts until `shutdown`, then gives open connections a few seconds to finish
+    /// what they were doing.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        shutdown.cancelled().await;
+        info!(addr = %self.local_addr(), max_connections = self.max, "nbd listening");
+        loop {
+            let permit = tokio::select! {
+                p = self.limit.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!("nbd accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let (shared, token) = (self.shared.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                session::serve(stream, peer, shared, token).await;
+                drop(permit);
+            });
+        }
+        let all = self.max.min(u32::MAX as usize) as u32;
+        if tokio::time::timeout(Duration::from_secs(5), self.limit.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!("nbd: connections still open at shutdown");
+        }
         Ok(())
     }
 }
