@@ -77,14 +77,20 @@ pub enum Packet<'a> {
 impl fmt::Display for Packet<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Packet::Rrq(r) => write!(f, "RRQ {}", String::from_utf8_lossy(r.filename)),
-            Packet::Wrq(r) => write!(f, "WRQ {}", String::from_utf8_lossy(r.filename)),
+            Packet::Rrq(r) => write!(f, "RRQ {}", printable(r.filename)),
+            Packet::Wrq(r) => write!(f, "WRQ {}", printable(r.filename)),
             Packet::Data { block, data } => write!(f, "DATA {block} ({} bytes)", data.len()),
             Packet::Ack(b) => write!(f, "ACK {b}"),
             Packet::Error { code, message } => write!(f, "ERROR {code} {message:?}"),
             Packet::Oack(o) => write!(f, "OACK {o:?}"),
         }
     }
+}
+
+/// A file name from the network, safe for a log line: control characters and quotes
+/// escaped, so a name cannot forge log lines or terminal sequences.
+pub fn printable(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).escape_debug().to_string()
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -302,6 +308,11 @@ mod tests {
             panic!()
         };
         assert!(r.options.is_empty());
+    }
+
+    #[test]
+    fn names_are_escaped_for_logs() {
+        assert_eq!(printable(b"a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
     }
 
     #[test]

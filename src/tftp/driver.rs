@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::UdpSocket;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -161,11 +162,14 @@ impl Netascii {
     }
 }
 
-/// Keeps the open-transfer count right on every exit path, panics included.
-struct ActiveGuard(Arc<Metrics>);
+/// Keeps the open-transfer count and the `max_transfers` permit right on every exit
+/// path, panics included. The permit goes first, so once `active` reads 0 a new request
+/// is sure to get one.
+struct ActiveGuard(Arc<Metrics>, Option<OwnedSemaphorePermit>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        drop(self.1.take());
         self.0
             .active
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -180,13 +184,11 @@ pub async fn transfer(
     peer: SocketAddr,
     req: OwnedRequest,
     metrics: Arc<Metrics>,
+    permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
-    metrics
-        .active
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let _guard = ActiveGuard(metrics.clone());
-    let file = String::from_utf8_lossy(&req.filename).into_owned();
+    let _guard = ActiveGuard(metrics.clone(), Some(permit));
+    let file = codec::printable(&req.filename);
     let sock = match UdpSocket::bind(SocketAddr::new(local, 0)).await {
         Ok(s) => s,
         Err(e) => {
@@ -236,7 +238,7 @@ pub async fn transfer(
     debug!(%peer, %file, path = %opened.path.display(), options = ?n.oack, "transfer starts");
 
     let started = Instant::now();
-    let (mut s, mut step) = Session::new(&n, blocks, started.into());
+    let (mut s, mut step) = Session::new(&n, blocks, started);
     let mut buf = vec![0u8; 4 + usize::from(blksize)];
     let mut rbuf = vec![0u8; 2048];
     let mut highest_read = 0u64;

@@ -180,7 +180,7 @@ impl Service {
             };
             let reply = match Packet::parse(&buf[..len]) {
                 Ok(Packet::Rrq(r)) => {
-                    let file = String::from_utf8_lossy(r.filename).into_owned();
+                    let file = codec::printable(r.filename);
                     match self.limit.clone().try_acquire_owned() {
                         Ok(permit) => {
                             debug!(%peer, %file, mode = %r.mode_text, options = ?r.options, "read request");
@@ -195,10 +195,10 @@ impl Service {
                                 self.metrics.clone(),
                                 shutdown.child_token(),
                             );
-                            tokio::spawn(async move {
-                                driver::transfer(cfg, local, peer, req, m, t).await;
-                                drop(permit);
-                            });
+                            // Counted here, not in the task, so the cap and the counter
+                            // agree even before the task first runs.
+                            m.active.fetch_add(1, Ordering::SeqCst);
+                            tokio::spawn(driver::transfer(cfg, local, peer, req, m, permit, t));
                             None
                         }
                         Err(_) => {
@@ -213,7 +213,7 @@ impl Service {
                     }
                 }
                 Ok(Packet::Wrq(r)) => {
-                    let file = String::from_utf8_lossy(r.filename).into_owned();
+                    let file = codec::printable(r.filename);
                     self.metrics
                         .warn(|| warn!(%peer, %file, "refused write request: read-only server"));
                     Some((ERR_ACCESS, "Read-only server"))
