@@ -1,32 +1,249 @@
-//! The tftp service (being written; see its issue).
+//! The TFTP service: read-only, for PXE ROMs fetching iPXE (and anything else in the
+//! root). RFC 1350, with options RFC 2347 (OACK), 2348 (blksize), 2349 (timeout, tsize)
+//! and 7440 (windowsize).
+//!
+//! Written here rather than taken from a crate: async-tftp keeps retransmitting after a
+//! client's ERROR (its bug #18, which is exactly what PXE ROMs trigger by aborting after
+//! the tsize OACK), and none of the crates implements RFC 7440 windows with the
+//! rollover and duplicate-ACK rules we need. The protocol is small enough to own.
+//!
+//! Layers: [`codec`] (bytes <-> packets), [`session`] (pure state machine of one read
+//! transfer), [`paths`] (which names may be served), [`driver`] (one tokio task and one
+//! UDP socket per transfer). This file is the listener: it takes requests on
+//! `[tftp] port`, caps concurrent transfers at `[tftp] max_transfers`, and hands each
+//! RRQ to a transfer task.
 
-use std::sync::Arc;
+pub mod codec;
+pub mod driver;
+pub mod paths;
+pub mod session;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
 use crate::config::Config;
+
+use codec::{Packet, ERR_ACCESS, ERR_ILLEGAL_OP, ERR_UNDEFINED};
+use driver::OwnedRequest;
 
 /// Why the tftp service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Not written yet.
-    #[error("the tftp service is not built yet")]
-    NotBuilt,
+    /// The listening socket could not be bound (port in use, address not local).
+    #[error("cannot bind the TFTP socket to {addr}")]
+    BindSocket {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Receiving on the listening socket failed for good.
+    #[error("receiving on the TFTP socket failed")]
+    Recv(#[source] std::io::Error),
 }
 
-/// The tftp service with its sockets bound.
+/// Counters of a running service, shared with its tasks; tests and benchmarks read them.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Transfers whose task (and socket) is alive now.
+    pub active: AtomicUsize,
+    /// Transfers that ended with the last block acknowledged.
+    pub completed: AtomicU64,
+    /// Requests refused because `max_transfers` were running.
+    pub refused_busy: AtomicU64,
+    warns: Mutex<WarnLimit>,
+}
+
+/// At most this many warn lines per window; a flood of bad requests must not flood the
+/// log (STYLE: warn for a misbehaving client, rate-limited).
+const WARNS_PER_WINDOW: u32 = 50;
+const WARN_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct WarnLimit {
+    start: Option<Instant>,
+    count: u32,
+    suppressed: u64,
+}
+
+impl Metrics {
+    /// Transfers running now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Emits a warn line through `f` unless the rate limit is hit.
+    pub fn warn(&self, f: impl FnOnce()) {
+        let now = Instant::now();
+        let mut l = self.warns.lock().unwrap_or_else(|p| p.into_inner());
+        let expired = match l.start {
+            Some(s) => now.duration_since(s) >= WARN_WINDOW,
+            None => true,
+        };
+        if expired {
+            if l.suppressed > 0 {
+                warn!(
+                    suppressed = l.suppressed,
+                    "TFTP warnings suppressed in the last window"
+                );
+            }
+            *l = WarnLimit {
+                start: Some(now),
+                count: 0,
+                suppressed: 0,
+            };
+        }
+        if l.count < WARNS_PER_WINDOW {
+            l.count += 1;
+            drop(l);
+            f();
+        } else {
+            l.suppressed += 1;
+        }
+    }
+}
+
+/// The tftp service with its listening socket bound.
 pub struct Service {
-    _cfg: Arc<Config>,
+    /// The admin's config: root, boot files, limits.
+    cfg: Arc<Config>,
+    /// Takes requests on `[tftp] port`; transfers use their own sockets.
+    socket: UdpSocket,
+    /// Caps concurrent transfers: every transfer holds one permit until its task ends,
+    /// so sockets and file descriptors stay bounded under a boot storm.
+    limit: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
+    /// Binds `[tftp] port` on the server's LAN address. Binding the address (not 0.0.0.0)
+    /// makes every transfer socket leave from the address the client talked to, without
+    /// IP_PKTINFO. With no address known, all addresses are used and the kernel picks
+    /// the source address of replies by route.
     pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
-        let _ = cfg;
-        Err(Error::NotBuilt)
+        let ip = cfg
+            .server_ip()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V4);
+        let addr = SocketAddr::new(ip, cfg.tftp.port);
+        Service::bind_addr(cfg, addr).await
     }
 
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        shutdown.cancelled().await;
-        Ok(())
+    /// Binds an explicit address (tests use 127.0.0.1:0).
+    pub async fn bind_addr(cfg: Arc<Config>, addr: SocketAddr) -> Result<Service, Error> {
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| Error::BindSocket { addr, source })?;
+        Ok(Service {
+            limit: Arc::new(Semaphore::new(cfg.tftp.max_transfers)),
+            cfg,
+            socket,
+            metrics: Arc::new(Metrics::default()),
+        })
     }
+
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// The counters; keep the Arc to watch a running service.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled; running transfers end with an ERROR then.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let local = self.socket.local_addr().map_err(Error::Recv)?.ip();
+        // A request is at most one datagram; RFC 2347 bounds it at 512 bytes, but
+        // clients send more options than that, so take any UDP payload.
+        let mut buf = vec![0u8; 65536];
+        let mut out = Vec::with_capacity(128);
+        loop {
+            let (len, peer) = tokio::select! {
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    // ICMP errors from earlier replies surface here; they say nothing
+                    // about the listener itself.
+                    Err(e) if is_transient(&e) => {
+                        debug!(error = %e, "transient receive error");
+                        continue;
+                    }
+                    Err(e) => return Err(Error::Recv(e)),
+                },
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let reply = match Packet::parse(&buf[..len]) {
+                Ok(Packet::Rrq(r)) => {
+                    let file = codec::printable(r.filename);
+                    match self.limit.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            debug!(%peer, %file, mode = %r.mode_text, options = ?r.options, "read request");
+                            let req = OwnedRequest {
+                                filename: r.filename.to_vec(),
+                                mode: r.mode,
+                                mode_text: r.mode_text,
+                                options: r.options,
+                            };
+                            let (cfg, m, t) = (
+                                self.cfg.clone(),
+                                self.metrics.clone(),
+                                shutdown.child_token(),
+                            );
+                            // Counted here, not in the task, so the cap and the counter
+                            // agree even before the task first runs.
+                            m.active.fetch_add(1, Ordering::SeqCst);
+                            tokio::spawn(driver::transfer(cfg, local, peer, req, m, permit, t));
+                            None
+                        }
+                        Err(_) => {
+                            self.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
+                            let max = self.cfg.tftp.max_transfers;
+                            self.metrics.warn(|| {
+                                warn!(%peer, %file, max_transfers = max,
+                                    "refused: tftp.max_transfers transfers running; raise it if clients need to boot at once")
+                            });
+                            Some((ERR_UNDEFINED, "Server busy, try again"))
+                        }
+                    }
+                }
+                Ok(Packet::Wrq(r)) => {
+                    let file = codec::printable(r.filename);
+                    self.metrics
+                        .warn(|| warn!(%peer, %file, "refused write request: read-only server"));
+                    Some((ERR_ACCESS, "Read-only server"))
+                }
+                // Never answer an ERROR (no error loops between two servers), and
+                // DATA/ACK/OACK to port 69 are late packets of finished transfers.
+                Ok(p) => {
+                    debug!(%peer, packet = %p, "not a request; ignored");
+                    None
+                }
+                Err(e) => {
+                    self.metrics
+                        .warn(|| warn!(%peer, error = %e, "malformed request refused"));
+                    Some((ERR_ILLEGAL_OP, "Illegal TFTP operation"))
+                }
+            };
+            if let Some((code, msg)) = reply {
+                codec::encode_error(&mut out, code, msg);
+                if let Err(e) = self.socket.send_to(&out, peer).await {
+                    debug!(%peer, error = %e, "cannot send ERROR");
+                }
+            }
+        }
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use nix::libc::{ECONNREFUSED, ECONNRESET, EHOSTUNREACH, EINTR, ENETUNREACH};
+    matches!(
+        e.raw_os_error(),
+        Some(ECONNREFUSED | ECONNRESET | EHOSTUNREACH | ENETUNREACH | EINTR)
+    )
 }

@@ -1,0 +1,416 @@
+//! The tokio side of one read transfer: its own UDP socket (a new TID, RFC 1350 section 4),
+//! file reads into the packet buffer, and the [`Session`] state machine fed with ACKs,
+//! ERRORs and timeouts.
+//!
+//! RFC 1350 (TIDs, ERROR 5 to strangers), RFC 2347/2348/2349/7440 through `session`, and
+//! netascii (RFC 764 end-of-line: LF -> CR LF, CR -> CR NUL) converted on the fly.
+//!
+//! File reads use `pread` straight from the task. They are page-cache hits for the boot
+//! files and images served here, and a `spawn_blocking` hop per 512-byte block would cost
+//! more than the read; the runtime is multi-threaded, so a slow disk stalls one worker,
+//! not the service.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+
+use super::codec::{self, Mode, Packet, ERR_ILLEGAL_OP, ERR_UNDEFINED, ERR_UNKNOWN_TID};
+use super::paths;
+use super::session::{self, Next, Send, Session};
+use super::Metrics;
+
+/// A read request, owned so it can move into the transfer's task.
+#[derive(Debug, Clone)]
+pub struct OwnedRequest {
+    pub filename: Vec<u8>,
+    pub mode: Mode,
+    pub mode_text: String,
+    pub options: Vec<(String, String)>,
+}
+
+/// Where DATA payloads come from: the file as is, or converted to netascii.
+enum Source {
+    Octet { file: File, blksize: u64 },
+    Netascii(Netascii),
+}
+
+impl Source {
+    /// Fills `out` (one block long) with block `index` (1-based) and returns its length;
+    /// shorter than `out` means the last block.
+    fn block(&mut self, index: u64, out: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Octet { file, blksize } => {
+                let mut off = (index - 1) * *blksize;
+                let mut n = 0;
+                while n < out.len() {
+                    let r = file.read_at(&mut out[n..], off)?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                    off += r as u64;
+                }
+                Ok(n)
+            }
+            Source::Netascii(a) => a.block(index, out),
+        }
+    }
+
+    /// Blocks up to `acked` will never be asked again.
+    fn release(&mut self, acked: u64) {
+        if let Source::Netascii(a) = self {
+            while a.cache.front().is_some_and(|(i, _)| *i <= acked) {
+                a.cache.pop_front();
+            }
+        }
+    }
+}
+
+/// Netascii conversion of a file, one block at a time. Converted blocks of the current
+/// window are kept, because a retransmission must resend the same bytes and the
+/// conversion is not seekable.
+struct Netascii {
+    file: File,
+    blksize: usize,
+    raw: Vec<u8>,
+    raw_pos: usize,
+    raw_off: u64,
+    /// The second byte of a CR LF / CR NUL pair that did not fit into the last block.
+    pending: Option<u8>,
+    /// Index of the next block to convert.
+    next: u64,
+    cache: VecDeque<(u64, Vec<u8>)>,
+}
+
+impl Netascii {
+    fn new(file: File, blksize: u16) -> Netascii {
+        Netascii {
+            file,
+            blksize: usize::from(blksize),
+            raw: Vec::new(),
+            raw_pos: 0,
+            raw_off: 0,
+            pending: None,
+            next: 1,
+            cache: VecDeque::new(),
+        }
+    }
+
+    fn raw_byte(&mut self) -> io::Result<Option<u8>> {
+        if self.raw_pos == self.raw.len() {
+            self.raw.resize(64 * 1024, 0);
+            let n = self.file.read_at(&mut self.raw, self.raw_off)?;
+            self.raw.truncate(n);
+            self.raw_off += n as u64;
+            self.raw_pos = 0;
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+        self.raw_pos += 1;
+        Ok(Some(self.raw[self.raw_pos - 1]))
+    }
+
+    fn convert_next(&mut self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.blksize);
+        while out.len() < self.blksize {
+            if let Some(p) = self.pending.take() {
+                out.push(p);
+                continue;
+            }
+            match self.raw_byte()? {
+                None => break,
+                Some(b'\n') => {
+                    out.push(b'\r');
+                    self.pending = Some(b'\n');
+                }
+                Some(b'\r') => {
+                    out.push(b'\r');
+                    self.pending = Some(0);
+                }
+                Some(b) => out.push(b),
+            }
+        }
+        Ok(out)
+    }
+
+    fn block(&mut self, index: u64, out: &mut [u8]) -> io::Result<usize> {
+        while self.next <= index {
+            let b = self.convert_next()?;
+            self.cache.push_back((self.next, b));
+            self.next += 1;
+        }
+        let b = self
+            .cache
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, b)| b)
+            .ok_or_else(|| io::Error::other("netascii block no longer cached"))?;
+        out[..b.len()].copy_from_slice(b);
+        Ok(b.len())
+    }
+}
+
+/// Keeps the open-transfer count and the `max_transfers` permit right on every exit
+/// path, panics included. The permit goes first, so once `active` reads 0 a new request
+/// is sure to get one.
+struct ActiveGuard(Arc<Metrics>, Option<OwnedSemaphorePermit>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        drop(self.1.take());
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Serves one RRQ to `peer` from a new socket bound to `local` (the address the request
+/// came to, so the reply leaves from the address the client talked to).
+pub async fn transfer(
+    cfg: Arc<Config>,
+    local: IpAddr,
+    peer: SocketAddr,
+    req: OwnedRequest,
+    metrics: Arc<Metrics>,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let _guard = ActiveGuard(metrics.clone(), Some(permit));
+    let file = codec::printable(&req.filename);
+    let sock = match UdpSocket::bind(SocketAddr::new(local, 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(%peer, %file, error = %e, "cannot open a socket for a transfer");
+            return;
+        }
+    };
+    let mut out = Vec::with_capacity(512);
+    if req.mode == Mode::Other {
+        metrics.warn(|| warn!(%peer, %file, mode = %req.mode_text, "refused: unsupported mode"));
+        codec::encode_error(&mut out, ERR_ILLEGAL_OP, "Only octet and netascii modes");
+        let _ = sock.send_to(&out, peer).await;
+        return;
+    }
+    let opened = {
+        let cfg = cfg.clone();
+        let name = req.filename.clone();
+        // Path resolution stats and canonicalizes: off the async workers.
+        match tokio::task::spawn_blocking(move || paths::open(&cfg, &name)).await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(%peer, %file, error = %e, "path lookup task failed");
+                return;
+            }
+        }
+    };
+    let opened = match opened {
+        Ok(o) => o,
+        Err(r) => {
+            metrics.warn(|| warn!(%peer, %file, reason = r.reason(), "refused file"));
+            codec::encode_error(&mut out, r.code(), r.message());
+            let _ = sock.send_to(&out, peer).await;
+            return;
+        }
+    };
+    let size_known = session::wire_size_known(req.mode);
+    let n = session::negotiate(&req.options, size_known.then_some(opened.size));
+    let blksize = n.blksize;
+    let blocks = size_known.then(|| session::block_count(opened.size, blksize));
+    let mut source = match req.mode {
+        Mode::Octet => Source::Octet {
+            file: opened.file,
+            blksize: u64::from(blksize),
+        },
+        _ => Source::Netascii(Netascii::new(opened.file, blksize)),
+    };
+    debug!(%peer, %file, path = %opened.path.display(), options = ?n.oack, "transfer starts");
+
+    let started = Instant::now();
+    let (mut s, mut step) = Session::new(&n, blocks, started);
+    let mut buf = vec![0u8; 4 + usize::from(blksize)];
+    let mut rbuf = vec![0u8; 2048];
+    let mut highest_read = 0u64;
+    let mut bytes = 0u64;
+    let mut retransmitted = 0u64;
+    loop {
+        match step.send {
+            Send::Nothing => {}
+            Send::Oack => {
+                codec::encode_oack(&mut out, &n.oack);
+                if let Err(e) = sock.send_to(&out, peer).await {
+                    debug!(%peer, error = %e, "send failed");
+                }
+            }
+            Send::Blocks { first, last } => {
+                source.release(s.acked());
+                for i in first..=last {
+                    let len = match source.block(i, &mut buf[4..]) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            error!(%peer, %file, error = %e, "read failed; transfer aborted");
+                            codec::encode_error(&mut out, ERR_UNDEFINED, "Read error");
+                            let _ = sock.send_to(&out, peer).await;
+                            return;
+                        }
+                    };
+                    if i > highest_read {
+                        highest_read = i;
+                        bytes += len as u64;
+                    } else {
+                        retransmitted += 1;
+                    }
+                    codec::data_header(&mut buf, i as u16);
+                    if let Err(e) = sock.send_to(&buf[..4 + len], peer).await {
+                        // A full socket buffer or an ICMP error: the timeout resends.
+                        debug!(%peer, error = %e, "send failed");
+                    }
+                    if len < usize::from(blksize) {
+                        s.set_last(i);
+                        break;
+                    }
+                }
+            }
+        }
+        let deadline = match step.next {
+            Next::Wait(d) => d,
+            Next::Done => {
+                info!(
+                    %file, %peer, bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    blksize, windowsize = n.windowsize, retransmitted,
+                    "transfer done"
+                );
+                metrics
+                    .completed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            Next::ClientError { code } => {
+                info!(%file, %peer, code, acked = s.acked(), "client ended the transfer with ERROR");
+                return;
+            }
+            Next::GaveUp => {
+                metrics.warn(
+                    || warn!(%file, %peer, acked = s.acked(), "client stopped answering; transfer given up"),
+                );
+                return;
+            }
+        };
+        tokio::select! {
+            r = sock.recv_from(&mut rbuf) => {
+                let now = Instant::now();
+                let (len, from) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // ICMP port unreachable from an earlier send shows up here on
+                        // Linux; the client may still come back, the timeout decides.
+                        debug!(%peer, error = %e, "receive failed");
+                        step = s.waiting();
+                        continue;
+                    }
+                };
+                if from != peer {
+                    // RFC 1350 section 4: a stranger gets ERROR 5, the transfer goes on.
+                    codec::encode_error(&mut out, ERR_UNKNOWN_TID, "Unknown transfer ID");
+                    let _ = sock.send_to(&out, from).await;
+                    step = s.waiting();
+                    continue;
+                }
+                step = match Packet::parse(&rbuf[..len]) {
+                    Ok(Packet::Ack(b)) => s.on_ack(b, now),
+                    Ok(Packet::Error { code, message }) => {
+                        debug!(%peer, code, %message, "client error");
+                        s.on_error(code)
+                    }
+                    Ok(p) => {
+                        debug!(%peer, packet = %p, "unexpected packet during a read; ignored");
+                        s.waiting()
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "malformed packet; ignored");
+                        s.waiting()
+                    }
+                };
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                step = s.on_timeout(Instant::now());
+            }
+            _ = shutdown.cancelled() => {
+                codec::encode_error(&mut out, ERR_UNDEFINED, "Server shutting down");
+                let _ = sock.send_to(&out, peer).await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn netascii_of(data: &[u8], blksize: u16) -> Vec<Vec<u8>> {
+        let p = std::env::temp_dir().join(format!(
+            "vdd-na-{}-{}",
+            std::process::id(),
+            data.len() * 1000 + usize::from(blksize)
+        ));
+        std::fs::write(&p, data).unwrap();
+        let mut a = Netascii::new(File::open(&p).unwrap(), blksize);
+        let _ = std::fs::remove_file(&p);
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; usize::from(blksize)];
+        for i in 1.. {
+            let n = a.block(i, &mut buf).unwrap();
+            out.push(buf[..n].to_vec());
+            if n < usize::from(blksize) {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn netascii_converts_line_ends() {
+        let b = netascii_of(b"a\nb\rc\r\n", 512);
+        assert_eq!(b, vec![b"a\r\nb\r\0c\r\0\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn netascii_pair_split_across_blocks() {
+        // blksize 8: "abcdefg\n" -> "abcdefg\r" | "\n" (short, last).
+        let b = netascii_of(b"abcdefg\n", 8);
+        assert_eq!(b, vec![b"abcdefg\r".to_vec(), b"\n".to_vec()]);
+        // Exactly one block of output: an empty last block follows.
+        let b = netascii_of(b"abcdef\n", 8);
+        assert_eq!(b, vec![b"abcdef\r\n".to_vec(), Vec::new()]);
+    }
+
+    #[test]
+    fn netascii_blocks_are_repeatable_until_released() {
+        let p = std::env::temp_dir().join(format!("vdd-na-rep-{}", std::process::id()));
+        std::fs::write(&p, b"x\n".repeat(100)).unwrap();
+        let mut s = Source::Netascii(Netascii::new(File::open(&p).unwrap(), 16));
+        let _ = std::fs::remove_file(&p);
+        let mut a = [0u8; 16];
+        let mut b = [0u8; 16];
+        s.block(3, &mut a).unwrap();
+        s.block(2, &mut b).unwrap();
+        s.block(2, &mut a).unwrap();
+        assert_eq!(a, b);
+        s.release(2);
+        assert!(s.block(2, &mut a).is_err());
+        assert_eq!(s.block(3, &mut a).unwrap(), 16);
+    }
+}
