@@ -134,6 +134,7 @@ struct WireHttp {
     enabled: Option<bool>,
     port: Option<u16>,
     root: Option<String>,
+    sendfile: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,6 +298,9 @@ pub struct Http {
     pub port: u16,
     /// Extra files served under /files/ (default: the TFTP root).
     pub root: PathBuf,
+    /// Send file bodies with sendfile(2) (default); `false` copies through user space,
+    /// for file systems that do not support sendfile.
+    pub sendfile: bool,
 }
 
 /// How an NBD export treats writes.
@@ -687,6 +691,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             .as_deref()
             .map(resolve)
             .unwrap_or_else(|| tftp.root.clone()),
+        sendfile: w.http.sendfile.unwrap_or(true),
     };
 
     // [nbd]
@@ -1031,6 +1036,13 @@ uefi = "ipxe.efi"
         assert_eq!(c.nbd.exports[1].mode, ExportMode::Overlay);
         let e = err(&s.replace("mode = \"overlay\"", "mode = \"cow\""));
         assert!(e.starts_with("nbd.export[1].mode"), "{e}");
+    }
+
+    #[test]
+    fn http_sendfile_key() {
+        assert!(parse(GOOD).unwrap().http.sendfile);
+        let c = parse(&format!("{GOOD}\n[http]\nsendfile = false\n")).unwrap();
+        assert!(!c.http.sendfile);
     }
 
     #[test]
