@@ -164,6 +164,7 @@ struct WireHttp {
     port: Option<u16>,
     root: Option<String>,
     admin_token: Option<String>,
+    sendfile: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -329,6 +330,9 @@ pub struct Http {
     pub root: PathBuf,
     /// `Authorization: Bearer` token of the admin API routes; `None` disables them.
     pub admin_token: Option<String>,
+    /// Send file bodies with sendfile(2) (default); `false` copies through user space,
+    /// for file systems that do not support sendfile.
+    pub sendfile: bool,
 }
 
 /// How an NBD export treats writes.
@@ -792,6 +796,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             }
             t => t,
         },
+        sendfile: w.http.sendfile.unwrap_or(true),
     };
 
     // [nbd]
@@ -1318,6 +1323,13 @@ uefi = "ipxe.efi"
         assert_eq!(parse_mib("512M"), Some(512));
         assert_eq!(parse_mib("1024"), Some(1024));
         assert_eq!(parse_mib("1T"), Some(1 << 20));
+    }
+
+    #[test]
+    fn http_sendfile_key() {
+        assert!(parse(GOOD).unwrap().http.sendfile);
+        let c = parse(&format!("{GOOD}\n[http]\nsendfile = false\n")).unwrap();
+        assert!(!c.http.sendfile);
     }
 
     #[test]
