@@ -1,0 +1,360 @@
+//! DHCP driver: the UDP sockets, the receive loop around [`policy::decide`], and the
+//! group-commit writer that makes every ACK's lease durable before the ACK leaves
+//! (RFC 2131 section 4.1 for where replies go; see leases.rs for why a journal).
+//!
+//! One task receives and decides (the table is only touched there, so it needs no lock);
+//! one OS thread owns the journal: it takes every pending lease, writes them in one
+//! append, fdatasyncs once, and only then sends their ACKs. While it syncs, the next
+//! batch piles up, so the sync rate of the disk bounds batches per second, not leases.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::codec;
+use super::leases::{Change, Journal, LeaseTable};
+use super::policy::{self, Ctx, Decision, Dest, Event, Port};
+use super::{unix_now, Error};
+use crate::config::{Config, DhcpMode};
+
+const CLIENT_PORT: u16 = 68;
+/// Batches larger than this are split, so one sync never holds ACKs for too long.
+const MAX_BATCH: usize = 8192;
+
+/// A reply waiting for its leases to be on disk.
+struct Job {
+    changes: Vec<Change>,
+    reply: Option<(Vec<u8>, SocketAddr)>,
+}
+
+/// Bound sockets and the replayed table, ready to run.
+pub struct Driver {
+    cfg: Arc<Config>,
+    /// Our address on the LAN: server identifier and next-server.
+    server: Ipv4Addr,
+    subnet: ipnet::Ipv4Net,
+    /// Port 67, bound to the LAN interface only (SO_BINDTODEVICE), so vdd never answers
+    /// on another network even with a wildcard address.
+    sock: Socket,
+    /// Port 4011 in proxy mode.
+    proxy: Option<Socket>,
+    /// The journal (full mode only; proxy mode keeps no state).
+    journal: Option<Journal>,
+    table: LeaseTable,
+}
+
+/// UDP 0.0.0.0:port with SO_REUSEADDR (a restart must not wait for anything), SO_BROADCAST
+/// (replies to 255.255.255.255) and SO_BINDTODEVICE to the LAN interface.
+fn udp_socket(interface: &str, port: u16) -> Result<Socket, Error> {
+    let bind_err = |source| Error::BindSocket {
+        port,
+        interface: interface.to_string(),
+        source,
+    };
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(bind_err)?;
+    s.set_reuse_address(true).map_err(bind_err)?;
+    s.set_broadcast(true).map_err(bind_err)?;
+    s.bind_device(Some(interface.as_bytes()))
+        .map_err(bind_err)?;
+    // Bursts of thousands of DISCOVERs must queue in the kernel, not be dropped there.
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.set_nonblocking(true).map_err(bind_err)?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
+        .map_err(bind_err)?;
+    Ok(s)
+}
+
+impl Driver {
+    pub fn bind(cfg: Arc<Config>) -> Result<Driver, Error> {
+        let iface = cfg.server.interface.clone();
+        let (Some(server), Some(subnet)) = (cfg.server_ip(), cfg.server.subnet) else {
+            return Err(Error::NoAddress(iface));
+        };
+        let sock = udp_socket(&iface, cfg.dhcp.port)?;
+        let proxy = match cfg.dhcp.mode {
+            DhcpMode::Proxy => Some(udp_socket(&iface, cfg.dhcp.proxy_port)?),
+            _ => None,
+        };
+        let (journal, table) = match cfg.dhcp.mode {
+            DhcpMode::Full => {
+                let (j, t) = Journal::open(&cfg.server.state_dir, unix_now())?;
+                (Some(j), t)
+            }
+            _ => (None, LeaseTable::default()),
+        };
+        let n = table.all().iter().filter(|l| l.active(unix_now())).count();
+        info!(interface = %iface, ip = %server, leases = n, mode = ?cfg.dhcp.mode, "dhcp bound");
+        Ok(Driver {
+            cfg,
+            server,
+            subnet,
+            sock,
+            proxy,
+            journal,
+            table,
+        })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Driver {
+            cfg,
+            server,
+            subnet,
+            sock,
+            proxy,
+            journal,
+            mut table,
+        } = self;
+        let to_tokio = |s: Socket| UdpSocket::from_std(std::net::UdpSocket::from(s));
+        let recv_err = Error::Recv;
+        // The writer sends ACKs through its own handle on the same socket.
+        let (tx, writer) = match journal {
+            Some(j) => {
+                let send = std::net::UdpSocket::from(sock.try_clone().map_err(recv_err)?);
+                let (tx, rx) = mpsc::channel::<Job>();
+                let h = std::thread::Builder::new()
+                    .name("dhcp-journal".into())
+                    .spawn(move || writer(j, send, rx))
+                    .map_err(Error::Recv)?;
+                (Some(tx), Some(h))
+            }
+            None => (None, None),
+        };
+        let main = to_tokio(sock).map_err(Error::Recv)?;
+        let proxy = match proxy {
+            Some(p) => Some(to_tokio(p).map_err(Error::Recv)?),
+            None => None,
+        };
+        let mut buf = vec![0u8; 4096];
+        let mut pbuf = vec![0u8; 4096];
+        let mut limiter = WarnLimiter::default();
+        let result = loop {
+            let (n, peer, port) = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                r = main.recv_from(&mut buf) => match r {
+                    Ok((n, peer)) => (n, peer, Port::Dhcp),
+                    Err(e) if transient(&e) => continue,
+                    Err(e) => break Err(Error::Recv(e)),
+                },
+                r = async { proxy.as_ref().expect("guarded").recv_from(&mut pbuf).await }, if proxy.is_some() => match r {
+                    Ok((n, peer)) => (n, peer, Port::Proxy),
+                    Err(e) if transient(&e) => continue,
+                    Err(e) => break Err(Error::Recv(e)),
+                },
+            };
+            let bytes = match port {
+                Port::Dhcp => &buf[..n],
+                Port::Proxy => &pbuf[..n],
+            };
+            let p = match codec::decode(bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    debug!(%peer, len = n, "refused packet: {e}");
+                    limiter.warn(
+                        |dropped| warn!(%peer, dropped, "malformed DHCP packet refused: {e}"),
+                    );
+                    continue;
+                }
+            };
+            let now = unix_now();
+            let ctx = Ctx {
+                cfg: &cfg,
+                server,
+                subnet,
+                now,
+            };
+            let d = policy::decide(&p, port, &table, &ctx);
+            log_events(&p, &d, &mut limiter);
+            let Decision {
+                reply,
+                changes,
+                events: _,
+            } = d;
+            for c in &changes {
+                table.apply(c);
+            }
+            let reply = reply.map(|(m, to)| (codec::encode(&m), address(to, peer)));
+            let durable = changes.iter().any(Change::durable);
+            match (&tx, durable) {
+                (Some(tx), true) => {
+                    if tx.send(Job { changes, reply }).is_err() {
+                        break Err(Error::WriterGone);
+                    }
+                }
+                _ => {
+                    if let Some((bytes, to)) = reply {
+                        let sock = if port == Port::Proxy {
+                            proxy.as_ref().unwrap_or(&main)
+                        } else {
+                            &main
+                        };
+                        if let Err(e) = sock.send_to(&bytes, to).await {
+                            debug!(peer = %to, "send failed: {e}");
+                        }
+                    }
+                }
+            }
+        };
+        // Let the writer finish what it has, so every ACK decided is either sent durable
+        // or never sent.
+        drop(tx);
+        if let Some(h) = writer {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        result
+    }
+}
+
+fn transient(e: &std::io::Error) -> bool {
+    // ICMP errors of earlier sends surface on recv; they are not the socket's end.
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::Interrupted
+            | std::io::ErrorKind::WouldBlock
+    ) || e.raw_os_error() == Some(nix::libc::EHOSTUNREACH)
+        || e.raw_os_error() == Some(nix::libc::ENETUNREACH)
+}
+
+/// Where a [`Dest`] is on the wire. `Dest::Hardware` (unicast to an address the client
+/// does not have yet) would need an ARP entry written first (SIOCSARP, as ISC dhcpd does)
+/// or a raw socket; we broadcast instead. RFC 2131 4.1 allows it (a server that cannot
+/// unicast before the client has its address broadcasts), every client listens for it,
+/// and on a LAN of thin clients the extra broadcast costs nothing.
+fn address(to: Dest, peer: SocketAddr) -> SocketAddr {
+    let bcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT).into();
+    match to {
+        Dest::Relay(gi) => SocketAddrV4::new(gi, 67).into(),
+        Dest::Ciaddr(ci) => SocketAddrV4::new(ci, CLIENT_PORT).into(),
+        Dest::Broadcast | Dest::Hardware(_) => bcast,
+        Dest::Source => peer,
+    }
+}
+
+fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
+    let mac = p.mac;
+    let xid = format_args!("{:#010x}", p.msg.xid()).to_string();
+    for e in &d.events {
+        match e {
+            Event::Offered(ip) => info!(%mac, %ip, %xid, "offer"),
+            Event::Acked(ip) => info!(%mac, %ip, %xid, "ack"),
+            Event::Nak(ip, why) => info!(%mac, %ip, %xid, "nak: {why}"),
+            Event::Informed => info!(%mac, %xid, ip = %p.msg.ciaddr(), "inform answered"),
+            Event::Released(ip) => info!(%mac, %ip, "released"),
+            Event::Declined(ip) => {
+                warn!(%mac, %ip, "client declined the address (in use by someone else?); set aside")
+            }
+            Event::PoolExhausted => limiter.warn(|dropped| {
+                error!(%mac, %xid, dropped, "pool exhausted: no address to offer; grow dhcp.pool")
+            }),
+            Event::UnsupportedArch(a) => limiter.warn(|dropped| {
+                warn!(%mac, %xid, arch = a, dropped, "no boot file for this client architecture (RFC 4578 option 93); no boot information sent")
+            }),
+            Event::Ignored(why) => debug!(%mac, %xid, "ignored: {why}"),
+            Event::ProxyOffer => info!(%mac, %xid, "proxy offer"),
+            Event::ProxyAck => info!(%mac, %xid, "proxy ack (port 4011)"),
+        }
+    }
+}
+
+/// At most one warning a second from a misbehaving network; the rest are counted.
+#[derive(Default)]
+struct WarnLimiter {
+    last: Option<Instant>,
+    dropped: u64,
+}
+
+impl WarnLimiter {
+    fn warn(&mut self, f: impl FnOnce(u64)) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < Duration::from_secs(1))
+        {
+            self.dropped += 1;
+            return;
+        }
+        self.last = Some(now);
+        f(self.dropped);
+        self.dropped = 0;
+    }
+}
+
+/// The group-commit writer: one append + one fdatasync per batch, then the batch's ACKs.
+fn writer(mut j: Journal, sock: std::net::UdpSocket, rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::new();
+    let mut changes: Vec<Change> = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(job) => batch.push(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                compact_if_needed(&mut j);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        changes.clear();
+        changes.extend(batch.iter().flat_map(|b| b.changes.iter().copied()));
+        match j.commit(&changes) {
+            Ok(()) => {
+                debug!(leases = changes.len(), "journal batch synced");
+                for job in batch.drain(..) {
+                    if let Some((bytes, to)) = job.reply {
+                        send_blocking(&sock, &bytes, to);
+                    }
+                }
+            }
+            Err(e) => {
+                // Not on disk means not promised: the ACKs are withheld and the clients
+                // retry; the admin must look at the disk.
+                error!(
+                    "lease journal write failed, {} ACKs withheld: {e:#}",
+                    batch.len()
+                );
+                batch.clear();
+            }
+        }
+        compact_if_needed(&mut j);
+    }
+}
+
+fn compact_if_needed(j: &mut Journal) {
+    if j.wants_compaction() {
+        match j.compact(unix_now()) {
+            Ok(()) => debug!("lease journal compacted"),
+            Err(e) => error!("lease journal compaction failed: {e:#}"),
+        }
+    }
+}
+
+/// The socket is non-blocking (shared with the tokio side); a full send buffer is waited
+/// out briefly rather than dropping an ACK that is already durable.
+fn send_blocking(sock: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
+    for _ in 0..200 {
+        match sock.send_to(bytes, to) {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_micros(500))
+            }
+            Err(e) => {
+                debug!(peer = %to, "send failed: {e}");
+                return;
+            }
+        }
+    }
+    warn!(peer = %to, "send buffer full for 100 ms; ACK dropped (the client will retry)");
+}

@@ -1,0 +1,565 @@
+//! The DHCP service against real clients (busybox udhcpc, dhclient, perfdhcp, a PXE client
+//! speaking RFC 2131 / PXE 2.1 from python) in lab namespaces, the real `vdd` binary
+//! serving br0 in the server namespace (RFC 2131, RFC 4578, proxyDHCP of PXE 2.1).
+//!
+//! No timing assertions: every wait is a generous poll with a deadline.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xtask::lab::{self, ClientNs, Lab};
+
+/// A scratch folder removed on Drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("vdd-dhcp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const FULL: &str = r#"
+[dhcp]
+pool = "10.77.0.100-10.77.0.199"
+lease_time = "1h"
+router = "10.77.0.1"
+dns = ["10.77.0.53"]
+domain = "lab.test"
+[[dhcp.host]]
+mac = "52:54:00:00:00:01"
+address = "10.77.0.50"
+hostname = "seat-01"
+"#;
+
+fn write_config(dir: &Path, dhcp: &str) -> PathBuf {
+    let text = format!(
+        "[server]\ninterface = \"br0\"\nstate_dir = \"{}\"\n{dhcp}\n[tftp]\nenabled = false\n[http]\nenabled = false\n[nbd]\nenabled = false\n",
+        dir.join("state").display()
+    );
+    let p = dir.join("config.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Starts `vdd serve` in the server namespace and waits until DHCP is bound.
+fn start_vdd(lab: &mut Lab, dir: &Path, run: u32) -> u32 {
+    let log = dir.join(format!("vdd-{run}.log"));
+    let mut c = Lab::cmd(&lab.server_ns, env!("CARGO_BIN_EXE_vdd"));
+    c.args(["serve", "--config"])
+        .arg(dir.join("config.toml"))
+        .env("RUST_LOG", "vdd=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let pid = lab.spawn("vdd", c).unwrap();
+    wait_for(Duration::from_secs(60), || {
+        assert!(lab.is_running(pid), "vdd exited:\n{}", read(&log));
+        read(&log).contains("dhcp bound")
+    })
+    .unwrap_or_else(|| panic!("vdd did not bind:\n{}", read(&log)));
+    pid
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> T) -> Option<T>
+where
+    T: Truthy,
+{
+    let end = Instant::now() + limit;
+    loop {
+        let v = f();
+        if v.truthy() {
+            return Some(v);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+trait Truthy {
+    fn truthy(&self) -> bool;
+}
+impl Truthy for bool {
+    fn truthy(&self) -> bool {
+        *self
+    }
+}
+impl<T> Truthy for Option<T> {
+    fn truthy(&self) -> bool {
+        self.is_some()
+    }
+}
+
+/// A udhcpc script that records each event's environment in OUT/<event> and, on bound
+/// and renew, configures the address (a renew is unicast from it).
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+env | sort > "$OUT/$1.tmp" && mv "$OUT/$1.tmp" "$OUT/$1"
+case "$1" in
+  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$subnet" dev "$interface" ;;
+  deconfig) ip addr flush dev "$interface" ;;
+esac
+exit 0
+"#;
+
+fn env_file(p: &Path) -> Option<HashMap<String, String>> {
+    let s = std::fs::read_to_string(p).ok()?;
+    Some(
+        s.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn script(dir: &Path) -> PathBuf {
+    let p = dir.join("udhcpc.sh");
+    if !p.exists() {
+        std::fs::write(&p, UDHCPC_SCRIPT).unwrap();
+        Command::new("chmod").arg("755").arg(&p).status().unwrap();
+    }
+    p
+}
+
+/// Runs one udhcpc DORA in `c` (quit after the lease) and returns the `bound` environment.
+fn udhcpc_once(dir: &Path, c: &ClientNs, extra: &[&str]) -> HashMap<String, String> {
+    let out = dir.join(format!("out-{}", c.ns));
+    std::fs::create_dir_all(&out).unwrap();
+    let st = Lab::cmd(&c.ns, "udhcpc")
+        .args([
+            "-f", "-q", "-n", "-t", "6", "-T", "2", "-A", "1", "-i", "eth0", "-s",
+        ])
+        .arg(script(dir))
+        .args(extra)
+        .env("OUT", &out)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    env_file(&out.join("bound")).unwrap_or_else(|| {
+        panic!(
+            "udhcpc got no lease: {}\n{}",
+            String::from_utf8_lossy(&st.stdout),
+            String::from_utf8_lossy(&st.stderr)
+        )
+    })
+}
+
+fn in_pool(ip: &str) -> bool {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let o = ip.octets();
+    o[..3] == [10, 77, 0] && (100..=199).contains(&o[3])
+}
+
+#[test]
+fn udhcpc_and_dhclient_get_leases_renew_and_pxe_files() {
+    if let Some(why) = lab::missing(&["udhcpc", "dhclient"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("clients");
+    write_config(&dir.0, FULL);
+    let mut lab = Lab::new("dhcpc").unwrap();
+    start_vdd(&mut lab, &dir.0, 0);
+
+    // A plain client: address in the pool, router, DNS, lease time, mask, domain.
+    let c = lab.add_client(None).unwrap();
+    let e = udhcpc_once(&dir.0, &c, &[]);
+    assert!(in_pool(&e["ip"]), "{e:?}");
+    assert_eq!(e["router"], "10.77.0.1");
+    assert_eq!(e["dns"].trim(), "10.77.0.53");
+    assert_eq!(e["lease"], "3600");
+    assert_eq!(e["subnet"], "255.255.255.0");
+    assert_eq!(e["domain"], "lab.test");
+    assert_eq!(e["serverid"], "10.77.0.1");
+    assert!(
+        !e.contains_key("boot_file"),
+        "no boot file for a non-PXE client"
+    );
+
+    // The reserved MAC gets its reservation and hostname.
+    let r = lab.add_client(Some("52:54:00:00:00:01")).unwrap();
+    let e = udhcpc_once(&dir.0, &r, &[]);
+    assert_eq!(e["ip"], "10.77.0.50");
+    assert_eq!(e["hostname"], "seat-01");
+
+    // PXE ROMs: BIOS (arch 0), UEFI (arch 7 and 9), and iPXE (user class "iPXE").
+    for (arch, extra, want) in [
+        ("0000", None, "undionly.kpxe"),
+        ("0007", None, "ipxe.efi"),
+        ("0009", None, "ipxe.efi"),
+        (
+            "0000",
+            Some("0x4d:69505845"),
+            "http://10.77.0.1/boot.ipxe?mac=${net0/mac}",
+        ),
+    ] {
+        let p = lab.add_client(None).unwrap();
+        let x93 = format!("0x5d:{arch}");
+        let mut args = vec!["-V", "PXEClient:Arch:00000:UNDI:002001", "-x", &x93];
+        if let Some(x) = extra {
+            args.extend(["-x", x]);
+        }
+        let e = udhcpc_once(&dir.0, &p, &args);
+        assert!(in_pool(&e["ip"]), "{e:?}");
+        assert_eq!(e["siaddr"], "10.77.0.1", "arch {arch}: {e:?}");
+        // udhcpc exports the file field; options 66/67 carry the same for UEFI and iPXE.
+        assert_eq!(e["boot_file"], want, "arch {arch}");
+    }
+
+    // Renew keeps the address: a long-running udhcpc, SIGUSR1 forces a unicast renew.
+    let n = lab.add_client(None).unwrap();
+    let out = dir.0.join("renew");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut cmd = Lab::cmd(&n.ns, "udhcpc");
+    cmd.args(["-f", "-t", "6", "-T", "2", "-i", "eth0", "-s"])
+        .arg(script(&dir.0))
+        .env("OUT", &out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let pid = lab.spawn("udhcpc", cmd).unwrap();
+    let bound = wait_for(Duration::from_secs(30), || env_file(&out.join("bound")))
+        .flatten()
+        .expect("udhcpc bound");
+    Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status()
+        .unwrap();
+    let renew = wait_for(Duration::from_secs(30), || env_file(&out.join("renew")))
+        .flatten()
+        .expect("udhcpc renewed");
+    assert_eq!(renew["ip"], bound["ip"]);
+    lab.kill(pid, "TERM").unwrap();
+
+    // dhclient (ISC): a full DORA, its script sees the same options.
+    let d = lab.add_client(None).unwrap();
+    let dout = dir.0.join("dhclient");
+    std::fs::create_dir_all(&dout).unwrap();
+    let ds = dir.0.join("dhclient.sh");
+    // dhclient runs its script with a clean environment: the folder is written into it.
+    std::fs::write(
+        &ds,
+        format!(
+            "#!/bin/sh\nOUT='{}'\nenv | sort > \"$OUT/$reason.tmp\" && mv \"$OUT/$reason.tmp\" \"$OUT/$reason\"\nexit 0\n",
+            dout.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("755").arg(&ds).status().unwrap();
+    let conf = dir.0.join("dhclient.conf");
+    std::fs::write(
+        &conf,
+        "request subnet-mask, broadcast-address, routers, domain-name, domain-name-servers, host-name;\n",
+    )
+    .unwrap();
+    let mut cmd = Lab::cmd(&d.ns, "dhclient");
+    cmd.args(["-d", "-1", "-v", "-sf"])
+        .arg(&ds)
+        .arg("-cf")
+        .arg(&conf)
+        .arg("-lf")
+        .arg(dir.0.join("dhclient.leases"))
+        .arg("-pf")
+        .arg(dir.0.join("dhclient.pid"))
+        .arg("eth0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let dpid = lab.spawn("dhclient", cmd).unwrap();
+    let e = wait_for(Duration::from_secs(60), || env_file(&dout.join("BOUND")))
+        .flatten()
+        .expect("dhclient bound");
+    lab.kill(dpid, "KILL").unwrap();
+    assert!(in_pool(&e["new_ip_address"]), "{e:?}");
+    assert_eq!(e["new_routers"], "10.77.0.1");
+    assert_eq!(e["new_domain_name_servers"], "10.77.0.53");
+    assert_eq!(e["new_dhcp_lease_time"], "3600");
+    assert_eq!(e["new_subnet_mask"], "255.255.255.0");
+}
+
+#[test]
+fn leases_survive_kill_9() {
+    if let Some(why) = lab::missing(&["udhcpc"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("kill9");
+    write_config(&dir.0, FULL);
+    let mut lab = Lab::new("dhcpk").unwrap();
+    let pid = start_vdd(&mut lab, &dir.0, 0);
+    let clients: Vec<ClientNs> = (0..4).map(|_| lab.add_client(None).unwrap()).collect();
+    let leased: Vec<(String, String)> = clients
+        .iter()
+        .map(|c| (c.mac.clone(), udhcpc_once(&dir.0, c, &[])["ip"].clone()))
+        .collect();
+    lab.kill(pid, "KILL").unwrap();
+
+    // `vdd leases` reads the journal a kill -9 left behind.
+    let out = Command::new(env!("CARGO_BIN_EXE_vdd"))
+        .args(["leases", "--config"])
+        .arg(dir.0.join("config.toml"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    for (mac, ip) in &leased {
+        assert!(
+            table.lines().any(|l| l.contains(mac.as_str())
+                && l.starts_with(ip.as_str())
+                && l.contains("bound")),
+            "{mac} {ip} missing from `vdd leases`:\n{table}"
+        );
+    }
+
+    start_vdd(&mut lab, &dir.0, 1);
+    // Returning clients get their own address back.
+    for (c, (_, ip)) in clients.iter().zip(&leased) {
+        assert_eq!(&udhcpc_once(&dir.0, c, &[])["ip"], ip);
+    }
+    // New clients never get a leased address.
+    for _ in 0..4 {
+        let c = lab.add_client(None).unwrap();
+        let ip = udhcpc_once(&dir.0, &c, &[])["ip"].clone();
+        assert!(
+            leased.iter().all(|(_, l)| *l != ip),
+            "{ip} handed out twice"
+        );
+    }
+}
+
+#[test]
+fn malformed_packets_do_not_hurt() {
+    if let Some(why) = lab::missing(&["udhcpc", "python3"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("fuzz");
+    write_config(&dir.0, FULL);
+    let mut lab = Lab::new("dhcpf").unwrap();
+    let pid = start_vdd(&mut lab, &dir.0, 0);
+    let attacker = lab.add_client(None).unwrap();
+    lab::ip([
+        "-n",
+        &attacker.ns,
+        "addr",
+        "add",
+        "10.77.0.9/24",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let st = Lab::cmd(&attacker.ns, "python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dhcp_junk.py"))
+        .args(["10.77.0.1", "10000"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let sent = String::from_utf8_lossy(&st.stdout);
+    assert!(sent.contains("sent 100"), "{sent}");
+    assert!(lab.is_running(pid), "vdd died on junk");
+    let log = read(&dir.0.join("vdd-0.log"));
+    assert!(log.contains("refused packet"), "no log line for junk");
+    // And it still serves.
+    let c = lab.add_client(None).unwrap();
+    assert!(in_pool(&udhcpc_once(&dir.0, &c, &[])["ip"]));
+    assert!(lab.is_running(pid));
+}
+
+#[test]
+fn perfdhcp_load_without_losses() {
+    if let Some(why) = lab::missing(&["perfdhcp"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("load");
+    write_config(
+        &dir.0,
+        "[dhcp]\npool = \"10.77.0.10-10.77.0.250\"\nlease_time = \"1h\"\nrouter = \"10.77.0.1\"\n",
+    );
+    let mut lab = Lab::new("dhcpl").unwrap();
+    // Per-lease info lines would only measure the terminal.
+    let mut c = Lab::cmd(&lab.server_ns, env!("CARGO_BIN_EXE_vdd"));
+    let log = dir.0.join("vdd-0.log");
+    c.args(["serve", "--config"])
+        .arg(dir.0.join("config.toml"))
+        .env("RUST_LOG", "vdd=info,vdd::dhcp::driver=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let pid = lab.spawn("vdd", c).unwrap();
+    wait_for(Duration::from_secs(60), || {
+        read(&log).contains("vdd serving")
+    })
+    .expect("vdd serving");
+    let p = lab.add_client(None).unwrap();
+    lab::ip(["-n", &p.ns, "addr", "add", "10.77.0.2/24", "dev", "eth0"]).unwrap();
+    // perfdhcp acts as a relay (giaddr = its address): 500 DORA/s for 10 s over 200
+    // distinct MACs, so the 241-address pool never runs dry.
+    let out = Lab::cmd(&p.ns, "perfdhcp")
+        .args([
+            "-4",
+            "-l",
+            "eth0",
+            "-r",
+            "500",
+            "-p",
+            "10",
+            "-R",
+            "200",
+            "-W",
+            "3000000",
+            "10.77.0.1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    // -W: after the 10 s, wait 3 s for answers in flight instead of counting them lost.
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lab.is_running(pid));
+    let stats = perfdhcp_stats(&text);
+    eprintln!("{text}");
+    for (name, (sent, recv, drops)) in &stats {
+        assert!(*sent >= 4000, "{name}: only {sent} sent:\n{text}");
+        assert_eq!(
+            *drops, 0,
+            "{name}: {drops} lost of {sent} ({recv} received):\n{text}"
+        );
+    }
+    assert_eq!(stats.len(), 2, "{text}");
+}
+
+/// (exchange name, (sent, received, drops)) from perfdhcp's summary.
+fn perfdhcp_stats(text: &str) -> Vec<(String, (u64, u64, u64))> {
+    let mut v = Vec::new();
+    let mut cur: Option<(String, u64, u64)> = None;
+    for l in text.lines() {
+        let l = l.trim();
+        if let Some(n) = l.strip_prefix("***Statistics for: ") {
+            cur = Some((n.trim_end_matches('*').trim().to_string(), 0, 0));
+        }
+        let num = |l: &str| {
+            l.split(':')
+                .nth(1)
+                .and_then(|x| x.split_whitespace().next())
+                .and_then(|x| x.parse::<u64>().ok())
+        };
+        if let Some(c) = cur.as_mut() {
+            if l.starts_with("sent packets:") {
+                c.1 = num(l).unwrap_or(0);
+            } else if l.starts_with("received packets:") {
+                c.2 = num(l).unwrap_or(0);
+            } else if l.starts_with("drops:") {
+                let d = num(l).unwrap_or(u64::MAX);
+                let (n, s, r) = cur.take().unwrap();
+                v.push((n, (s, r, d)));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn proxy_beside_dnsmasq() {
+    if let Some(why) = lab::missing(&["dnsmasq", "python3"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("proxy");
+    write_config(
+        &dir.0,
+        "[dhcp]\nmode = \"proxy\"\n[boot]\nbios = \"undionly.kpxe\"\nuefi = \"ipxe.efi\"\n",
+    );
+    let mut lab = Lab::new("dhcpp").unwrap();
+    // The primary server: dnsmasq on another host of the LAN (10.77.0.2).
+    let primary = lab.add_client(None).unwrap();
+    lab::ip([
+        "-n",
+        &primary.ns,
+        "addr",
+        "add",
+        "10.77.0.2/24",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let mut dm = Lab::cmd(&primary.ns, "dnsmasq");
+    dm.args([
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--port=0",
+        "--interface=eth0",
+        "--bind-interfaces",
+        "--dhcp-range=10.77.0.150,10.77.0.160,1h",
+        "--dhcp-authoritative",
+    ])
+    .arg(format!(
+        "--dhcp-leasefile={}",
+        dir.0.join("dnsmasq.leases").display()
+    ))
+    .arg(format!(
+        "--pid-file={}",
+        dir.0.join("dnsmasq.pid").display()
+    ))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(dir.0.join("dnsmasq.log")).unwrap());
+    lab.spawn("dnsmasq", dm).unwrap();
+    let vdd = start_vdd(&mut lab, &dir.0, 0);
+    let client = lab.add_client(None).unwrap();
+    let mut last = String::new();
+    let ok = wait_for(Duration::from_secs(60), || {
+        let out = Lab::cmd(&client.ns, "python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pxe_client.py"))
+            .args(["eth0", "10.77.0.1"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.status.success()
+    });
+    assert!(
+        ok.is_some(),
+        "PXE client failed:\n{last}\nvdd log:\n{}\ndnsmasq log:\n{}",
+        read(&dir.0.join("vdd-0.log")),
+        read(&dir.0.join("dnsmasq.log"))
+    );
+    // The address came from dnsmasq, the boot file from vdd on 67 and again on 4011.
+    let kv: HashMap<&str, &str> = last.lines().filter_map(|l| l.split_once('=')).collect();
+    assert!(
+        kv["address"].starts_with("10.77.0.15") || kv["address"].starts_with("10.77.0.16"),
+        "{last}"
+    );
+    assert_eq!(kv["address_from"], "10.77.0.2");
+    assert_eq!(kv["proxy_offer_yiaddr"], "0.0.0.0");
+    assert_eq!(kv["proxy_offer_file"], "undionly.kpxe");
+    assert_eq!(kv["proxy_offer_class"], "PXEClient");
+    assert_eq!(kv["proxy_ack_file"], "undionly.kpxe");
+    assert_eq!(kv["proxy_ack_next_server"], "10.77.0.1");
+    assert!(lab.is_running(vdd));
+}
