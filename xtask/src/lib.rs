@@ -1,3 +1,5 @@
 //! Shared pieces of `cargo xtask` that the integration tests use too.
 
+pub mod e2e_initramfs;
+pub mod initramfs;
 pub mod lab;
