@@ -1,5 +1,402 @@
-//! boot-menu: `/init` of the thin-client initramfs (PID 1). The thin-client issue fills it in:
-//! mounts, NIC modules, DHCP, the menu of guests, the NBD root and the session.
+//! boot-menu: `/init` of the thin-client initramfs (PID 1). Mounts the kernel file systems,
+//! loads the NIC driver, gets an address by DHCP (RFC 2131), fetches the guest list from
+//! the vdd server and shows the menu on /dev/tty1 and /dev/ttyS0 at once.
+//!
+//! PID 1 must never exit (the kernel panics when it does), so every failure, even a
+//! panic, ends in a screen that shows the error and offers retry or reboot.
+//!
+//! Outside PID 1, `boot-menu dhcp IFACE` runs only the network steps; the lab integration
+//! test uses it inside a network namespace.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use boot_menu::menu::{Action, Key, Menu};
+use boot_menu::{cmdline, dhcp, guests, modules, net};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// The stable prefix end-to-end tests match on the serial console.
+const PREFIX: &str = "vdd-boot-menu:";
+/// Modules every session needs besides the NIC driver.
+const BASE_MODULES: [&str; 3] = ["nbd", "squashfs", "overlay"];
+const DHCP_LIMIT: Duration = Duration::from_secs(90);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+/// With nobody at the keyboard, a failed boot retries by itself after this long, so a
+/// room of clients recovers when the server comes back.
+const AUTO_RETRY: Duration = Duration::from_secs(30);
+
+/// The consoles: every terminal we draw on and read keys from, plus the kernel log.
+struct Console {
+    ttys: Vec<File>,
+    kmsg: Option<File>,
+}
+
+impl Console {
+    fn open() -> Console {
+        let mut ttys = Vec::new();
+        for p in ["/dev/ttyS0", "/dev/tty1"] {
+            // O_NOCTTY: PID 1 must not acquire a controlling terminal by accident; a
+            // serial port without hardware fails open() with EIO and is skipped.
+            if let Ok(f) = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc_o_noctty())
+                .open(p)
+            {
+                raw_mode(&f);
+                ttys.push(f);
+            }
+        }
+        let kmsg = OpenOptions::new().write(true).open("/dev/kmsg").ok();
+        Console { ttys, kmsg }
+    }
+
+    fn say(&mut self, msg: &str) {
+        let line = format!("{PREFIX} {msg}\r\n");
+        self.draw(&line);
+        if let Some(k) = &mut self.kmsg {
+            // Level 7 (debug): kept in dmesg but not echoed by the kernel to the console,
+            // which already shows the line once.
+            let _ = k.write_all(format!("<7>{PREFIX} {msg}\n").as_bytes());
+        }
+    }
+
+    fn draw(&mut self, text: &str) {
+        if self.ttys.is_empty() {
+            print!("{}", text);
+            let _ = std::io::stdout().flush();
+        }
+        for t in &mut self.ttys {
+            let _ = t.write_all(text.as_bytes());
+        }
+    }
+
+    /// Keys from any console, waiting at most `timeout`; empty on timeout.
+    fn keys(&mut self, timeout: Duration) -> Vec<Key> {
+        if self.ttys.is_empty() {
+            std::thread::sleep(timeout);
+            return Vec::new();
+        }
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds: Vec<PollFd> = self
+            .ttys
+            .iter()
+            .map(|t| PollFd::new(t.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let ready = poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        );
+        let readable: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+            .collect();
+        drop(fds);
+        if !matches!(ready, Ok(n) if n > 0) {
+            return Vec::new();
+        }
+        let mut keys = Vec::new();
+        for (t, r) in self.ttys.iter_mut().zip(readable) {
+            if r {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = t.read(&mut buf) {
+                    keys.extend(boot_menu::menu::decode(&buf[..n]));
+                }
+            }
+        }
+        keys
+    }
+}
+
+fn libc_o_noctty() -> i32 {
+    nix::fcntl::OFlag::O_NOCTTY.bits()
+}
+
+/// Raw input (keys arrive one by one, no echo) but with output processing left on.
+fn raw_mode(f: &File) {
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, OutputFlags, SetArg};
+    if let Ok(mut t) = tcgetattr(f) {
+        cfmakeraw(&mut t);
+        t.output_flags |= OutputFlags::OPOST;
+        let _ = tcsetattr(f, SetArg::TCSANOW, &t);
+    }
+}
+
+fn mount_all(con: &mut Console) {
+    use nix::mount::{mount, MsFlags};
+    let none: Option<&str> = None;
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    for (src, dir, fs, flags, data) in [
+        ("proc", "/proc", "proc", nosuid, None),
+        ("sysfs", "/sys", "sysfs", nosuid, None),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("gid=5,mode=620,ptmxmode=000"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+    ] {
+        let _ = std::fs::create_dir_all(dir);
+        match mount(Some(src), dir, Some(fs), flags, data.or(none)) {
+            // EBUSY: already mounted (a kernel with DEVTMPFS_MOUNT, or a retry).
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(e) => con.say(&format!("mount {dir} failed: {e}")),
+        }
+    }
+}
+
+/// PID 1 inherits every orphan; reap them so they do not pile up as zombies.
+fn spawn_reaper() {
+    std::thread::spawn(|| loop {
+        use nix::sys::wait::waitpid;
+        use nix::unistd::Pid;
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    });
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return u32::from_ne_bytes(b);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.subsec_nanos() ^ (t.as_secs() as u32)
+}
+
+/// Loads the base modules and, until nothing new turns up, the drivers of present devices.
+fn load_modules(con: &mut Console) -> Result<()> {
+    let dir = modules::Loader::running_kernel_dir();
+    let mut l = modules::Loader::open(&dir).context("module index")?;
+    for m in BASE_MODULES {
+        match l.load(m) {
+            Ok(_) => {}
+            Err(e) => con.say(&format!("module {m}: {}", chain(&e))),
+        }
+    }
+    let mut tried = std::collections::BTreeSet::new();
+    // virtio devices appear only once virtio_pci is loaded: a few rounds find them.
+    for _ in 0..3 {
+        let mut new = false;
+        for alias in modules::device_modaliases(Path::new("/sys")) {
+            for m in l.aliases.resolve(&alias) {
+                if !tried.insert(m.clone()) {
+                    continue;
+                }
+                new = true;
+                match l.load(&m) {
+                    Ok(done) => {
+                        for (name, _) in done {
+                            con.say(&format!("loaded module {name}"));
+                        }
+                    }
+                    Err(e) => con.say(&format!("module {m}: {}", chain(&e))),
+                }
+            }
+        }
+        if !new {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Brings the links up and returns the first Ethernet link with carrier (or the first one).
+fn pick_link(con: &mut Console) -> Result<String> {
+    let sys = Path::new("/sys");
+    let _ = net::set_up("lo");
+    let t0 = Instant::now();
+    let links = loop {
+        let l = net::ethernet_links(sys);
+        if !l.is_empty() {
+            break l;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("no Ethernet interface appeared (is the NIC driver in the initramfs?)");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for l in &links {
+        if let Err(e) = net::set_up(l) {
+            con.say(&format!("link {l} up failed: {}", chain(&e)));
+        }
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if let Some(l) = links.iter().find(|l| net::carrier(sys, l)) {
+            return Ok(l.clone());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    con.say(&format!(
+        "no carrier on {links:?}, trying {} anyway",
+        links[0]
+    ));
+    Ok(links[0].clone())
+}
+
+/// DHCP on `iface`, then address and default route.
+fn network(iface: &str, log: &mut dyn FnMut(String)) -> Result<dhcp::Lease> {
+    let mac = net::mac(Path::new("/sys"), iface).context("reading the interface's MAC")?;
+    // Accept broadcast replies from a server we have no route to yet (strict rp_filter
+    // would drop them before our socket sees them).
+    for k in ["all", iface] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{k}/rp_filter"), "0");
+    }
+    let lease = dhcp::run(iface, mac, random_u32(), DHCP_LIMIT, log)?;
+    net::configure(iface, lease.ip, lease.prefix, lease.router).context("configuring the lease")?;
+    Ok(lease)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// One attempt at the whole boot, up to and including the menu loop.
+fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<String>) -> Result<()> {
+    con.say("loading modules");
+    load_modules(con)?;
+    let iface = pick_link(con)?;
+    con.say(&format!("link {iface} up, starting DHCP"));
+    let lease = {
+        let mut log = |m: String| con.say(&m);
+        network(&iface, &mut log)?
+    };
+    con.say(&format!(
+        "dhcp bound {}/{} router {} server {} lease {}s",
+        lease.ip,
+        lease.prefix,
+        lease.router.map(|r| r.to_string()).unwrap_or("-".into()),
+        lease.server,
+        lease.lease_secs
+    ));
+    let server = args.server.unwrap_or_else(|| {
+        let ip = if lease.next_server.is_unspecified() {
+            lease.server
+        } else {
+            lease.next_server
+        };
+        SocketAddr::new(IpAddr::V4(ip), cmdline::DEFAULT_PORT)
+    });
+    loop {
+        con.say(&format!("fetching http://{server}/api/v1/guests"));
+        let list = guests::fetch(server, HTTP_TIMEOUT)
+            .with_context(|| format!("guest list from {server}"))?;
+        con.say(&format!("menu: {} guests", list.len()));
+        let mut menu = Menu::new(list);
+        con.draw(&menu.render(&server.to_string()));
+        let mut pending = autopick.take().and_then(|name| {
+            let hit = menu.autopick(&name);
+            if hit.is_none() {
+                con.say(&format!(
+                    "vdd.autopick={name}: no such guest, showing the menu"
+                ));
+            }
+            hit.map(Action::Pick)
+        });
+        'menu: loop {
+            let actions: Vec<Action> = match pending.take() {
+                Some(a) => vec![a],
+                None => con
+                    .keys(Duration::from_secs(3600))
+                    .into_iter()
+                    .map(|k| menu.key(k))
+                    .collect(),
+            };
+            for a in actions {
+                match a {
+                    Action::Moved => con.draw(&menu.render(&server.to_string())),
+                    Action::Pick(name) => {
+                        con.say(&format!("picked {name}"));
+                        con.say("NBD attach and guest session are not implemented yet; back to the menu");
+                        std::thread::sleep(Duration::from_secs(2));
+                        con.draw(&menu.render(&server.to_string()));
+                    }
+                    Action::Refresh => break 'menu,
+                    Action::Reboot => reboot(con),
+                    Action::Nothing => {}
+                }
+            }
+        }
+    }
+}
+
+fn reboot(con: &mut Console) {
+    con.say("rebooting");
+    nix::unistd::sync();
+    // Returns only on failure (reboot(2) does not come back when it works).
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    con.say(&format!("reboot failed: {e}"));
+}
+
+/// The screen after a failure: show it, then retry on `r` or after a while, reboot on `b`.
+fn fatal(con: &mut Console, msg: &str) {
+    con.say(&format!("error: {msg}"));
+    con.say(&format!(
+        "press r to retry, b to reboot (retrying by itself in {}s)",
+        AUTO_RETRY.as_secs()
+    ));
+    let t0 = Instant::now();
+    while t0.elapsed() < AUTO_RETRY {
+        for k in con.keys(AUTO_RETRY.saturating_sub(t0.elapsed())) {
+            match k {
+                Key::Refresh => return,
+                Key::Reboot => reboot(con),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `boot-menu dhcp IFACE`: the network steps alone, for tests in a network namespace.
+fn dhcp_probe(iface: &str) -> Result<()> {
+    net::set_up(iface)?;
+    let lease = network(iface, &mut |m| eprintln!("{PREFIX} {m}"))?;
+    println!(
+        "{PREFIX} dhcp bound {}/{} router {} server {}",
+        lease.ip,
+        lease.prefix,
+        lease.router.map(|r| r.to_string()).unwrap_or("-".into()),
+        lease.server
+    );
+    Ok(())
+}
 
 #[allow(dead_code)]
 mod nbd;
@@ -7,5 +404,48 @@ mod nbd;
 mod root;
 
 fn main() {
-    println!("vdd-boot-menu: not built yet (see the thin-client issue)");
+    let pid1 = nix::unistd::getpid().as_raw() == 1;
+    if !pid1 {
+        let argv: Vec<String> = std::env::args().collect();
+        let r = match argv.get(1).map(String::as_str) {
+            Some("dhcp") if argv.len() == 3 => dhcp_probe(&argv[2]),
+            _ => Err(anyhow::anyhow!(
+                "this is the thin client's /init; outside PID 1 only `boot-menu dhcp IFACE` runs"
+            )),
+        };
+        if let Err(e) = r {
+            eprintln!("{PREFIX} error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let mut con = Console::open();
+    mount_all(&mut con);
+    // Reopen: /dev was a bare initramfs directory before devtmpfs was mounted.
+    con = Console::open();
+    spawn_reaper();
+    con.say(&format!("started as PID 1 ({})", env!("CARGO_PKG_VERSION")));
+    let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let args = cmdline::parse(&line);
+    for w in &args.warnings {
+        con.say(w);
+    }
+    let mut autopick = args.autopick.clone();
+    loop {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            boot(&mut con, &args, &mut autopick)
+        }));
+        let msg = match r {
+            Ok(Ok(())) => "boot ended".to_string(),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(p) => format!(
+                "internal error (panic): {}",
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            ),
+        };
+        fatal(&mut con, &msg);
+    }
 }

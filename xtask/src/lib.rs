@@ -2,5 +2,7 @@
 
 pub mod e2e;
 pub mod image;
+pub mod e2e_initramfs;
+pub mod initramfs;
 pub mod lab;
 pub mod qemu;

@@ -28,6 +28,30 @@ enum Cmd {
     },
     /// The README's test command: fmt, clippy, and every test of the workspace.
     Test,
+    /// Build images/out/vmlinuz and images/out/initramfs.img (static boot-menu as /init).
+    Initramfs {
+        /// Kernel version under /lib/modules (default: the newest with a /boot/vmlinuz).
+        #[arg(long)]
+        kver: Option<String>,
+    },
+    /// End-to-end boots in QEMU.
+    E2e {
+        #[command(subcommand)]
+        what: E2e,
+    },
+}
+
+#[derive(Subcommand)]
+enum E2e {
+    /// Boot the initramfs under QEMU TCG with user networking; wait for boot-menu's markers.
+    Initramfs {
+        /// Use the images already in images/out instead of building them.
+        #[arg(long)]
+        no_build: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,6 +73,21 @@ fn main() -> Result<()> {
             ]))?;
             run(cargo().args(["test", "--workspace"]))
         }
+        Cmd::Initramfs { kver } => initramfs(kver.as_deref()).map(drop),
+        Cmd::E2e {
+            what: E2e::Initramfs { no_build, timeout },
+        } => {
+            if !no_build {
+                initramfs(None)?;
+            }
+            let out = xtask::initramfs::root().join("images/out");
+            let marks = xtask::e2e_initramfs::run(&out, std::time::Duration::from_secs(timeout))?;
+            println!("e2e initramfs: all markers seen (QEMU TCG, times since QEMU start)");
+            for (name, at) in marks {
+                println!("  {:>8.2} s  {name}", at.as_secs_f64());
+            }
+            Ok(())
+        }
         Cmd::Lab => {
             let mut lab = xtask::lab::Lab::new("lab")?;
             let c = lab.add_client(None)?;
@@ -64,6 +103,24 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn initramfs(kver: Option<&str>) -> Result<xtask::initramfs::Built> {
+    let b = xtask::initramfs::build(kver)?;
+    let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
+    println!("kernel {}: {}", b.kver, b.vmlinuz.display());
+    println!(
+        "initramfs: {} ({:.2} MiB gzip, {:.2} MiB unpacked, {} modules)",
+        b.initramfs.display(),
+        mib(b.initramfs_bytes),
+        mib(b.uncompressed_bytes),
+        b.modules.len()
+    );
+    println!(
+        "boot-menu (static, stripped): {:.2} MiB",
+        mib(b.boot_menu_bytes)
+    );
+    Ok(b)
 }
 
 fn cargo() -> Command {

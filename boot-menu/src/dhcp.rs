@@ -1,0 +1,573 @@
+//! The thin client's DHCPv4 client (RFC 2131 section 4.4, client state diagram: INIT ->
+//! SELECTING -> REQUESTING -> BOUND; retransmission per 4.1; options per RFC 2132).
+//!
+//! Two layers as in the house style: [`Client`] is pure (packet or timeout + `now` ->
+//! packets to send + next deadline), and [`run`] is a small blocking driver on a UDP socket
+//! bound to the interface. PID 1 has no renew/rebind: the lease only has to outlive one boot
+//! of the menu, and the server's leases are long; RENEWING is left out on purpose.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Decodable, Decoder, Encodable};
+
+/// First retransmission delay; RFC 2131 4.1 says 4 s, doubling to 64 s.
+const FIRST_RETRY: Duration = Duration::from_secs(4);
+const MAX_RETRY: Duration = Duration::from_secs(64);
+/// REQUESTs sent before giving up on an offer and starting over from INIT (4.4.1).
+const MAX_REQUESTS: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the DHCP socket on {0}")]
+    Socket(String, #[source] std::io::Error),
+    #[error("cannot send a DHCP packet")]
+    Send(#[source] std::io::Error),
+    #[error("no DHCP lease within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What we were given, in the terms PID 1 needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub router: Option<Ipv4Addr>,
+    pub server: Ipv4Addr,
+    /// `siaddr`: where the server says the next stage lives (used when no vdd.server).
+    pub next_server: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+    pub lease_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Init,
+    Selecting {
+        attempt: u32,
+        deadline: Instant,
+    },
+    Requesting {
+        offer: Lease,
+        attempt: u32,
+        deadline: Instant,
+    },
+    Bound(Lease),
+}
+
+/// What the state machine asks of its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Send(Box<Message>),
+    Bound(Lease),
+    /// A packet we dropped, with why; the driver logs it.
+    Ignored(&'static str),
+    /// Our offer was refused (DHCPNAK) or never acknowledged; back to INIT.
+    Restarted(&'static str),
+}
+
+pub struct Client {
+    mac: [u8; 6],
+    xid: u32,
+    started: Option<Instant>,
+    pub state: State,
+}
+
+impl Client {
+    /// `xid` comes from the driver so that this stays deterministic in tests.
+    pub fn new(mac: [u8; 6], xid: u32) -> Client {
+        Client {
+            mac,
+            xid,
+            started: None,
+            state: State::Init,
+        }
+    }
+
+    pub fn xid(&self) -> u32 {
+        self.xid
+    }
+
+    /// When the driver must call [`Client::timeout`] if no packet came.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.state {
+            State::Selecting { deadline, .. } | State::Requesting { deadline, .. } => {
+                Some(*deadline)
+            }
+            _ => None,
+        }
+    }
+
+    /// INIT: send DHCPDISCOVER and move to SELECTING.
+    pub fn start(&mut self, now: Instant) -> Vec<Output> {
+        self.started.get_or_insert(now);
+        self.state = State::Selecting {
+            attempt: 0,
+            deadline: now + self.backoff(0),
+        };
+        vec![Output::Send(Box::new(self.discover(now)))]
+    }
+
+    pub fn timeout(&mut self, now: Instant) -> Vec<Output> {
+        match self.state.clone() {
+            State::Selecting { attempt, deadline } if now >= deadline => {
+                let attempt = attempt + 1;
+                self.state = State::Selecting {
+                    attempt,
+                    deadline: now + self.backoff(attempt),
+                };
+                vec![Output::Send(Box::new(self.discover(now)))]
+            }
+            State::Requesting {
+                offer,
+                attempt,
+                deadline,
+            } if now >= deadline => {
+                if attempt + 1 >= MAX_REQUESTS {
+                    return self.restart(now, "no DHCPACK for our DHCPREQUEST");
+                }
+                let attempt = attempt + 1;
+                let req = self.request(&offer, now);
+                self.state = State::Requesting {
+                    offer,
+                    attempt,
+                    deadline: now + self.backoff(attempt),
+                };
+                vec![Output::Send(Box::new(req))]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn packet(&mut self, msg: &Message, now: Instant) -> Vec<Output> {
+        if msg.opcode() != Opcode::BootReply {
+            return vec![Output::Ignored("not a BOOTREPLY")];
+        }
+        if msg.xid() != self.xid {
+            return vec![Output::Ignored("xid is not ours")];
+        }
+        if msg.chaddr().get(..6) != Some(&self.mac[..]) {
+            return vec![Output::Ignored("chaddr is not ours")];
+        }
+        let kind = msg.opts().msg_type();
+        match (self.state.clone(), kind) {
+            (State::Selecting { .. }, Some(MessageType::Offer)) => {
+                let Some(offer) = lease_of(msg) else {
+                    return vec![Output::Ignored(
+                        "DHCPOFFER without server identifier or address",
+                    )];
+                };
+                // RFC 2131 4.4.1: take the first acceptable offer; REQUEST it by broadcast
+                // so other servers learn they were not chosen.
+                let req = self.request(&offer, now);
+                self.state = State::Requesting {
+                    offer,
+                    attempt: 0,
+                    deadline: now + self.backoff(0),
+                };
+                vec![Output::Send(Box::new(req))]
+            }
+            (State::Requesting { offer, .. }, Some(MessageType::Ack)) => {
+                match lease_of(msg) {
+                    Some(l) if l.server == offer.server => {
+                        self.state = State::Bound(l.clone());
+                        vec![Output::Bound(l)]
+                    }
+                    // An ACK from a server we did not choose is not for our REQUEST.
+                    _ => vec![Output::Ignored("DHCPACK from another server")],
+                }
+            }
+            (State::Requesting { offer, .. }, Some(MessageType::Nak)) => {
+                match msg.opts().get(OptionCode::ServerIdentifier) {
+                    Some(DhcpOption::ServerIdentifier(s)) if *s == offer.server => {
+                        self.restart(now, "DHCPNAK")
+                    }
+                    _ => vec![Output::Ignored("DHCPNAK from another server")],
+                }
+            }
+            _ => vec![Output::Ignored("unexpected message in this state")],
+        }
+    }
+
+    /// Back to INIT with a fresh xid, as RFC 2131 4.4.1 asks after a NAK.
+    fn restart(&mut self, now: Instant, why: &'static str) -> Vec<Output> {
+        self.xid = self.xid.wrapping_add(0x9e37_79b9);
+        let mut out = vec![Output::Restarted(why)];
+        out.extend(self.start(now));
+        out
+    }
+
+    /// 4 s, 8 s, ... 64 s, each moved by up to +-1 s (RFC 2131 4.1) so that a room of
+    /// clients powered on together does not retransmit in lockstep. The jitter comes from
+    /// the xid, which is random per client, to keep this function pure.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = FIRST_RETRY
+            .saturating_mul(1 << attempt.min(4))
+            .min(MAX_RETRY);
+        let j = (self.xid.rotate_left(attempt * 7) % 2001) as u64;
+        (base + Duration::from_millis(j)).saturating_sub(Duration::from_millis(1000))
+    }
+
+    fn base(&self, now: Instant) -> Message {
+        let mut m = Message::new_with_id(
+            self.xid,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &self.mac,
+        );
+        // We cannot receive unicast before we have an address: ask for broadcast replies.
+        m.set_flags(Flags::default().set_broadcast());
+        let secs = self
+            .started
+            .map(|s| now.saturating_duration_since(s).as_secs())
+            .unwrap_or(0);
+        m.set_secs(secs.min(u16::MAX as u64) as u16);
+        let mut cid = vec![1u8];
+        cid.extend_from_slice(&self.mac);
+        let o = m.opts_mut();
+        o.insert(DhcpOption::ClientIdentifier(cid));
+        o.insert(DhcpOption::ClassIdentifier(b"vdd-boot-menu".to_vec()));
+        o.insert(DhcpOption::ParameterRequestList(vec![
+            OptionCode::SubnetMask,
+            OptionCode::Router,
+            OptionCode::DomainNameServer,
+            OptionCode::AddressLeaseTime,
+            OptionCode::ServerIdentifier,
+        ]));
+        o.insert(DhcpOption::MaxMessageSize(1500));
+        m
+    }
+
+    fn discover(&self, now: Instant) -> Message {
+        let mut m = self.base(now);
+        m.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Discover));
+        m
+    }
+
+    fn request(&self, offer: &Lease, now: Instant) -> Message {
+        let mut m = self.base(now);
+        let o = m.opts_mut();
+        o.insert(DhcpOption::MessageType(MessageType::Request));
+        o.insert(DhcpOption::RequestedIpAddress(offer.ip));
+        o.insert(DhcpOption::ServerIdentifier(offer.server));
+        m
+    }
+}
+
+/// The lease an OFFER/ACK describes, or `None` if it lacks what RFC 2131 requires.
+fn lease_of(msg: &Message) -> Option<Lease> {
+    let o = msg.opts();
+    let server = match o.get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(s)) => *s,
+        _ => return None,
+    };
+    let ip = msg.yiaddr();
+    if ip.is_unspecified() || ip.is_broadcast() {
+        return None;
+    }
+    let prefix = match o.get(OptionCode::SubnetMask) {
+        Some(DhcpOption::SubnetMask(m)) => u32::from(*m).leading_ones() as u8,
+        // RFC 2131 leaves the mask optional; a classful guess is what old clients did.
+        _ => match ip.octets()[0] {
+            0..=127 => 8,
+            128..=191 => 16,
+            _ => 24,
+        },
+    };
+    let router = match o.get(OptionCode::Router) {
+        Some(DhcpOption::Router(r)) => r.first().copied(),
+        _ => None,
+    };
+    let dns = match o.get(OptionCode::DomainNameServer) {
+        Some(DhcpOption::DomainNameServer(d)) => d.clone(),
+        _ => Vec::new(),
+    };
+    let lease_secs = match o.get(OptionCode::AddressLeaseTime) {
+        Some(DhcpOption::AddressLeaseTime(t)) => *t,
+        _ => 0,
+    };
+    Some(Lease {
+        ip,
+        prefix,
+        router,
+        server,
+        next_server: msg.siaddr(),
+        dns,
+        lease_secs,
+    })
+}
+
+/// A UDP socket on port 68 bound to `iface`, able to broadcast from 0.0.0.0 before the
+/// interface has an address (SO_BINDTODEVICE picks the way out; SO_BROADCAST allows
+/// 255.255.255.255).
+pub fn socket(iface: &str) -> Result<UdpSocket, Error> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    let err = |e: nix::Error| Error::Socket(iface.to_string(), e.into());
+    let fd: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(err)?;
+    setsockopt(&fd, sockopt::Broadcast, &true).map_err(err)?;
+    setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(iface)).map_err(err)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)),
+    )
+    .map_err(err)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// Runs the client until BOUND or `limit`, calling `log` for each step worth printing.
+pub fn run(
+    iface: &str,
+    mac: [u8; 6],
+    xid: u32,
+    limit: Duration,
+    log: &mut dyn FnMut(String),
+) -> Result<Lease, Error> {
+    let sock = socket(iface)?;
+    let dst = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
+    let t0 = Instant::now();
+    let mut c = Client::new(mac, xid);
+    let mut out = c.start(t0);
+    let mut buf = vec![0u8; 1500];
+    loop {
+        for o in out.drain(..) {
+            match o {
+                Output::Send(m) => {
+                    let bytes = m.to_vec().expect("our own message encodes");
+                    log(format!(
+                        "dhcp: send {:?} xid={:#010x}",
+                        m.opts().msg_type().unwrap_or(MessageType::Unknown(0)),
+                        m.xid()
+                    ));
+                    sock.send_to(&bytes, dst).map_err(Error::Send)?;
+                }
+                Output::Bound(l) => return Ok(l),
+                Output::Ignored(why) => log(format!("dhcp: ignored a packet: {why}")),
+                Output::Restarted(why) => log(format!("dhcp: starting over: {why}")),
+            }
+        }
+        let now = Instant::now();
+        if now.duration_since(t0) >= limit {
+            return Err(Error::Timeout(limit));
+        }
+        let until = c.deadline().unwrap_or(now + Duration::from_secs(1));
+        let wait = until
+            .min(t0 + limit)
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(10));
+        sock.set_read_timeout(Some(wait)).map_err(Error::Send)?;
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) => match Message::decode(&mut Decoder::new(&buf[..n])) {
+                Ok(m) => out = c.packet(&m, Instant::now()),
+                Err(e) => log(format!("dhcp: undecodable packet of {n} bytes: {e}")),
+            },
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                out = c.timeout(Instant::now())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Send(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const SRV: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+
+    fn reply(kind: MessageType, xid: u32, server: Ipv4Addr) -> Message {
+        let mut m = Message::new_with_id(
+            xid,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(10, 0, 2, 15),
+            SRV,
+            Ipv4Addr::UNSPECIFIED,
+            &MAC,
+        );
+        m.set_opcode(Opcode::BootReply);
+        let o = m.opts_mut();
+        o.insert(DhcpOption::MessageType(kind));
+        o.insert(DhcpOption::ServerIdentifier(server));
+        o.insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)));
+        o.insert(DhcpOption::Router(vec![SRV]));
+        o.insert(DhcpOption::AddressLeaseTime(86400));
+        m
+    }
+
+    /// Wire round trip, so the tests see what a server would see.
+    fn wire(o: &Output) -> Message {
+        let Output::Send(m) = o else {
+            panic!("expected a packet, got {o:?}")
+        };
+        Message::decode(&mut Decoder::new(&m.to_vec().unwrap())).unwrap()
+    }
+
+    #[test]
+    fn discover_offer_request_ack() {
+        let t = Instant::now();
+        let mut c = Client::new(MAC, 0x1234_5678);
+        let out = c.start(t);
+        let d = wire(&out[0]);
+        assert_eq!(d.opts().msg_type(), Some(MessageType::Discover));
+        assert_eq!(d.xid(), 0x1234_5678);
+        assert!(d.flags().broadcast());
+        assert_eq!(&d.chaddr()[..6], &MAC);
+        assert!(matches!(c.state, State::Selecting { attempt: 0, .. }));
+
+        let out = c.packet(&reply(MessageType::Offer, c.xid(), SRV), t);
+        let r = wire(&out[0]);
+        assert_eq!(r.opts().msg_type(), Some(MessageType::Request));
+        assert_eq!(
+            r.opts().get(OptionCode::RequestedIpAddress),
+            Some(&DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 2, 15)))
+        );
+        assert_eq!(
+            r.opts().get(OptionCode::ServerIdentifier),
+            Some(&DhcpOption::ServerIdentifier(SRV))
+        );
+        assert!(r.ciaddr().is_unspecified());
+
+        let out = c.packet(&reply(MessageType::Ack, c.xid(), SRV), t);
+        let Output::Bound(l) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(l.ip, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(l.prefix, 24);
+        assert_eq!(l.router, Some(SRV));
+        assert_eq!(l.lease_secs, 86400);
+        assert_eq!(c.deadline(), None);
+    }
+
+    #[test]
+    fn retransmits_with_doubling_backoff() {
+        let t = Instant::now();
+        let mut c = Client::new(MAC, 42);
+        c.start(t);
+        let mut prev = t;
+        let mut gaps = Vec::new();
+        for _ in 0..7 {
+            let d = c.deadline().unwrap();
+            // Nothing happens before the deadline.
+            assert!(c.timeout(d - Duration::from_millis(1)).is_empty());
+            let out = c.timeout(d);
+            assert_eq!(wire(&out[0]).opts().msg_type(), Some(MessageType::Discover));
+            gaps.push(d - prev);
+            prev = d;
+        }
+        let s: Vec<u64> = gaps
+            .iter()
+            .map(|g| (g.as_millis() as u64 + 500) / 1000)
+            .collect();
+        for (g, want) in s.iter().zip([4u64, 8, 16, 32, 64, 64, 64]) {
+            assert!(g.abs_diff(want) <= 1, "gaps {s:?}");
+        }
+        // secs counts from the first DISCOVER.
+        let out = c.timeout(c.deadline().unwrap());
+        assert!(wire(&out[0]).secs() > 200);
+    }
+
+    #[test]
+    fn foreign_and_broken_replies_are_ignored() {
+        let t = Instant::now();
+        let mut c = Client::new(MAC, 7);
+        c.start(t);
+        let before = c.state.clone();
+        assert_eq!(
+            c.packet(&reply(MessageType::Offer, 8, SRV), t),
+            [Output::Ignored("xid is not ours")]
+        );
+        let mut req = reply(MessageType::Offer, 7, SRV);
+        req.set_opcode(Opcode::BootRequest);
+        assert!(matches!(c.packet(&req, t)[0], Output::Ignored(_)));
+        let mut other = reply(MessageType::Offer, 7, SRV);
+        other.set_chaddr(&[1, 2, 3, 4, 5, 6]);
+        assert!(matches!(c.packet(&other, t)[0], Output::Ignored(_)));
+        let mut noid = reply(MessageType::Offer, 7, SRV);
+        noid.opts_mut().remove(OptionCode::ServerIdentifier);
+        assert!(matches!(c.packet(&noid, t)[0], Output::Ignored(_)));
+        // An ACK while SELECTING is not an answer to anything we sent.
+        assert!(matches!(
+            c.packet(&reply(MessageType::Ack, 7, SRV), t)[0],
+            Output::Ignored(_)
+        ));
+        assert_eq!(c.state, before);
+        // Garbage bytes do not decode; the driver logs and goes on.
+        assert!(Message::decode(&mut Decoder::new(&[1, 2, 3])).is_err());
+    }
+
+    #[test]
+    fn nak_restarts_with_new_xid_and_other_servers_are_ignored() {
+        let t = Instant::now();
+        let mut c = Client::new(MAC, 100);
+        c.start(t);
+        c.packet(&reply(MessageType::Offer, 100, SRV), t);
+        let other = Ipv4Addr::new(10, 0, 2, 3);
+        assert!(matches!(
+            c.packet(&reply(MessageType::Nak, 100, other), t)[0],
+            Output::Ignored(_)
+        ));
+        assert!(matches!(
+            c.packet(&reply(MessageType::Ack, 100, other), t)[0],
+            Output::Ignored(_)
+        ));
+        let out = c.packet(&reply(MessageType::Nak, 100, SRV), t);
+        assert_eq!(out[0], Output::Restarted("DHCPNAK"));
+        let d = wire(&out[1]);
+        assert_eq!(d.opts().msg_type(), Some(MessageType::Discover));
+        assert_ne!(d.xid(), 100);
+        assert!(matches!(c.state, State::Selecting { .. }));
+    }
+
+    #[test]
+    fn unanswered_requests_fall_back_to_init() {
+        let t = Instant::now();
+        let mut c = Client::new(MAC, 5);
+        c.start(t);
+        c.packet(&reply(MessageType::Offer, 5, SRV), t);
+        let mut kinds = Vec::new();
+        for _ in 0..MAX_REQUESTS {
+            let out = c.timeout(c.deadline().unwrap());
+            kinds.push(
+                out.iter()
+                    .map(|o| match o {
+                        Output::Send(m) => format!("{:?}", m.opts().msg_type().unwrap()),
+                        o => format!("{o:?}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+        }
+        assert_eq!(kinds[0], "Request");
+        assert!(kinds.last().unwrap().ends_with("Discover"), "{kinds:?}");
+    }
+
+    #[test]
+    fn mask_to_prefix_and_classful_default() {
+        let mut m = reply(MessageType::Ack, 1, SRV);
+        m.opts_mut()
+            .insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 240, 0)));
+        assert_eq!(lease_of(&m).unwrap().prefix, 20);
+        m.opts_mut().remove(OptionCode::SubnetMask);
+        assert_eq!(lease_of(&m).unwrap().prefix, 8);
+    }
+}

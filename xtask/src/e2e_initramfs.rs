@@ -1,0 +1,199 @@
+//! `cargo xtask e2e initramfs`: boots images/out/{vmlinuz,initramfs.img} in QEMU (TCG,
+//! user-mode networking) and waits for boot-menu's serial-console markers, printing how
+//! long each stage took. slirp answers DHCP itself (RFC 2131, server 10.0.2.2), and maps
+//! 10.0.2.2:PORT to the host's 127.0.0.1:PORT, where a tiny HTTP server of ours serves the
+//! guest list; nothing leaves loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The guest list the fake server hands out; `x` is what the command line autopicks.
+pub const GUESTS: &str = r#"[{"name":"x","label":"Guest X","display":"x11","description":"the test guest"},{"name":"y","label":"Guest Y","display":"vnc","description":""}]"#;
+
+/// Markers in the order they must appear, with a name for the timing table.
+const MARKERS: [(&str, &str); 6] = [
+    ("Linux version", "kernel started"),
+    ("vdd-boot-menu: started as PID 1", "boot-menu is PID 1"),
+    ("vdd-boot-menu: loaded module e1000", "NIC driver loaded"),
+    ("vdd-boot-menu: dhcp bound", "DHCP bound"),
+    ("vdd-boot-menu: menu: 2 guests", "menu shown"),
+    ("vdd-boot-menu: picked x", "autopick done"),
+];
+
+/// Kills QEMU by its pid and reaps it on every path out.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serves `body` for every GET until dropped; counts requests.
+struct Http {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    hits: Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Http {
+    fn start(body: &'static str) -> Result<Http> {
+        let l = TcpListener::bind("127.0.0.1:0").context("binding the test HTTP server")?;
+        l.set_nonblocking(true)?;
+        let port = l.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicU32::new(0));
+        let (s2, h2) = (stop.clone(), hits.clone());
+        let thread = std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut req = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 65536 {
+                            match c.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => req.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        h2.fetch_add(1, Ordering::Relaxed);
+                        let ok = req.starts_with(b"GET /api/v1/guests ");
+                        let resp = if ok {
+                            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                        } else {
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                        };
+                        let _ = c.write_all(resp.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Http {
+            port,
+            stop,
+            hits,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Boots the images and returns the time of each marker since QEMU started.
+pub fn run(out: &Path, timeout: Duration) -> Result<Vec<(&'static str, Duration)>> {
+    let kernel = out.join("vmlinuz");
+    let initrd = out.join("initramfs.img");
+    for f in [&kernel, &initrd] {
+        if !f.is_file() {
+            bail!(
+                "{} is missing: run `cargo xtask initramfs` first",
+                f.display()
+            );
+        }
+    }
+    let http = Http::start(GUESTS)?;
+    let append = format!(
+        "console=ttyS0 vdd.server=10.0.2.2:{} vdd.autopick=x panic=-1",
+        http.port
+    );
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", &append])
+        .args(["-netdev", "user,id=n0", "-device", "e1000,netdev=n0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let t0 = Instant::now();
+    let mut q = Qemu(cmd.spawn().context("starting qemu-system-x86_64")?);
+    let stdout = q.0.stdout.take().context("qemu stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let s = String::from_utf8_lossy(&line).trim_end().to_string();
+            if tx.send((Instant::now(), s)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = String::new();
+    let mut got = Vec::new();
+    let mut next = 0;
+    let fail = |log: &str, why: String| -> Result<Vec<(&'static str, Duration)>> {
+        let p = out.join("e2e-initramfs.log");
+        let _ = std::fs::write(&p, log);
+        bail!("{why}; serial log kept in {}", p.display())
+    };
+    while next < MARKERS.len() {
+        let left = timeout.saturating_sub(t0.elapsed());
+        match rx.recv_timeout(left) {
+            Ok((at, line)) => {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("Kernel panic") {
+                    return fail(&log, format!("kernel panic: {line}"));
+                }
+                if line.contains(MARKERS[next].0) {
+                    got.push((MARKERS[next].1, at - t0));
+                    next += 1;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return fail(
+                    &log,
+                    format!(
+                        "timed out after {timeout:?} waiting for `{}`",
+                        MARKERS[next].0
+                    ),
+                )
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let st = q.0.wait().ok();
+                let mut err = String::new();
+                if let Some(mut e) = q.0.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return fail(
+                    &log,
+                    format!(
+                        "QEMU exited ({st:?}) before `{}`: {}",
+                        MARKERS[next].0,
+                        err.trim()
+                    ),
+                );
+            }
+        }
+    }
+    if http.hits.load(Ordering::Relaxed) == 0 {
+        return fail(
+            &log,
+            "the menu appeared without fetching the guest list".into(),
+        );
+    }
+    drop(q);
+    Ok(got)
+}
