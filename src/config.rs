@@ -140,6 +140,7 @@ struct WireHost {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireBoot {
+    root: Option<String>,
     bios: Option<String>,
     uefi: Option<String>,
     ipxe_dir: Option<String>,
@@ -312,6 +313,8 @@ pub struct Boot {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// The NBD export the thin clients mount as their root (an `[[nbd.export]]` name).
+    pub root: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -751,6 +754,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         kernel: w.boot.kernel.as_deref().map(resolve),
         initrd: w.boot.initrd.as_deref().map(resolve),
         cmdline: w.boot.cmdline.unwrap_or_default(),
+        root: w.boot.root,
     };
 
     // [tftp]
@@ -836,6 +840,16 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             persist: e.persist.unwrap_or(false),
             description: e.description.clone().unwrap_or_default(),
         });
+    }
+    if let Some(r) = &boot.root {
+        if !exports.iter().any(|e| &e.name == r) {
+            let names: Vec<&str> = exports.iter().map(|e| e.name.as_str()).collect();
+            return Err(invalid(
+                "boot.root",
+                r,
+                format!("name one of the [[nbd.export]] tables: {names:?}"),
+            ));
+        }
     }
     let nbd = Nbd {
         enabled: w.nbd.enabled.unwrap_or(!exports.is_empty()),
@@ -1282,6 +1296,13 @@ uefi = "ipxe.efi"
         assert_eq!(c.nbd.exports[1].mode, ExportMode::Overlay);
         let e = err(&s.replace("mode = \"overlay\"", "mode = \"cow\""));
         assert!(e.starts_with("nbd.export[1].mode"), "{e}");
+        let c = parse(&s.replace("[boot]", "[boot]\nroot = \"thin-client\"")).unwrap();
+        assert_eq!(c.boot.root.as_deref(), Some("thin-client"));
+        let e = err(&s.replace("[boot]", "[boot]\nroot = \"thin\""));
+        assert!(
+            e.starts_with("boot.root = \"thin\"") && e.contains("scratch"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -172,12 +172,14 @@ impl Api {
         };
         let req: CreateBody = match serde_json::from_slice(body) {
             Ok(b) => b,
-            Err(e) => return error(
-                400,
-                format!(
+            Err(e) => {
+                return error(
+                    400,
+                    format!(
                     "the body must be JSON like {{\"guest\": \"NAME\", \"seat\": \"MAC\"}}: {e}"
                 ),
-            ),
+                )
+            }
         };
         let named: Option<Mac> = match req.seat.as_deref().map(str::parse::<Mac>) {
             None => None,
