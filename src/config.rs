@@ -807,11 +807,17 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
     let mut exports: Vec<Export> = Vec::new();
     for (i, e) in w.nbd.export.iter().enumerate() {
         let key = |k: &str| format!("nbd.export[{i}].{k}");
-        if e.name.is_empty() || e.name.len() > 4096 {
+        if e.name.is_empty()
+            || e.name.len() > 64
+            || !e
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+        {
             return Err(invalid(
                 key("name"),
                 &e.name,
-                "a non-empty name such as \"thin-client\"",
+                "letters, digits, '.', '_', '-' and '/', at most 64, such as \"thin-client\"",
             ));
         }
         if exports.iter().any(|x| x.name == e.name) {

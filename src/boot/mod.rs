@@ -181,6 +181,16 @@ pub fn ipxe_script(
         let _ = write!(cmdline, "initrd={INITRD_NAME} ");
     }
     let _ = write!(cmdline, "vdd.server={server}");
+    if let (Some(root), true) = (&cfg.boot.root, cfg.nbd.enabled) {
+        // The root's whole address in one parameter: boot-menu needs nothing else to
+        // mount it (export names are checked to be URL- and command-line-safe).
+        let _ = write!(
+            cmdline,
+            " vdd.root=nbd://{}:{}/{root}",
+            server.ip(),
+            cfg.nbd.port
+        );
+    }
     let extra = one_line(&nb.cmdline);
     if !extra.trim().is_empty() {
         let _ = write!(cmdline, " {}", extra.trim());
@@ -278,6 +288,19 @@ mod tests {
             .text
             .contains("kernel http://10.77.0.1:8080/boot/kernel "));
         assert!(s3.text.contains("# vdd boot script for 52:54:00:00:00:03"));
+    }
+
+    #[test]
+    fn script_names_the_nbd_root() {
+        let text = HOSTS.replace("[boot]\n", "[boot]\nroot=\"thin-client\"\n")
+            + "[nbd]\nport=10810\n[[nbd.export]]\nname=\"thin-client\"\npath=\"/srv/tc.squashfs\"\n";
+        let c = Config::parse(&text, Path::new("/tmp/c.toml")).unwrap();
+        let s = ipxe_script(&c, SERVER, None, &|_| true);
+        assert!(
+            s.text.contains("vdd.server=10.77.0.1:8080 vdd.root=nbd://10.77.0.1:10810/thin-client console=tty1\n"),
+            "{}",
+            s.text
+        );
     }
 
     #[test]

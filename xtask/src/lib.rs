@@ -1,8 +1,8 @@
 //! Shared pieces of `cargo xtask` that the integration tests use too.
 
 pub mod e2e;
-pub mod image;
 pub mod e2e_initramfs;
+pub mod image;
 pub mod initramfs;
 pub mod lab;
 pub mod qemu;
