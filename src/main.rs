@@ -254,10 +254,31 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("TFTP") });
     }
+    // The dispatcher runs the guests' VMs; without guests there is nothing to dispatch.
+    let dispatcher = if cfg.guests.is_empty() {
+        None
+    } else {
+        let d = vdd::dispatch::Dispatcher::new(cfg.clone())
+            .await
+            .context("starting the dispatcher")?;
+        let t = shutdown.clone();
+        let run = d.clone();
+        tasks.spawn(async move {
+            run.run(t).await;
+            Ok(())
+        });
+        Some(d)
+    };
     if cfg.http.enabled {
+        let api = Arc::new(vdd::http::api::Api {
+            cfg: cfg.clone(),
+            dispatcher: dispatcher.clone(),
+            seats: Arc::new(vdd::http::api::Neighbours),
+        });
         let s = vdd::http::Service::bind(cfg.clone())
             .await
-            .context("starting HTTP")?;
+            .context("starting HTTP")?
+            .with_api(api);
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("HTTP") });
     }

@@ -64,6 +64,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long running transfers may go on after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The largest API request body we read (a session request is under 100 bytes).
+const MAX_API_BODY: usize = 64 * 1024;
 /// Buffer of the copy path (`sendfile = false`).
 const COPY_BUF: usize = 256 * 1024;
 
@@ -76,6 +78,8 @@ pub struct Service {
     limit: Arc<Semaphore>,
     /// Rate limit of `warn` lines about misbehaving clients.
     warns: Arc<WarnLimit>,
+    /// The JSON API under /api/v1/ (menu and sessions).
+    api: Arc<api::Api>,
 }
 
 impl Service {
@@ -90,12 +94,24 @@ impl Service {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr, source })?;
+        let api = Arc::new(api::Api {
+            cfg: cfg.clone(),
+            dispatcher: None,
+            seats: Arc::new(api::Neighbours),
+        });
         Ok(Service {
             cfg,
             listener,
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             warns: Arc::new(WarnLimit::default()),
+            api,
         })
+    }
+
+    /// Serves `api` under /api/v1/ (by default: the guest list, and no sessions).
+    pub fn with_api(mut self, api: Arc<api::Api>) -> Service {
+        self.api = api;
+        self
     }
 
     /// The bound address (the real port when bound to port 0).
@@ -127,6 +143,7 @@ impl Service {
             match accepted {
                 Ok((stream, peer)) => {
                     let conn = Conn {
+                        api: self.api.clone(),
                         cfg: self.cfg.clone(),
                         peer,
                         warns: self.warns.clone(),
@@ -189,6 +206,7 @@ impl WarnLimit {
 
 /// One client connection.
 struct Conn {
+    api: Arc<api::Api>,
     cfg: Arc<Config>,
     peer: SocketAddr,
     warns: Arc<WarnLimit>,
@@ -230,7 +248,12 @@ impl Conn {
                     return;
                 }
             };
-            match self.answer(&mut stream, &req, local).await {
+            let answered = if req.target.starts_with("/api/") {
+                self.answer_api(&mut stream, &req, &mut buf).await
+            } else {
+                self.answer(&mut stream, &req, local).await
+            };
+            match answered {
                 Ok(Next::KeepAlive) if !self.shutdown.is_cancelled() => continue,
                 Ok(_) => return,
                 Err(e) => {
@@ -385,6 +408,74 @@ impl Conn {
             }
         }
         Ok(next)
+    }
+
+    /// An API request: its body (Content-Length only, at most [`MAX_API_BODY`]) is read
+    /// here, so the connection stays in step and may be kept alive.
+    async fn answer_api(
+        &self,
+        stream: &mut TcpStream,
+        req: &Request,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Next> {
+        let json = |r: api::Reply| {
+            (
+                ResponseHead::new(r.status)
+                    .with("Content-Type", "application/json")
+                    .with("Cache-Control", "no-store"),
+                r.body,
+            )
+        };
+        if req.header("transfer-encoding").is_some() {
+            let (h, b) = json(api::Reply {
+                status: 411,
+                body: b"{\"error\": \"send the body with Content-Length\"}\n".to_vec(),
+            });
+            self.send_small(stream, h, &b, false, true).await?;
+            return Ok(Next::Close);
+        }
+        let len = match req.header("content-length").map(str::parse::<usize>) {
+            None => 0,
+            Some(Ok(n)) if n <= MAX_API_BODY => n,
+            Some(_) => {
+                self.client_warn(format_args!("API body too large or malformed length"));
+                let (h, b) = json(api::Reply {
+                    status: 413,
+                    body: b"{\"error\": \"the body is limited to 64 KiB\"}\n".to_vec(),
+                });
+                self.send_small(stream, h, &b, false, true).await?;
+                return Ok(Next::Close);
+            }
+        };
+        let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+        while buf.len() < len {
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Ok(Next::Close),
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..len).collect();
+        let reply = self
+            .api
+            .handle(
+                &req.method,
+                &req.target,
+                self.peer.ip(),
+                req.header("authorization"),
+                &body,
+            )
+            .await
+            .unwrap_or_else(|| api::Reply {
+                status: 404,
+                body: b"{\"error\": \"no such API path\"}\n".to_vec(),
+            });
+        debug!(peer = %self.peer, method = %req.method, target = %req.target, status = reply.status, "api");
+        let close = !req.keep_alive();
+        let head_only = req.method == "HEAD" || reply.status == 204;
+        let (h, b) = json(reply);
+        self.send_small(stream, h, &b, head_only, close).await?;
+        Ok(if close { Next::Close } else { Next::KeepAlive })
     }
 
     async fn send_not_found(

@@ -183,3 +183,133 @@ pub fn follow_stages(q: &mut Qemu, stages: &[Stage]) -> Result<Vec<(String, Dura
     }
     Ok(times)
 }
+
+/// The stages of a boot from firmware to the thin client's check command, with markers
+/// printed by the firmware, iPXE, the kernel and boot-menu on the serial console.
+pub fn boot_stages(path: BootPath) -> Vec<Stage> {
+    let s = |name, marker, secs| Stage {
+        name,
+        marker,
+        timeout: Duration::from_secs(secs),
+    };
+    let mut v = Vec::new();
+    match path {
+        BootPath::Ipxe => {
+            v.push(s("PXE ROM (iPXE) started", "iPXE initialising devices", 60));
+            v.push(s("DHCP: iPXE configured", "Configuring (net0", 60));
+        }
+        BootPath::UefiPxe => {
+            v.push(s(
+                "UEFI PXE: DHCP + TFTP ipxe.efi",
+                "NBP file downloaded",
+                120,
+            ));
+            v.push(s("ipxe.efi started", "iPXE initialising devices", 60));
+        }
+    }
+    v.push(s("iPXE: boot script over HTTP", "boot.ipxe", 60));
+    v.push(s("kernel started", "Linux version", 120));
+    v.push(s(
+        "boot-menu is PID 1",
+        "vdd-boot-menu: started as PID 1",
+        120,
+    ));
+    v.push(s("boot-menu: DHCP bound", "vdd-boot-menu: dhcp bound", 120));
+    v.push(s("menu shown", "vdd-boot-menu: menu:", 60));
+    v.push(s(
+        "guest picked (autopick)",
+        "vdd-boot-menu: picked demo",
+        60,
+    ));
+    v.push(s(
+        "root mounted over NBD",
+        "vdd-boot-menu: root mounted",
+        120,
+    ));
+    v.push(s("check command ran", "vdd-boot-menu: check ok", 120));
+    v
+}
+
+/// `cargo xtask e2e boot`: builds what is missing, serves the lab, PXE-boots a QEMU thin
+/// client and follows it to the check command in its NBD root. Keeps the logs only when
+/// it fails.
+pub fn boot(path: BootPath) -> Result<Vec<(String, Duration)>> {
+    crate::initramfs::build(None)?;
+    crate::image::thin_client(false)?;
+    crate::image::guest_demo(false)?;
+    let mut s = serve("e2e", "console=ttyS0 vdd.autopick=demo")?;
+    let mut q = thin_client(&mut s, path)?;
+    eprintln!(
+        "xtask e2e: {path:?} boot started; serial console in {}",
+        q.serial_log.display()
+    );
+    match follow_stages(&mut q, &boot_stages(path)) {
+        Ok(t) => {
+            drop(q);
+            let _ = std::fs::remove_dir_all(&s.dir);
+            Ok(t)
+        }
+        Err(e) => {
+            let vdd_log = std::fs::read_to_string(s.dir.join("vdd.log")).unwrap_or_default();
+            let tail: Vec<&str> = vdd_log.lines().rev().take(40).collect();
+            eprintln!("xtask e2e: vdd log (last lines):");
+            for l in tail.into_iter().rev() {
+                eprintln!("  {l}");
+            }
+            eprintln!("xtask e2e: logs kept in {}", s.dir.display());
+            Err(e)
+        }
+    }
+}
+
+/// `cargo xtask demo`: the whole thing on one machine. Builds what is missing, starts the
+/// lab network with vdd serving in it, and PXE-boots a QEMU thin client whose serial
+/// console is this terminal (on a terminal: pick with the keys, quit with Ctrl-A X;
+/// otherwise it autopicks the demo guest and shows the console until the pick is done).
+pub fn demo() -> Result<()> {
+    use std::io::IsTerminal;
+    let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    eprintln!("xtask demo: building the thin client's kernel, initramfs and root image (first time: a few minutes)");
+    crate::initramfs::build(None)?;
+    crate::image::thin_client(false)?;
+    crate::image::guest_demo(false)?;
+    let cmdline = if interactive {
+        "console=ttyS0"
+    } else {
+        "console=ttyS0 vdd.autopick=demo"
+    };
+    let mut s = serve("demo", cmdline)?;
+    eprintln!(
+        "xtask demo: vdd serves DHCP, TFTP, HTTP and NBD on {} in namespace {} (log: {})",
+        SERVER_IP,
+        s.lab.server_ns,
+        s.dir.join("vdd.log").display()
+    );
+    let tap = s.lab.add_tap()?;
+    let o = Opts {
+        netns: Some(s.lab.server_ns.clone()),
+        tap: Some(tap),
+        mac: Some(CLIENT_MAC.into()),
+        memory_mib: 768,
+        dir: s.dir.join("client"),
+        interactive,
+        ..Opts::default()
+    };
+    eprintln!("xtask demo: starting the thin client (QEMU, PXE boot from its iPXE ROM)");
+    if interactive {
+        eprintln!("xtask demo: this terminal is its serial console; quit with Ctrl-A then X");
+    }
+    let mut q = Qemu::start(&o)?;
+    if interactive {
+        q.wait()?;
+    } else {
+        q.follow(Some("vdd-boot-menu: picked demo"), Duration::from_secs(600))?;
+        println!();
+        eprintln!(
+            "xtask demo: the thin client booted from vdd and picked the demo guest; stopping"
+        );
+    }
+    drop(q);
+    let _ = std::fs::remove_dir_all(&s.dir);
+    Ok(())
+}

@@ -34,6 +34,8 @@ enum Cmd {
         #[arg(long)]
         kver: Option<String>,
     },
+    /// The README's demo: a lab network, vdd, and a QEMU thin client that PXE-boots from it.
+    Demo,
     /// End-to-end boots in QEMU.
     E2e {
         #[command(subcommand)]
@@ -43,6 +45,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum E2e {
+    /// PXE-boot a QEMU thin client from vdd in a lab network to the check command in its
+    /// NBD root, through the iPXE ROM and through OVMF's own UEFI PXE (TFTP chain).
+    Boot {
+        /// Only this firmware path (default: both).
+        #[arg(long, value_enum)]
+        path: Option<xtask::e2e::BootPath>,
+    },
     /// Boot the initramfs under QEMU TCG with user networking; wait for boot-menu's markers.
     Initramfs {
         /// Use the images already in images/out instead of building them.
@@ -73,7 +82,24 @@ fn main() -> Result<()> {
             ]))?;
             run(cargo().args(["test", "--workspace"]))
         }
+        Cmd::Demo => xtask::e2e::demo(),
         Cmd::Initramfs { kver } => initramfs(kver.as_deref()).map(drop),
+        Cmd::E2e {
+            what: E2e::Boot { path },
+        } => {
+            let paths = match path {
+                Some(p) => vec![p],
+                None => vec![xtask::e2e::BootPath::Ipxe, xtask::e2e::BootPath::UefiPxe],
+            };
+            for p in paths {
+                let times = xtask::e2e::boot(p)?;
+                println!("e2e boot ({p:?}): passed; times since QEMU start:");
+                for (name, at) in times {
+                    println!("  {:>7.1} s  {name}", at.as_secs_f64());
+                }
+            }
+            Ok(())
+        }
         Cmd::E2e {
             what: E2e::Initramfs { no_build, timeout },
         } => {

@@ -89,6 +89,9 @@ pub struct Opts {
     pub firmware: Option<PathBuf>,
     /// Where the serial log and QMP socket go.
     pub dir: PathBuf,
+    /// Serial console on this terminal (keys reach the guest; Ctrl-A X quits QEMU)
+    /// instead of a log file.
+    pub interactive: bool,
 }
 
 pub struct Qemu {
@@ -128,8 +131,19 @@ impl Qemu {
         .arg(format!("file:{}", serial_log.display()))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        if let Some(fw) = &o.firmware {
-            cmd.arg("-bios").arg(fw);
+        match &o.firmware {
+            Some(fw) => {
+                cmd.arg("-bios").arg(fw);
+            }
+            None => {
+                // SeaBIOS mirrors the VGA text console (its own and the iPXE ROM's) to
+                // the serial port named in fw_cfg "etc/sercon-port", as with -nographic,
+                // so the serial log shows the PXE ROM while VGA stays for screenshots.
+                let port = o.dir.join("sercon-port");
+                std::fs::write(&port, 0x3f8u16.to_le_bytes())?;
+                cmd.arg("-fw_cfg")
+                    .arg(format!("name=etc/sercon-port,file={}", port.display()));
+            }
         }
         let nic = o.nic.as_deref().unwrap_or("e1000");
         let mac = o
@@ -160,9 +174,12 @@ impl Qemu {
             }
         }
         let stderr = std::fs::File::create(o.dir.join("qemu.stderr"))?;
+        if o.interactive {
+            cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit());
+        } else {
+            cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        }
         let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86 ipxe-qemu)")?;
@@ -172,6 +189,11 @@ impl Qemu {
             qmp,
             started: Instant::now(),
         })
+    }
+
+    /// Waits until QEMU exits (the interactive demo: the user quits with Ctrl-A X).
+    pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        Ok(self.child.wait()?)
     }
 
     /// The serial console so far.
