@@ -297,7 +297,7 @@ mod tests {
         let c = Config::parse(&text, Path::new("/tmp/c.toml")).unwrap();
         let s = ipxe_script(&c, SERVER, None, &|_| true);
         assert!(
-            s.text.contains("vdd.server=10.77.0.1:8080 vdd.root=nbd://10.77.0.1:10810/thin-client console=tty1\n"),
+            s.text.contains("vdd.server=10.77.0.1:8080 vdd.nbd=10.77.0.1:10810 vdd.export=thin-client console=tty1\n"),
             "{}",
             s.text
         );
