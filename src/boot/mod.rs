@@ -182,11 +182,11 @@ pub fn ipxe_script(
     }
     let _ = write!(cmdline, "vdd.server={server}");
     if let (Some(root), true) = (&cfg.boot.root, cfg.nbd.enabled) {
-        // The root's whole address in one parameter: boot-menu needs nothing else to
-        // mount it (export names are checked to be URL- and command-line-safe).
+        // Where boot-menu finds its root (export names are checked to be
+        // command-line-safe, so the parameter cannot split).
         let _ = write!(
             cmdline,
-            " vdd.root=nbd://{}:{}/{root}",
+            " vdd.nbd={}:{} vdd.export={root}",
             server.ip(),
             cfg.nbd.port
         );
