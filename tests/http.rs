@@ -544,3 +544,32 @@ fn keep_alive_pipelining_and_garbage() {
     let g = curl(&s, "after", &[], "/files/small.bin");
     assert_eq!(g.status, 200);
 }
+
+#[test]
+fn shutdown_with_idle_and_busy_clients_ends() {
+    if skip("shutdown_with_idle_and_busy_clients_ends") {
+        return;
+    }
+    let mut s = start("stop", true, false);
+    // An idle keep-alive connection, and one that sent half a head.
+    let idle = TcpStream::connect(s.addr).unwrap();
+    let mut half = TcpStream::connect(s.addr).unwrap();
+    half.write_all(b"GET /files/small.bin HTTP/1.1\r\nHo")
+        .unwrap();
+    assert_eq!(curl(&s, "before", &[], "/files/small.bin").status, 200);
+    s.stop.cancel();
+    let t = s.thread.take().unwrap();
+    // Liveness, not speed: the service must end on its own (grace is 5 s; allow 60).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = t.join();
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "http service did not stop"
+    );
+    // The listener is gone with it.
+    assert!(TcpStream::connect(s.addr).is_err());
+    drop((idle, half));
+}
