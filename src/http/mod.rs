@@ -210,14 +210,21 @@ impl Conn {
     async fn serve(self, mut stream: TcpStream) {
         // The last partial segment of a body must not wait for the client's delayed ACK.
         let _ = stream.set_nodelay(true);
-        let local = match stream.local_addr() {
-            Ok(SocketAddr::V4(a)) => a,
-            // An IPv4-mapped or v6 local address: fall back to the configured one.
-            _ => SocketAddrV4::new(
-                self.cfg.server_ip().unwrap_or(Ipv4Addr::LOCALHOST),
-                self.cfg.http.port,
-            ),
-        };
+        // The script's URLs name the server the way DHCP does (`server.address`, filled
+        // from the interface by `vdd serve`), so every client sees one address; the
+        // address this connection reached is the fallback. The port is the one really
+        // bound (tests bind port 0).
+        let reached = stream.local_addr().ok();
+        let local = SocketAddrV4::new(
+            self.cfg
+                .server_ip()
+                .or(match reached {
+                    Some(SocketAddr::V4(a)) => Some(*a.ip()),
+                    _ => None,
+                })
+                .unwrap_or(Ipv4Addr::LOCALHOST),
+            reached.map_or(self.cfg.http.port, |a| a.port()),
+        );
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         loop {
             let req = match self.read_head(&mut stream, &mut buf).await {
