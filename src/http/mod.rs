@@ -119,6 +119,12 @@ impl Service {
             sendfile = self.cfg.http.sendfile,
             "http serving"
         );
+        if !self.cfg.http.root.is_dir() {
+            warn!(
+                root = %self.cfg.http.root.display(),
+                "[http] root is not a folder: every /files/ request will get 404"
+            );
+        }
         let mut conns = JoinSet::new();
         let result = loop {
             let permit = tokio::select! {
@@ -310,14 +316,8 @@ impl Conn {
         let Some(method) = Method::parse(&req.method) else {
             debug!(peer = %self.peer, method = %req.method, target = %req.target, "http method not allowed");
             let head = ResponseHead::new(405).with("Allow", routes::ALLOW);
-            self.send_small(
-                stream,
-                head,
-                b"method not allowed\n",
-                method_is_head(req),
-                close,
-            )
-            .await?;
+            self.send_small(stream, head, b"method not allowed\n", false, close)
+                .await?;
             return Ok(next);
         };
         match routes::route(&req.target) {
@@ -486,10 +486,6 @@ impl Conn {
             }
         }
     }
-}
-
-fn method_is_head(req: &Request) -> bool {
-    req.method == "HEAD"
 }
 
 fn boot_key(part: BootPart) -> &'static str {
