@@ -8,16 +8,21 @@
 //! Why a small HTTP/1.1 driver of our own instead of axum/hyper: hyper owns the socket
 //! and only writes bodies it was handed as byte buffers, so every file byte would be read
 //! into user space and copied back into the kernel. We own the socket and send file
-//! bodies with sendfile(2), page cache to socket, driven by tokio readiness. Measured
-//! with `cargo xtask bench http --rounds 10` (20 concurrent curl downloads of a 64 MiB
-//! file over a lab bridge, release build, 2 cores shared with other builds): sendfile
-//! costs 0.088 CPU-s per GB served, the same server copying through a 256 KiB buffer read
-//! with `tokio::fs::File` (the work a hyper body over a file does; hyper itself was not
-//! built to measure) 0.376 CPU-s/GB, 4.3x more;
-//! `python3 -m http.server` 0.386. Aggregate MB/s (1103 vs 1373 vs 778 median) was
-//! bound by the 20 curls on the loaded machine, not by the server, and is within noise
-//! between the two vdd paths. At 0.09 CPU-s/GB one core feeds ~11 GB/s, so a real LAN
-//! link is the limit. `[http] sendfile = false` keeps the copy
+//! bodies with sendfile(2), page cache to socket, driven by tokio readiness.
+//!
+//! Measured with `cargo xtask bench http --rounds 10` (20 concurrent curl downloads of a
+//! 64 MiB file in a lab namespace, release build, 2 cores shared with other builds at
+//! load average 20-25), two runs: sendfile 0.087 / 0.098 CPU-s per GB served; the same
+//! server copying through a 256 KiB buffer read with `tokio::fs::File` (the work a hyper
+//! body over a file does; hyper itself was not built to measure) 0.414 / 0.413, 4.2-4.8x
+//! more; `python3 -m http.server` 0.31 / 0.34. Aggregate medians: sendfile 794 / 917 MB/s,
+//! copy 903 / 1165, python 586 / 769; with 4 clients sendfile 1637 vs copy 1572. The
+//! copy path's edge at 20 clients is not explained; our guess, not verified, is a
+//! loopback effect (the receiving curl copies from pages the server just touched, hot in
+//! cache; a NIC reads them by DMA). A first version with TCP_NODELAY ran sendfile at
+//! half the copy rate from 4 clients up; Nagle plus a push per answer fixed that. At ~0.09 CPU-s/GB one core feeds ~10 GB/s, so a LAN
+//! link is the limit, and CPU per GB is what grows with the number of seats: sendfile.
+//! `[http] sendfile = false` keeps the copy
 //! path for file systems without sendfile support.
 
 pub mod codec;
@@ -214,8 +219,9 @@ enum Next {
 
 impl Conn {
     async fn serve(self, mut stream: TcpStream) {
-        // The last partial segment of a body must not wait for the client's delayed ACK.
-        let _ = stream.set_nodelay(true);
+        // Nagle stays on while a body streams: with TCP_NODELAY every small opening of
+        // the client's window became a small segment, and 4+ concurrent sendfile
+        // downloads ran at half the rate (bench http). Each answer ends with `push`.
         // The script's URLs name the server the way DHCP does (`server.address`, filled
         // from the interface by `vdd serve`), so every client sees one address; the
         // address this connection reached is the fallback. The port is the one really
@@ -248,7 +254,9 @@ impl Conn {
                     return;
                 }
             };
-            match self.answer(&mut stream, &req, local).await {
+            let answered = self.answer(&mut stream, &req, local).await;
+            push(&stream);
+            match answered {
                 Ok(Next::KeepAlive) if !self.shutdown.is_cancelled() => continue,
                 Ok(_) => return,
                 Err(e) => {
@@ -495,6 +503,14 @@ fn boot_key(part: BootPart) -> &'static str {
     }
 }
 
+/// Sends what Nagle still holds back (the tail of an answer), so the client never waits
+/// for its own delayed ACK: turning TCP_NODELAY on pushes pending segments at once
+/// (tcp(7)); turning it off again restores Nagle for the next body.
+fn push(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_nodelay(false);
+}
+
 /// Runs a write, failing it if the client accepts nothing for [`STALL_TIMEOUT`].
 async fn with_stall_timeout<T>(
     f: impl std::future::Future<Output = io::Result<T>>,
@@ -513,8 +529,9 @@ async fn send_sendfile(
     offset: u64,
     len: u64,
 ) -> io::Result<()> {
-    // Linux sends at most 0x7ffff000 bytes per call.
-    const MAX_CHUNK: u64 = 0x7fff_f000;
+    // Bounded calls keep one fast client from holding a worker thread for long; the
+    // kernel's own limit per call is 0x7ffff000 bytes.
+    const MAX_CHUNK: u64 = 1024 * 1024;
     let mut off = i64::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
     let mut left = len;
     while left > 0 {
