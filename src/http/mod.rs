@@ -179,7 +179,10 @@ fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-    ) || matches!(e.raw_os_error(), Some(23) | Some(24) | Some(105) | Some(12))
+    ) || e.raw_os_error().is_some_and(|n| {
+        use nix::errno::Errno;
+        [Errno::ENFILE, Errno::EMFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&Errno::from_raw(n))
+    })
 }
 
 /// At most a few `warn` lines per second about bad clients; the rest go to `debug`.
