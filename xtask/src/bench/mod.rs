@@ -16,3 +16,13 @@ pub fn median(mut v: Vec<f64>) -> f64 {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median() {
+        assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(super::median(vec![]).is_nan());
+    }
+}
