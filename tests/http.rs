@@ -47,6 +47,11 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn start(tag: &str, sendfile: bool, big: bool) -> Server {
+    start_at(tag, sendfile, big, "127.0.0.1")
+}
+
+/// `address` is `[server] address`, which the iPXE script's URLs carry.
+fn start_at(tag: &str, sendfile: bool, big: bool, address: &str) -> Server {
     let dir = std::env::temp_dir().join(format!("vdd-http-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let root = dir.join("root");
@@ -69,7 +74,7 @@ fn start(tag: &str, sendfile: bool, big: bool) -> Server {
         r#"
 [server]
 interface = "lo"
-address = "127.0.0.1"
+address = "{address}"
 state_dir = "state"
 [dhcp]
 mode = "off"
@@ -543,4 +548,115 @@ fn keep_alive_pipelining_and_garbage() {
     drop(TcpStream::connect(s.addr).unwrap().write_all(b"GET /fil"));
     let g = curl(&s, "after", &[], "/files/small.bin");
     assert_eq!(g.status, 200);
+}
+
+#[test]
+fn shutdown_with_idle_and_busy_clients_ends() {
+    if skip("shutdown_with_idle_and_busy_clients_ends") {
+        return;
+    }
+    let mut s = start("stop", true, false);
+    // An idle keep-alive connection, and one that sent half a head.
+    let idle = TcpStream::connect(s.addr).unwrap();
+    let mut half = TcpStream::connect(s.addr).unwrap();
+    half.write_all(b"GET /files/small.bin HTTP/1.1\r\nHo")
+        .unwrap();
+    assert_eq!(curl(&s, "before", &[], "/files/small.bin").status, 200);
+    s.stop.cancel();
+    let t = s.thread.take().unwrap();
+    // Liveness, not speed: the service must end on its own (grace is 5 s; allow 60).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = t.join();
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "http service did not stop"
+    );
+    // The listener is gone with it.
+    assert!(TcpStream::connect(s.addr).is_err());
+    drop((idle, half));
+}
+
+/// The whole iPXE path with a real client: QEMU's iPXE option ROM gets the script URL from
+/// QEMU's user-mode network (its built-in DHCP lives inside the QEMU process, and the
+/// guest's 10.0.2.2 is this host's loopback), runs our script, fetches kernel and initrd
+/// from us and boots the kernel, which prints the command line we gave it.
+#[test]
+fn ipxe_in_qemu_boots_the_script() {
+    if skip("ipxe_in_qemu_boots_the_script") {
+        return;
+    }
+    // The e1000 legacy ROM: SeaBIOS network-boots it here (the virtio ROMs it skipped).
+    let rom = Path::new("/usr/lib/ipxe/qemu/pxe-e1000.rom");
+    let kernel = std::fs::read_dir("/boot").ok().and_then(|d| {
+        d.filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().contains("/vmlinuz-"))
+    });
+    let why = xtask::lab::missing(&["qemu-system-x86_64"])
+        .or_else(|| (!rom.is_file()).then(|| format!("{} missing (ipxe-qemu)", rom.display())));
+    let why = why.or_else(|| {
+        kernel
+            .is_none()
+            .then(|| "no /boot/vmlinuz-* (linux-image-amd64)".to_string())
+    });
+    if let Some(why) = why {
+        eprintln!("skipping ipxe_in_qemu_boots_the_script: {why}");
+        return;
+    }
+    let s = start_at("qemu", true, false, "10.0.2.2");
+    // A real kernel behind the default URL; zeros are a valid (empty) initramfs.
+    std::fs::copy(kernel.unwrap(), s.dir.join("vmlinuz")).unwrap();
+    std::fs::write(s.dir.join("initrd.img"), vec![0u8; 64 * 1024]).unwrap();
+    let port = s.addr.port();
+    let serial = s.dir.join("serial.log");
+    let qemu = Command::new("qemu-system-x86_64")
+        .args(["-machine", "accel=tcg", "-m", "512", "-display", "none"])
+        .args(["-monitor", "none", "-no-reboot", "-boot", "n"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=n0,bootfile=http://10.0.2.2:{port}/boot.ipxe?mac=52:54:00:00:00:09"
+        ))
+        .arg("-device")
+        .arg(format!(
+            "e1000,netdev=n0,mac=52:54:00:00:00:09,romfile={}",
+            rom.display()
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut qemu_guard = Kill(qemu);
+    let want = format!("vdd.server=10.0.2.2:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    let line = loop {
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        if let Some(l) = log.lines().find(|l| l.contains("Command line:")) {
+            break l.to_string();
+        }
+        if let Ok(Some(st)) = qemu_guard.0.try_wait() {
+            panic!("qemu exited ({st}) before the kernel ran; serial: {log}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no kernel command line on the serial console within 150 s; serial: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("guest kernel: {line}");
+    assert!(line.contains(&want), "{line}");
+    assert!(line.contains("initrd=initrd.img"), "{line}");
+    assert!(line.contains("console=ttyS0"), "{line}");
+    drop(qemu_guard);
 }

@@ -97,10 +97,10 @@ fn regular(file: File) -> Result<Opened, FileError> {
 }
 
 fn map_open_error(e: io::Error) -> FileError {
-    match e.raw_os_error() {
-        // ENOENT, ENOTDIR, EXDEV (RESOLVE_BENEATH escape), ELOOP
-        Some(2) | Some(20) | Some(18) | Some(40) => FileError::NotFound,
-        _ if e.kind() == io::ErrorKind::NotFound => FileError::NotFound,
+    use nix::errno::Errno;
+    match e.raw_os_error().map(Errno::from_raw) {
+        // EXDEV is how RESOLVE_BENEATH refuses an escape; ELOOP a symlink where none may be.
+        Some(Errno::ENOENT | Errno::ENOTDIR | Errno::EXDEV | Errno::ELOOP) => FileError::NotFound,
         _ => FileError::Open(e),
     }
 }
@@ -132,7 +132,10 @@ fn open_checked(root: &Path, rel: &Path) -> io::Result<File> {
     let root = std::fs::canonicalize(root)?;
     let full: PathBuf = std::fs::canonicalize(root.join(rel))?;
     if !full.starts_with(&root) {
-        return Err(io::Error::from_raw_os_error(18)); // EXDEV, as RESOLVE_BENEATH says
+        // The error RESOLVE_BENEATH gives for the same escape.
+        return Err(io::Error::from_raw_os_error(
+            nix::errno::Errno::EXDEV as i32,
+        ));
     }
     std::fs::OpenOptions::new()
         .read(true)

@@ -50,6 +50,11 @@ impl Method {
 
 /// Maps a request target (origin-form) to a route.
 pub fn route(target: &str) -> Route {
+    // RFC 9112 3.2.2: a server must accept the absolute-form too; the authority is ours.
+    let target = match target.strip_prefix("http://") {
+        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => target,
+    };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if path == "/boot.ipxe" {
         let mac = codec::query_param(query, "mac").and_then(|m| m.parse().ok());
@@ -234,6 +239,14 @@ mod tests {
         ] {
             assert_eq!(route(t), Route::NotFound, "{t}");
         }
+        assert_eq!(
+            route("http://10.77.0.1:8080/boot/kernel"),
+            Route::BootFile {
+                mac: None,
+                part: BootPart::Kernel
+            }
+        );
+        assert_eq!(route("http://10.77.0.1"), Route::NotFound);
         assert_eq!(
             route("/files/a%20b/c?x"),
             Route::File {

@@ -41,6 +41,27 @@ enum Cmd {
         #[command(subcommand)]
         what: E2e,
     },
+    /// Benchmarks of one service against real clients and peers (in a lab namespace).
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Concurrent curl downloads from vdd's HTTP service (sendfile and copy) and python3.
+    Http {
+        #[arg(long, default_value_t = 20)]
+        clients: usize,
+        #[arg(long, default_value_t = 64)]
+        size_mib: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Leave out the python3 -m http.server peer.
+        #[arg(long)]
+        no_peer: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -114,6 +135,27 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Bench {
+            which:
+                Bench::Http {
+                    clients,
+                    size_mib,
+                    rounds,
+                    no_peer,
+                },
+        } => {
+            run(cargo().args(["build", "--release", "-p", "vdd", "--bin", "vdd"]))?;
+            let o = xtask::bench::http::Opts {
+                clients,
+                size_mib,
+                rounds,
+                peer: !no_peer,
+                vdd: release_bin("vdd")?,
+            };
+            let figs = xtask::bench::http::run(&o)?;
+            xtask::bench::http::print(&figs, &o);
+            Ok(())
+        }
         Cmd::Lab => {
             let mut lab = xtask::lab::Lab::new("lab")?;
             let c = lab.add_client(None)?;
@@ -147,6 +189,22 @@ fn initramfs(kver: Option<&str>) -> Result<xtask::initramfs::Built> {
         mib(b.boot_menu_bytes)
     );
     Ok(b)
+}
+
+/// A binary of the release build, in the workspace's target folder.
+fn release_bin(name: &str) -> Result<std::path::PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        });
+    let p = target.join("release").join(name);
+    if !p.is_file() {
+        bail!("{} missing after the release build", p.display());
+    }
+    Ok(p.canonicalize()?)
 }
 
 fn cargo() -> Command {
