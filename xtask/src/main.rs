@@ -6,6 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "vdd's development tasks")]
 struct Cli {
@@ -20,6 +22,17 @@ enum Cmd {
     Lab,
     /// The README's test command: fmt, clippy, and every test of the workspace.
     Test,
+    /// Benchmarks against established servers.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential, random 4 KiB QD16, 16 clients).
+    Nbd(bench::nbd::Args),
 }
 
 fn main() -> Result<()> {
@@ -36,6 +49,9 @@ fn main() -> Result<()> {
             ]))?;
             run(cargo().args(["test", "--workspace"]))
         }
+        Cmd::Bench {
+            which: BenchCmd::Nbd(a),
+        } => bench::nbd::run(a),
         Cmd::Lab => {
             let mut lab = xtask::lab::Lab::new("lab")?;
             let c = lab.add_client(None)?;
