@@ -64,6 +64,10 @@ struct Server {
 
 impl Server {
     fn start(tag: &str) -> Server {
+        Server::start_with(tag, 200)
+    }
+
+    fn start_with(tag: &str, max_connections: usize) -> Server {
         let dir = TempDir::new(tag);
         let image = dir.0.join("base.img");
         std::fs::write(&image, Rng(7).bytes(IMAGE_SIZE)).unwrap();
@@ -75,7 +79,7 @@ state_dir = "{state}"
 [dhcp]
 mode = "off"
 [nbd]
-max_connections = 64
+max_connections = {max_connections}
 [[nbd.export]]
 name = "ro"
 path = "base.img"
@@ -89,7 +93,7 @@ description = "per-client overlay"
 name = "missing"
 path = "nope.img"
 "#,
-            state = dir.0.join("state").display()
+            state = dir.0.join("state").display(),
         );
         let cfg = Arc::new(Config::parse(&text, &dir.0.join("config.toml")).unwrap());
         let stop = CancellationToken::new();
@@ -665,4 +669,45 @@ fn fuzz_once(addr: SocketAddr, rng: &mut Rng) {
             Err(_) => break,
         }
     }
+}
+
+/// A classroom: 100 connections at once (the overlay half share 127.0.0.1's overlay), all served.
+#[test]
+fn a_classroom_of_clients_at_once() {
+    let s = Server::start("class");
+    let image = std::fs::read(&s.image).unwrap();
+    let mut clients: Vec<Raw> = (0..100)
+        .map(|i| Raw::go(s.addr, if i % 2 == 0 { "ro" } else { "ov" }).0)
+        .collect();
+    // Every client has a request in flight before any answer is read.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let off = (i as u64 * 65536) % (IMAGE_SIZE as u64 - 65536);
+        c.request(codec::CMD_READ, i as u64, off, 65536, &[]);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let off = (i * 65536) % (IMAGE_SIZE - 65536);
+        let (e, cookie, d) = c.reply(65536);
+        assert_eq!((e, cookie), (0, i as u64));
+        assert!(d == image[off..off + 65536], "client {i} got wrong data");
+    }
+}
+
+/// `nbd.max_connections`: a client over the cap waits (no greeting) until a slot frees.
+#[test]
+fn connections_over_the_cap_wait_for_a_slot() {
+    let s = Server::start_with("cap", 2);
+    let (a, _) = Raw::go(s.addr, "ro");
+    let (_b, _) = Raw::go(s.addr, "ro");
+    let mut c = Raw::connect(s.addr);
+    c.0.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut g = [0u8; 18];
+    assert!(
+        c.0.read_exact(&mut g).is_err(),
+        "a third client was greeted with max_connections = 2"
+    );
+    drop(a);
+    c.0.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.0.read_exact(&mut g).unwrap();
+    assert_eq!(g, codec::greeting());
 }
