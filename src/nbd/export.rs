@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -259,11 +259,13 @@ impl Overlay {
             None
         };
         let fresh = saved.is_none();
+        // 0600: an overlay holds what a client wrote to its disk, for no one else to read.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(fresh)
+            .mode(0o600)
             .open(&path)
             .map_err(err)?;
         // Sparse: only written blocks take disk space.
@@ -314,7 +316,12 @@ impl Overlay {
             b.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
         }
         let tmp = self.map_path.with_extension("map.tmp");
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&b)?;
         f.sync_data()?;
         std::fs::rename(&tmp, &self.map_path)

@@ -18,7 +18,7 @@ pub struct Args {
     /// Image size in MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
-    /// Sequential runs per server (the median is reported).
+    /// Rounds; each measures every server once, and medians are reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Seconds per fio run.
@@ -370,7 +370,10 @@ pub fn run(args: Args) -> Result<()> {
         ("qemu-nbd", "qemu-nbd", start_qemu_nbd),
         ("nbd-server", "nbd-server", start_nbd_server),
     ];
-    let mut rows = Vec::new();
+    // All servers start first and stay up (an idle server costs nothing); then each
+    // round measures every server once, so a busy phase of this shared machine hits all
+    // of them alike instead of whichever one happened to run then. Medians over rounds.
+    let mut targets = Vec::new();
     for (name, tool, start) in starters {
         if !want(name) {
             continue;
@@ -379,7 +382,6 @@ pub fn run(args: Args) -> Result<()> {
             eprintln!("bench nbd: {name}: not installed, skipped");
             continue;
         }
-        // Servers run one at a time: two cores are shared by the client and the server.
         let t = match start(&dir, &image) {
             Ok(t) => t,
             Err(e) => {
@@ -388,39 +390,42 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         match size_of(&t.uri) {
-            Ok(s) if s == size => {}
-            Ok(s) => {
-                eprintln!("bench nbd: {name} announces {s} bytes instead of {size}; skipped");
-                continue;
-            }
-            Err(e) => {
-                eprintln!("bench nbd: {name}: {e:#}; skipped");
-                continue;
-            }
+            Ok(s) if s == size => targets.push(t),
+            Ok(s) => eprintln!("bench nbd: {name} announces {s} bytes instead of {size}; skipped"),
+            Err(e) => eprintln!("bench nbd: {name}: {e:#}; skipped"),
         }
-        let mut secs = Vec::new();
-        for _ in 0..args.runs.max(1) {
-            secs.push(seq_once(&t.uri)?);
-        }
-        let seq_mbs = size as f64 / 1e6 / median(secs);
-        let rand_iops = fio_iops(&t.uri, 1, args.seconds)?;
-        let multi_iops = fio_iops(&t.uri, 16, args.seconds)?;
-        eprintln!(
-            "bench nbd: {:<10} seq {seq_mbs:>7.0} MB/s  rand {rand_iops:>8.0} IOPS  16 clients {multi_iops:>8.0} IOPS",
-            t.name
-        );
-        rows.push(Row {
-            name: t.name,
-            seq_mbs,
-            rand_iops,
-            multi_iops,
-        });
     }
+    let mut samples: Vec<[Vec<f64>; 3]> = targets.iter().map(|_| Default::default()).collect();
+    for round in 0..args.runs.max(1) {
+        for (t, s) in targets.iter().zip(samples.iter_mut()) {
+            let seq = size as f64 / 1e6 / seq_once(&t.uri)?;
+            let rand = fio_iops(&t.uri, 1, args.seconds)?;
+            let multi = fio_iops(&t.uri, 16, args.seconds)?;
+            eprintln!(
+                "bench nbd: round {round} {:<10} seq {seq:>7.0} MB/s  rand {rand:>8.0} IOPS  16 clients {multi:>8.0} IOPS",
+                t.name
+            );
+            s[0].push(seq);
+            s[1].push(rand);
+            s[2].push(multi);
+        }
+    }
+    let rows: Vec<Row> = targets
+        .iter()
+        .zip(samples)
+        .map(|(t, [a, b, c])| Row {
+            name: t.name,
+            seq_mbs: median(a),
+            rand_iops: median(b),
+            multi_iops: median(c),
+        })
+        .collect();
+    drop(targets);
     drop(tmp);
 
     let base = rows.iter().find(|r| r.name == "nbdkit");
     println!(
-        "\nNBD read benchmark: {} MiB image in the page cache, loopback, seq = nbdcopy (median of {}), rand = fio 4 KiB QD16 {} s",
+        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null:, rand = fio nbd 4 KiB QD16 for {} s, 16cl = the same with 16 connections",
         args.size_mib, args.runs, args.seconds
     );
     println!(
