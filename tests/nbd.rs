@@ -90,6 +90,11 @@ path = "base.img"
 mode = "overlay"
 description = "per-client overlay"
 [[nbd.export]]
+name = "keep"
+path = "base.img"
+mode = "overlay"
+persist = true
+[[nbd.export]]
 name = "missing"
 path = "nope.img"
 "#,
@@ -367,6 +372,18 @@ loose.shutdown()
 a1.zero(65536, 8192)
 assert a1.pread(65536, 8192) == b"\0" * 65536
 a1.shutdown(); a2.shutdown(); b.shutdown()
+
+# persist = true: a client's writes survive its disconnect, and stay its own.
+k = conn("keep")
+k.pwrite(b"\x5a" * 5000, 12345)
+k.flush()
+k.shutdown()
+k = conn("keep")
+assert k.pread(5000, 12345) == b"\x5a" * 5000, "persisted writes lost"
+k.shutdown()
+other = conn("keep", "127.0.0.3")
+assert other.pread(5000, 12345) != b"\x5a" * 5000, "persisted overlay leaked to another client"
+other.shutdown()
 print("ok")
 "#;
 
@@ -394,6 +411,9 @@ fn python_checks() {
         .arg(s.overlay_dir())
         .arg(IMAGE_SIZE.to_string()));
     assert!(out.contains("ok"), "{out}");
+    let kept = s.dir.0.join("state/nbd/keep");
+    assert!(kept.join("127.0.0.1.overlay").is_file());
+    assert!(kept.join("127.0.0.1.map").is_file());
     // Every client disconnected: both overlays discarded.
     std::thread::sleep(Duration::from_millis(200));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
