@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +50,39 @@ pub enum Error {
 pub struct Base {
     file: File,
     size: u64,
+    /// A read-only mapping of the whole file, never read through: it exists so that
+    /// mincore(2) can tell whether a range is in the page cache before we hand it to
+    /// sendfile(2) on the runtime thread (a cache miss there would stall every
+    /// connection on that thread). `None` when the file cannot be mapped.
+    map: Option<Mapping>,
+}
+
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is only passed to mincore and munmap, never dereferenced.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: addr/len come from a successful mmap and are unmapped once.
+        unsafe {
+            libc::munmap(self.addr, self.len);
+        }
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
 }
 
 impl Base {
@@ -60,7 +93,74 @@ impl Base {
         };
         let file = File::open(path).map_err(err)?;
         let size = file.metadata().map_err(err)?.len();
-        Ok(Base { file, size })
+        let map = (size > 0 && size <= usize::MAX as u64)
+            .then(|| {
+                // SAFETY: a fresh shared read-only mapping of our own fd; see `map`.
+                let addr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        size as usize,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        file.as_raw_fd(),
+                        0,
+                    )
+                };
+                (addr != libc::MAP_FAILED).then_some(Mapping {
+                    addr,
+                    len: size as usize,
+                })
+            })
+            .flatten();
+        Ok(Base { file, size, map })
+    }
+
+    /// True when every page of the range is in the page cache right now.
+    pub fn resident(&self, off: u64, len: u64) -> bool {
+        let Some(m) = &self.map else { return false };
+        if len == 0 || off + len > self.size {
+            return false;
+        }
+        let page = page_size();
+        let start = off / page * page;
+        let span = (off + len - start) as usize;
+        let pages = span.div_ceil(page as usize);
+        let mut small = [0u8; 256];
+        let mut big;
+        let vec: &mut [u8] = if pages <= small.len() {
+            &mut small[..pages]
+        } else {
+            big = vec![0u8; pages];
+            &mut big
+        };
+        // SAFETY: [start, start+span) lies inside the mapping (checked against size
+        // above, mapping covers the whole file); vec has one byte per page.
+        let r = unsafe {
+            libc::mincore(
+                (m.addr as *mut u8).add(start as usize).cast(),
+                span,
+                vec.as_mut_ptr(),
+            )
+        };
+        r == 0 && vec.iter().all(|b| b & 1 == 1)
+    }
+
+    /// Sends `len` bytes at `off` straight from the page cache to a socket: no copy
+    /// through user space. Returns bytes sent; `WouldBlock` when the socket is full.
+    pub fn sendfile_to(
+        &self,
+        socket: std::os::fd::RawFd,
+        off: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        let mut o = off as libc::off_t;
+        // SAFETY: plain syscall on fds we hold; `o` outlives it.
+        let n = unsafe { libc::sendfile(socket, self.file.as_raw_fd(), &mut o, len) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 }
 
@@ -159,11 +259,13 @@ impl Overlay {
             None
         };
         let fresh = saved.is_none();
+        // 0600: an overlay holds what a client wrote to its disk, for no one else to read.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(fresh)
+            .mode(0o600)
             .open(&path)
             .map_err(err)?;
         // Sparse: only written blocks take disk space.
@@ -214,7 +316,12 @@ impl Overlay {
             b.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
         }
         let tmp = self.map_path.with_extension("map.tmp");
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&b)?;
         f.sync_data()?;
         std::fs::rename(&tmp, &self.map_path)
@@ -370,6 +477,25 @@ impl Backend {
             Backend::ReadOnly(b) => b.size,
             Backend::Overlay(o) => o.base.size,
         }
+    }
+
+    /// The base, when `[off, off+len)` can be sent from it without a copy: the range is
+    /// in the page cache and (for an overlay) no block of it was written by the client.
+    pub fn zero_copy(&self, off: u64, len: u64) -> Option<Arc<Base>> {
+        let base = match self {
+            Backend::ReadOnly(b) => b,
+            Backend::Overlay(o) => {
+                if len == 0 {
+                    return None;
+                }
+                let (first, last) = (off / BLOCK, (off + len - 1) / BLOCK);
+                if (first..=last).any(|b| o.is_set(b)) {
+                    return None;
+                }
+                &o.base
+            }
+        };
+        base.resident(off, len).then(|| base.clone())
     }
 
     /// Fills `buf` from `off`. `nowait`: page cache only; `Ok(false)` = not all cached.
@@ -652,6 +778,37 @@ mod tests {
             assert_eq!(v, data[4096..12288]);
         }
         assert!(b.write(&[1], 0, false).is_err());
+    }
+
+    #[test]
+    fn zero_copy_only_for_cached_unwritten_ranges() {
+        let d = dir("zc");
+        let (bp, data) = base(&d.0, 16 * BLOCK as usize);
+        // Make sure it is cached (it was just written, but be explicit).
+        std::fs::read(&bp).unwrap();
+        let ro = Backend::ReadOnly(Arc::new(Base::open(&bp).unwrap()));
+        let Some(src) = ro.zero_copy(100, 3 * BLOCK) else {
+            eprintln!("page cache says not resident here; nothing to check");
+            return;
+        };
+        assert!(ro.zero_copy(0, 17 * BLOCK).is_none(), "past the end");
+        // sendfile through a socket pair carries the right bytes.
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let n = src.sendfile_to(a.as_raw_fd(), 100, 5000).unwrap();
+        let mut got = vec![0u8; n];
+        std::io::Read::read_exact(&mut b, &mut got).unwrap();
+        assert_eq!(got, data[100..100 + n]);
+        let o = Overlay::open(
+            Arc::new(Base::open(&bp).unwrap()),
+            d.0.join("o.overlay"),
+            false,
+        )
+        .unwrap();
+        let ov = Backend::Overlay(Arc::new(o));
+        ov.write(&[1; 10], 5 * BLOCK + 7, false).unwrap();
+        assert!(ov.zero_copy(5 * BLOCK, 10).is_none(), "written block");
+        assert!(ov.zero_copy(4 * BLOCK, BLOCK + 1).is_none(), "touches it");
+        assert!(ov.zero_copy(6 * BLOCK, BLOCK).is_some(), "untouched block");
     }
 
     fn cfg(d: &Path, persist: bool) -> config::Config {

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::codec::{self, Opt, Request};
-use super::export::{Backend, Exports};
+use super::export::{Backend, Base, Exports};
 use super::policy::{self, Command, ExportInfo, Negotiation, Next};
 use super::WarnLimit;
 
@@ -36,6 +37,13 @@ const MAX_OPTION_DATA: u32 = 64 << 10;
 /// connection's own task: cheaper than a trip through the blocking pool. Larger ones go
 /// to the pool so a long memcpy does not hold up the runtime.
 const INLINE_READ_MAX: u32 = 1 << 20;
+/// Reads from this size up go from the page cache to the socket with sendfile(2), no
+/// copy through our memory. Smaller ones are copied: sendfile needs the header flushed
+/// on its own first, and for 4 KiB replies batching many into one write wins. Measured
+/// with `cargo xtask bench nbd` (256 MiB, loaded 2-core machine): sendfile for every
+/// read halved 16-client 4 KiB IOPS (41-46k vs 83-124k at this threshold); sequential
+/// nbdcopy went from ~1.1 GB/s (copying) to 2.2-2.4 GB/s.
+const ZERO_COPY_MIN: u32 = 128 << 10;
 
 /// What every connection shares.
 pub struct Shared {
@@ -204,6 +212,8 @@ struct Reply {
     head: [u8; 32],
     head_len: usize,
     data: Vec<u8>,
+    /// Instead of `data`: READ data sent with sendfile(2) from the page cache.
+    file: Option<(Arc<Base>, u64, u32)>,
     _permits: Permits,
 }
 
@@ -241,15 +251,7 @@ fn reply(
                 )]);
                 (h, n, data)
             } else {
-                let (h, n) = head(&[
-                    &codec::structured_header(
-                        req.cookie,
-                        codec::REPLY_FLAG_DONE,
-                        codec::REPLY_TYPE_OFFSET_DATA,
-                        8 + data.len() as u32,
-                    ),
-                    &req.offset.to_be_bytes(),
-                ]);
+                let (h, n) = read_head(true, req, data.len() as u32);
                 (h, n, data)
             }
         }
@@ -267,7 +269,25 @@ fn reply(
         head: h,
         head_len: n,
         data,
+        file: None,
         _permits: permits,
+    }
+}
+
+/// The header in front of `len` bytes of READ data.
+fn read_head(structured: bool, req: &Request, len: u32) -> ([u8; 32], usize) {
+    if structured {
+        head(&[
+            &codec::structured_header(
+                req.cookie,
+                codec::REPLY_FLAG_DONE,
+                codec::REPLY_TYPE_OFFSET_DATA,
+                8 + len,
+            ),
+            &req.offset.to_be_bytes(),
+        ])
+    } else {
+        head(&[&codec::simple_reply(req.cookie, 0)])
     }
 }
 
@@ -347,6 +367,7 @@ impl Conn {
                         head: h,
                         head_len: n,
                         data: Vec::new(),
+                        file: None,
                         _permits: Permits {
                             _req: req_permit,
                             _bytes: None,
@@ -359,6 +380,21 @@ impl Conn {
             match cmd {
                 Command::Disconnect => return Ok("client sent NBD_CMD_DISC"),
                 Command::Read { offset, len } => {
+                    let zero_copy = (len >= ZERO_COPY_MIN)
+                        .then(|| self.backend.zero_copy(offset, u64::from(len)))
+                        .flatten();
+                    if let Some(base) = zero_copy {
+                        // No buffer: the data goes from the page cache to the socket.
+                        let permits = Permits {
+                            _req: req_permit,
+                            _bytes: None,
+                        };
+                        let mut r = reply(self.structured, true, &req, Ok(Vec::new()), permits);
+                        let (h, n) = read_head(self.structured, &req, len);
+                        (r.head, r.head_len, r.file) = (h, n, Some((base, offset, len)));
+                        self.send(r).await?;
+                        continue;
+                    }
                     let bytes = self.bytes(len).await;
                     let permits = Permits {
                         _req: req_permit,
@@ -498,10 +534,20 @@ async fn writer(
     let mut w = BufWriter::with_capacity(64 << 10, wr);
     let mut next = rx.recv().await;
     while let Some(r) = next {
-        w.write_all(&r.head[..r.head_len]).await?;
-        if !r.data.is_empty() {
-            w.write_all(&r.data).await?;
-            stats.read.fetch_add(r.data.len() as u64, Ordering::Relaxed);
+        if let Some((base, off, len)) = &r.file {
+            // Earlier replies first; then the header with MSG_MORE, so it leaves in one
+            // segment with the data instead of waking the client for 16 bytes.
+            w.flush().await?;
+            let sock = w.get_ref().as_ref();
+            send_more(sock, &r.head[..r.head_len]).await?;
+            send_file(sock, base, *off, *len as usize).await?;
+            stats.read.fetch_add(u64::from(*len), Ordering::Relaxed);
+        } else {
+            w.write_all(&r.head[..r.head_len]).await?;
+            if !r.data.is_empty() {
+                w.write_all(&r.data).await?;
+                stats.read.fetch_add(r.data.len() as u64, Ordering::Relaxed);
+            }
         }
         drop(r);
         next = match rx.try_recv() {
@@ -515,4 +561,69 @@ async fn writer(
     }
     w.flush().await?;
     w.into_inner().shutdown().await
+}
+
+/// Writes all of `buf` with MSG_MORE: the kernel holds it for the data that follows.
+async fn send_more(sock: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    while !buf.is_empty() {
+        sock.writable().await?;
+        let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: buf is valid for its length during the call.
+            let n = unsafe {
+                nix::libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    nix::libc::MSG_MORE | nix::libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match r {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// sendfile(2) of a whole range to the non-blocking socket, waiting when it is full. If
+/// the file ends early (it shrank under us) the rest goes out as zeroes: the client was
+/// promised `len` bytes and the stream must stay in step.
+async fn send_file(sock: &TcpStream, base: &Base, mut off: u64, mut len: usize) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    while len > 0 {
+        sock.writable().await?;
+        match sock.try_io(tokio::io::Interest::WRITABLE, || {
+            base.sendfile_to(fd, off, len)
+        }) {
+            Ok(0) => {
+                let zeros = vec![0u8; len.min(1 << 20)];
+                while len > 0 {
+                    let n = len.min(zeros.len());
+                    sock.writable().await?;
+                    match sock.try_write(&zeros[..n]) {
+                        Ok(k) => len -= k,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok(n) => {
+                off += n as u64;
+                len -= n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -62,6 +62,8 @@ enum Bench {
         #[arg(long)]
         no_peer: bool,
     },
+    /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential, random 4 KiB QD16, 16 clients).
+    Nbd(xtask::bench::nbd::Args),
 }
 
 #[derive(Subcommand)]
@@ -156,6 +158,9 @@ fn main() -> Result<()> {
             xtask::bench::http::print(&figs, &o);
             Ok(())
         }
+        Cmd::Bench {
+            which: Bench::Nbd(a),
+        } => xtask::bench::nbd::run(a),
         Cmd::Lab => {
             let mut lab = xtask::lab::Lab::new("lab")?;
             let c = lab.add_client(None)?;

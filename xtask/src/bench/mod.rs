@@ -2,6 +2,7 @@
 //! servers, inside lab namespaces only.
 
 pub mod http;
+pub mod nbd;
 
 /// The median of some samples (the mean of the middle two for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {

@@ -1,0 +1,450 @@
+//! `cargo xtask bench nbd`: vdd's NBD service against nbdkit, qemu-nbd and nbd-server in
+//! one run, on one image on loopback (127.0.0.1, ports chosen free, never 10809).
+//!
+//! Three figures per server: sequential read (`nbdcopy URI null:`, which uses multi-conn
+//! and 64 requests in flight), random 4 KiB reads at queue depth 16 (fio's nbd engine),
+//! and the same with 16 clients at once. Every run is bounded in time; every server is
+//! killed (by its pid) and the temp dir removed on every path.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Image size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// Rounds; each measures every server once, and medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seconds per fio run.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Only these servers (comma-separated: vdd,nbdkit,qemu-nbd,nbd-server).
+    #[arg(long)]
+    pub only: Option<String>,
+}
+
+/// A child process killed and reaped on Drop.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon that forked away from us; we kill it by the pid it wrote.
+struct PidFile {
+    path: PathBuf,
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.path) {
+            if let Ok(pid) = pid.trim().parse::<u32>() {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+    }
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after 20 s")
+}
+
+/// Fills the image with data that does not compress or dedupe trivially (no holes, so
+/// nbdcopy cannot skip anything), fast enough in a debug build.
+fn make_image(path: &Path, mib: u64) -> Result<()> {
+    use std::io::Write;
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for c in block.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for i in 0..mib {
+        // Stamp every 4 KiB so no two blocks are equal.
+        for (j, c) in block.chunks_exact_mut(4096).enumerate() {
+            c[..16].copy_from_slice(&[i.to_le_bytes(), (j as u64).to_le_bytes()].concat());
+        }
+        f.write_all(&block)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn vdd_binary() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--package", "vdd", "--bin", "vdd"])
+        .status()
+        .context("building vdd")?;
+    if !st.success() {
+        bail!("cargo build --release failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/vdd"))
+}
+
+/// One server under test.
+struct Target {
+    name: &'static str,
+    uri: String,
+    _guard: Box<dyn std::any::Any>,
+}
+
+fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+    let log = std::fs::File::create(log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc { child })
+}
+
+fn start_vdd(dir: &Path, image: &Path) -> Result<Target> {
+    let bin = vdd_binary()?;
+    let port = free_port()?;
+    let cfg = dir.join("vdd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\ninterface = \"lo\"\naddress = \"127.0.0.1\"\nstate_dir = \"{state}\"\n\
+             [dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n\
+             [nbd]\nport = {port}\n[[nbd.export]]\nname = \"bench\"\npath = \"{img}\"\n",
+            state = dir.join("state").display(),
+            img = image.display()
+        ),
+    )?;
+    let p = spawn(
+        "vdd",
+        Command::new(bin)
+            .env("RUST_LOG", "warn")
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg),
+        &dir.join("vdd.log"),
+    )?;
+    wait_port(port)?;
+    Ok(Target {
+        name: "vdd",
+        uri: format!("nbd://127.0.0.1:{port}/bench"),
+        _guard: Box::new(p),
+    })
+}
+
+fn start_nbdkit(dir: &Path, image: &Path) -> Result<Target> {
+    let port = free_port()?;
+    let p = spawn(
+        "nbdkit",
+        Command::new("nbdkit")
+            .args([
+                "-f",
+                "-r",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "file",
+            ])
+            .arg(image),
+        &dir.join("nbdkit.log"),
+    )?;
+    wait_port(port)?;
+    Ok(Target {
+        name: "nbdkit",
+        uri: format!("nbd://127.0.0.1:{port}/"),
+        _guard: Box::new(p),
+    })
+}
+
+fn start_qemu_nbd(dir: &Path, image: &Path) -> Result<Target> {
+    let port = free_port()?;
+    let p = spawn(
+        "qemu-nbd",
+        Command::new("qemu-nbd")
+            .args([
+                "-r",
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .args(["-x", "bench", "--persistent", "--shared=32"])
+            .args(["--cache=writeback", "--aio=threads"])
+            .arg(image),
+        &dir.join("qemu-nbd.log"),
+    )?;
+    wait_port(port)?;
+    Ok(Target {
+        name: "qemu-nbd",
+        uri: format!("nbd://127.0.0.1:{port}/bench"),
+        _guard: Box::new(p),
+    })
+}
+
+fn start_nbd_server(dir: &Path, image: &Path) -> Result<Target> {
+    let port = free_port()?;
+    let conf = dir.join("nbd-server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[generic]\nlistenaddr = 127.0.0.1\nport = {port}\nuser = root\ngroup = root\n\
+             [bench]\nexportname = {}\nreadonly = true\n",
+            image.display()
+        ),
+    )?;
+    let pid = dir.join("nbd-server.pid");
+    // nbd-server forks into the background (its -d mode serves one client only), so it
+    // is stopped by the pid it writes.
+    let guard = PidFile { path: pid.clone() };
+    let st = Command::new("nbd-server")
+        .arg("-C")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&pid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("starting nbd-server")?;
+    if !st.success() {
+        bail!("nbd-server exited with {st}");
+    }
+    wait_port(port)?;
+    Ok(Target {
+        name: "nbd-server",
+        uri: format!("nbd://127.0.0.1:{port}/bench"),
+        _guard: Box::new(guard),
+    })
+}
+
+/// Export size as the server announces it (a server that gets it wrong is not compared).
+fn size_of(uri: &str) -> Result<u64> {
+    let out = Command::new("nbdinfo")
+        .args(["--size", uri])
+        .output()
+        .context("nbdinfo")?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| {
+            format!(
+                "nbdinfo --size {uri}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// Seconds for one `nbdcopy URI null:`.
+fn seq_once(uri: &str) -> Result<f64> {
+    let t = Instant::now();
+    let st = Command::new("timeout")
+        .args(["300", "nbdcopy", uri, "null:"])
+        .status()
+        .context("nbdcopy")?;
+    if !st.success() {
+        bail!("nbdcopy {uri} null: failed: {st}");
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Total read IOPS of fio's nbd engine: `jobs` connections, 4 KiB random reads, QD 16.
+fn fio_iops(uri: &str, jobs: u32, seconds: u64) -> Result<f64> {
+    let out = Command::new("timeout")
+        .arg((seconds + 60).to_string())
+        .args([
+            "fio",
+            "--name=rand",
+            "--ioengine=nbd",
+            "--rw=randread",
+            "--bs=4k",
+        ])
+        .arg(format!("--uri={uri}"))
+        .args(["--iodepth=16", "--group_reporting", "--time_based"])
+        .arg(format!("--numjobs={jobs}"))
+        .arg(format!("--runtime={seconds}"))
+        .args(["--output-format=terse", "--terse-version=3"])
+        .output()
+        .context("fio")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "fio against {uri} failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Terse v3: version;fio;jobname;groupid;error;read_kb;read_bw;read_iops;...
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("3;"))
+        .context("no terse line from fio")?;
+    let f: Vec<&str> = line.split(';').collect();
+    let err: u64 = f.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+    if err != 0 {
+        bail!("fio reported error {err} against {uri}");
+    }
+    f.get(7)
+        .and_then(|s| s.parse().ok())
+        .context("fio terse line without read iops")
+}
+
+struct Row {
+    name: &'static str,
+    seq_mbs: f64,
+    rand_iops: f64,
+    multi_iops: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    for tool in ["nbdcopy", "nbdinfo", "fio", "timeout"] {
+        if crate::lab::which(tool).is_none() {
+            bail!("{tool} is not installed (apt-get install libnbd-bin fio)");
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("vdd-bench-nbd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let tmp = TempDir(dir.clone());
+    let image = dir.join("bench.img");
+    eprintln!("bench nbd: writing a {} MiB image", args.size_mib);
+    make_image(&image, args.size_mib)?;
+    // Warm the page cache once, so every server reads from memory.
+    std::io::copy(&mut std::fs::File::open(&image)?, &mut std::io::sink())?;
+    let size = args.size_mib << 20;
+    let want = |n: &str| match args.only.as_deref() {
+        None => true,
+        Some(o) => o.split(',').any(|x| x.trim() == n),
+    };
+
+    type Starter = fn(&Path, &Path) -> Result<Target>;
+    let starters: [(&str, &str, Starter); 4] = [
+        ("vdd", "cargo", start_vdd),
+        ("nbdkit", "nbdkit", start_nbdkit),
+        ("qemu-nbd", "qemu-nbd", start_qemu_nbd),
+        ("nbd-server", "nbd-server", start_nbd_server),
+    ];
+    // All servers start first and stay up (an idle server costs nothing); then each
+    // round measures every server once, so a busy phase of this shared machine hits all
+    // of them alike instead of whichever one happened to run then. Medians over rounds.
+    let mut targets = Vec::new();
+    for (name, tool, start) in starters {
+        if !want(name) {
+            continue;
+        }
+        if crate::lab::which(tool).is_none() {
+            eprintln!("bench nbd: {name}: not installed, skipped");
+            continue;
+        }
+        let t = match start(&dir, &image) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("bench nbd: {name}: {e:#}; skipped");
+                continue;
+            }
+        };
+        match size_of(&t.uri) {
+            Ok(s) if s == size => targets.push(t),
+            Ok(s) => eprintln!("bench nbd: {name} announces {s} bytes instead of {size}; skipped"),
+            Err(e) => eprintln!("bench nbd: {name}: {e:#}; skipped"),
+        }
+    }
+    let mut samples: Vec<[Vec<f64>; 3]> = targets.iter().map(|_| Default::default()).collect();
+    for round in 0..args.runs.max(1) {
+        for (t, s) in targets.iter().zip(samples.iter_mut()) {
+            let seq = size as f64 / 1e6 / seq_once(&t.uri)?;
+            let rand = fio_iops(&t.uri, 1, args.seconds)?;
+            let multi = fio_iops(&t.uri, 16, args.seconds)?;
+            eprintln!(
+                "bench nbd: round {round} {:<10} seq {seq:>7.0} MB/s  rand {rand:>8.0} IOPS  16 clients {multi:>8.0} IOPS",
+                t.name
+            );
+            s[0].push(seq);
+            s[1].push(rand);
+            s[2].push(multi);
+        }
+    }
+    let rows: Vec<Row> = targets
+        .iter()
+        .zip(samples)
+        .map(|(t, [a, b, c])| Row {
+            name: t.name,
+            seq_mbs: median(a),
+            rand_iops: median(b),
+            multi_iops: median(c),
+        })
+        .collect();
+    drop(targets);
+    drop(tmp);
+
+    let base = rows.iter().find(|r| r.name == "nbdkit");
+    println!(
+        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null:, rand = fio nbd 4 KiB QD16 for {} s, 16cl = the same with 16 connections",
+        args.size_mib, args.runs, args.seconds
+    );
+    println!(
+        "{:<11} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
+        "server", "seq MB/s", "rand IOPS", "16cl IOPS", "seq/kit", "rand/kit", "16cl/kit"
+    );
+    for r in &rows {
+        let ratio =
+            |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", a / b));
+        println!(
+            "{:<11} {:>9.0} {:>10.0} {:>12.0} {:>9} {:>9} {:>9}",
+            r.name,
+            r.seq_mbs,
+            r.rand_iops,
+            r.multi_iops,
+            ratio(r.seq_mbs, base.map(|b| b.seq_mbs)),
+            ratio(r.rand_iops, base.map(|b| b.rand_iops)),
+            ratio(r.multi_iops, base.map(|b| b.multi_iops)),
+        );
+    }
+    Ok(())
+}
