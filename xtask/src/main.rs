@@ -43,6 +43,9 @@ enum E2e {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Keep the serial log in images/out/e2e-initramfs.log even when all went well.
+        #[arg(long)]
+        log: bool,
     },
 }
 
@@ -62,13 +65,19 @@ fn main() -> Result<()> {
         }
         Cmd::Initramfs { kver } => initramfs(kver.as_deref()).map(drop),
         Cmd::E2e {
-            what: E2e::Initramfs { no_build, timeout },
+            what:
+                E2e::Initramfs {
+                    no_build,
+                    timeout,
+                    log,
+                },
         } => {
             if !no_build {
                 initramfs(None)?;
             }
             let out = xtask::initramfs::root().join("images/out");
-            let marks = xtask::e2e_initramfs::run(&out, std::time::Duration::from_secs(timeout))?;
+            let marks =
+                xtask::e2e_initramfs::run(&out, std::time::Duration::from_secs(timeout), log)?;
             println!("e2e initramfs: all markers seen (QEMU TCG, times since QEMU start)");
             for (name, at) in marks {
                 println!("  {:>8.2} s  {name}", at.as_secs_f64());
