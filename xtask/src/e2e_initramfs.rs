@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 pub const GUESTS: &str = r#"[{"name":"x","label":"Guest X","display":"x11","description":"the test guest"},{"name":"y","label":"Guest Y","display":"vnc","description":""}]"#;
 
 /// Markers in the order they must appear, with a name for the timing table.
-const MARKERS: [(&str, &str); 11] = [
+const MARKERS: [(&str, &str); 14] = [
     ("Linux version", "kernel started"),
     ("vdd-boot-menu: started as PID 1", "boot-menu is PID 1"),
     ("vdd-boot-menu: loaded module e1000", "NIC driver loaded"),
@@ -35,7 +35,18 @@ const MARKERS: [(&str, &str); 11] = [
     ("vdd-boot-menu: check: overlay=ok", "overlay writable"),
     ("vdd-boot-menu: nbd: detached", "NBD detached"),
     ("vdd-boot-menu: session check passed", "check passed"),
+    ("back to the menu", "back at the menu"),
+    // Keys typed on the serial console (Down, Enter; see KEYS) pick the second guest.
+    ("vdd-boot-menu: picked y", "Down+Enter picked y"),
+    (
+        "vdd-boot-menu: session check passed",
+        "second session passed",
+    ),
 ];
+
+/// What is typed on ttyS0 once the marker with this index was seen: cursor down (CSI B)
+/// and Enter, as a VT100 terminal sends them.
+const KEYS: (usize, &[u8]) = (11, b"\x1b[B\r");
 
 /// The root image of the test: static busybox as /bin/sh and the marker file the real
 /// thin-client recipe writes. Built with mksquashfs (squashfs-tools).
@@ -195,13 +206,14 @@ pub fn run(out: &Path, timeout: Duration, keep_log: bool) -> Result<Vec<(&'stati
         .arg(&initrd)
         .args(["-append", &append])
         .args(["-netdev", "user,id=n0", "-device", "e1000,netdev=n0"])
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     eprintln!("xtask: running {cmd:?}");
     let t0 = Instant::now();
     let mut q = Qemu(cmd.spawn().context("starting qemu-system-x86_64")?);
     let stdout = q.0.stdout.take().context("qemu stdout")?;
+    let mut stdin = q.0.stdin.take().context("qemu stdin")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n') {
@@ -231,6 +243,12 @@ pub fn run(out: &Path, timeout: Duration, keep_log: bool) -> Result<Vec<(&'stati
                 }
                 if line.contains(MARKERS[next].0) {
                     got.push((MARKERS[next].1, at - t0));
+                    if next == KEYS.0 {
+                        stdin
+                            .write_all(KEYS.1)
+                            .context("typing on the serial console")?;
+                        stdin.flush()?;
+                    }
                     next += 1;
                 }
             }
