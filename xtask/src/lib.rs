@@ -1,5 +1,6 @@
 //! Shared pieces of `cargo xtask` that the integration tests use too.
 
+pub mod bench;
 pub mod e2e_initramfs;
 pub mod initramfs;
 pub mod lab;

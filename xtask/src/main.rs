@@ -26,10 +26,28 @@ enum Cmd {
         #[arg(long)]
         kver: Option<String>,
     },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
     /// End-to-end boots in QEMU.
     E2e {
         #[command(subcommand)]
         what: E2e,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Thin-client boot: QEMU stage medians, and DHCP lease latency vs busybox udhcpc.
+    Bootmenu {
+        /// QEMU boots to time (0 skips; at most 10).
+        #[arg(long, default_value_t = 3)]
+        boots: usize,
+        /// DHCP leases per client (0 skips; at most 40).
+        #[arg(long, default_value_t = 10)]
+        leases: usize,
     },
 }
 
@@ -84,6 +102,9 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Bench {
+            what: Bench::Bootmenu { boots, leases },
+        } => xtask::bench::bootmenu::run(boots, leases),
         Cmd::Lab => {
             let mut lab = xtask::lab::Lab::new("lab")?;
             let c = lab.add_client(None)?;
