@@ -346,7 +346,9 @@ pub fn run(
         for o in out.drain(..) {
             match o {
                 Output::Send(m) => {
-                    let bytes = m.to_vec().expect("our own message encodes");
+                    let bytes = m
+                        .to_vec()
+                        .map_err(|e| Error::Send(std::io::Error::other(e.to_string())))?;
                     log(format!(
                         "dhcp: send {:?} xid={:#010x}",
                         m.opts().msg_type().unwrap_or(MessageType::Unknown(0)),

@@ -27,6 +27,8 @@ pub const REP_INFO: u32 = 3;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 pub const INFO_EXPORT: u16 = 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// How long the kernel client may take to come up after NBD_DO_IT.
+const START_LIMIT: Duration = Duration::from_secs(30);
 /// Largest option reply we accept; real ones are a few dozen bytes.
 const MAX_REPLY: u32 = 64 * 1024;
 
@@ -54,6 +56,8 @@ pub enum Error {
         code: u32,
         msg: String,
     },
+    #[error("export of {0} bytes is smaller than one 512-byte sector")]
+    TooSmall(u64),
     #[error("cannot open {0}")]
     Device(String, #[source] std::io::Error),
     #[error("ioctl {0} on the NBD device failed")]
@@ -219,6 +223,9 @@ pub fn attach(
     s.set_write_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
     let export = handshake(&mut s, name)?;
+    if export.size < 512 {
+        return Err(Error::TooSmall(export.size));
+    }
     // The kernel applies its own timeout (NBD_SET_TIMEOUT); the socket must block.
     s.set_read_timeout(None)?;
     s.set_write_timeout(None)?;
@@ -252,15 +259,22 @@ pub fn attach(
         export,
         thread: Some(thread),
     };
-    // /sys/block/nbdN/pid appears once the kernel's receiver runs; before that, I/O on
-    // the device would wait for a connection that is not serviced yet.
-    let pid = Path::new("/sys/block")
-        .join(dev.trim_start_matches("/dev/"))
-        .join("pid");
+    // NBD_DO_IT creates /sys/block/nbdN/pid first and applies the size last
+    // (nbd_start_device in drivers/block/nbd.c); I/O before that sees a disk of 0 sectors
+    // and fails, so wait for both.
+    let sys = Path::new("/sys/block").join(dev.trim_start_matches("/dev/"));
+    let want_sectors = export.size / 512;
     let t0 = Instant::now();
-    while !pid.exists() {
-        if t0.elapsed() > Duration::from_secs(10) {
-            return Err(Error::NotStarted(Duration::from_secs(10)));
+    loop {
+        let sectors = std::fs::read_to_string(sys.join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if sys.join("pid").exists() && sectors >= want_sectors.max(1) {
+            break;
+        }
+        if t0.elapsed() > START_LIMIT {
+            return Err(Error::NotStarted(START_LIMIT));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
