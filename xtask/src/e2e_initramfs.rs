@@ -238,8 +238,16 @@ pub fn run(out: &Path, timeout: Duration, keep_log: bool) -> Result<Vec<(&'stati
             Ok((at, line)) => {
                 log.push_str(&line);
                 log.push('\n');
-                if line.contains("Kernel panic") {
-                    return fail(&log, format!("kernel panic: {line}"));
+                // Failures boot-menu reports end the wait at once instead of at the timeout.
+                if [
+                    "Kernel panic",
+                    "vdd-boot-menu: error:",
+                    "vdd-boot-menu: session failed",
+                ]
+                .iter()
+                .any(|m| line.contains(m))
+                {
+                    return fail(&log, format!("boot failed: {line}"));
                 }
                 if line.contains(MARKERS[next].0) {
                     got.push((MARKERS[next].1, at - t0));
