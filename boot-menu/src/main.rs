@@ -18,7 +18,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context, Result};
 use boot_menu::menu::{Action, Key, Menu};
@@ -59,6 +60,22 @@ impl Console {
                 ttys.push(f);
             }
         }
+        let kmsg = OpenOptions::new().write(true).open("/dev/kmsg").ok();
+        Console { ttys, kmsg }
+    }
+
+    /// The consoles for writing only (no raw mode change), for background threads.
+    fn open_output() -> Console {
+        let ttys = ["/dev/ttyS0", "/dev/tty1"]
+            .iter()
+            .filter_map(|p| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc_o_noctty())
+                    .open(p)
+                    .ok()
+            })
+            .collect();
         let kmsg = OpenOptions::new().write(true).open("/dev/kmsg").ok();
         Console { ttys, kmsg }
     }
@@ -174,6 +191,11 @@ fn mount_all(con: &mut Console) {
 
 /// Exit codes of reaped children (128 + signal when killed), newest last. Bounded: orphans
 /// nobody asks about must not grow PID 1's memory.
+/// Set by the lease keeper when the lease is gone; the menu then starts over.
+static LEASE_LOST: Mutex<Option<&'static str>> = Mutex::new(None);
+/// Stop flag of the running lease keeper.
+static KEEPER: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
+
 static EXITS: Mutex<VecDeque<(i32, i32)>> = Mutex::new(VecDeque::new());
 static EXITED: Condvar = Condvar::new();
 
@@ -366,16 +388,16 @@ fn pick_link(con: &mut Console) -> Result<String> {
 }
 
 /// DHCP on `iface`, then address and default route.
-fn network(iface: &str, log: &mut dyn FnMut(String)) -> Result<dhcp::Lease> {
+fn network(iface: &str, log: &mut dyn FnMut(String)) -> Result<(dhcp::Lease, dhcp::Holder)> {
     let mac = net::mac(Path::new("/sys"), iface).context("reading the interface's MAC")?;
     // Accept broadcast replies from a server we have no route to yet (strict rp_filter
     // would drop them before our socket sees them).
     for k in ["all", iface] {
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{k}/rp_filter"), "0");
     }
-    let lease = dhcp::run(iface, mac, random_u32(), DHCP_LIMIT, log)?;
+    let (lease, holder) = dhcp::run(iface, mac, random_u32(), DHCP_LIMIT, log)?;
     net::configure(iface, lease.ip, lease.prefix, lease.router).context("configuring the lease")?;
-    Ok(lease)
+    Ok((lease, holder))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -395,10 +417,28 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
     load_modules(con)?;
     let iface = pick_link(con)?;
     con.say(&format!("link {iface} up, starting DHCP"));
-    let lease = {
+    let (lease, holder) = {
         let mut log = |m: String| con.say(&m);
         network(&iface, &mut log)?
     };
+    // Keep the lease alive in the background; the menu notices when it is lost. The
+    // previous attempt's keeper (if any) is stopped first so only one owns port 68.
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(old) = KEEPER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .replace(stop.clone())
+    {
+        old.store(true, Ordering::Relaxed);
+    }
+    *LEASE_LOST.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    std::thread::spawn(move || {
+        let mut out = Console::open_output();
+        let why = holder.keep(&stop, &mut |m| out.say(&m));
+        if !stop.load(Ordering::Relaxed) {
+            *LEASE_LOST.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
+    });
     con.say(&format!(
         "dhcp bound {}/{} router {} server {} lease {}s",
         lease.ip,
@@ -432,10 +472,13 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
             hit.map(Action::Pick)
         });
         'menu: loop {
+            if let Some(why) = *LEASE_LOST.lock().unwrap_or_else(|e| e.into_inner()) {
+                bail!("DHCP lease lost: {why}");
+            }
             let actions: Vec<Action> = match pending.take() {
                 Some(a) => vec![a],
                 None => con
-                    .keys(Duration::from_secs(3600))
+                    .keys(Duration::from_secs(2))
                     .into_iter()
                     .map(|k| menu.key(k))
                     .collect(),
@@ -491,10 +534,11 @@ fn fatal(con: &mut Console, msg: &str) {
     }
 }
 
-/// `boot-menu dhcp IFACE`: the network steps alone, for tests in a network namespace.
-fn dhcp_probe(iface: &str) -> Result<()> {
+/// `boot-menu dhcp IFACE [renew]`: the network steps alone, for tests in a network
+/// namespace; with `renew`, also wait for the first renewal.
+fn dhcp_probe(iface: &str, renew: bool) -> Result<()> {
     net::set_up(iface)?;
-    let lease = network(iface, &mut |m| eprintln!("{PREFIX} {m}"))?;
+    let (lease, mut holder) = network(iface, &mut |m| eprintln!("{PREFIX} {m}"))?;
     println!(
         "{PREFIX} dhcp bound {}/{} router {} server {}",
         lease.ip,
@@ -502,6 +546,11 @@ fn dhcp_probe(iface: &str) -> Result<()> {
         lease.router.map(|r| r.to_string()).unwrap_or("-".into()),
         lease.server
     );
+    if renew {
+        let limit = Duration::from_secs(lease.lease_secs as u64 + 30);
+        let l = holder.renew_once(limit, &mut |m| eprintln!("{PREFIX} {m}"))?;
+        println!("{PREFIX} dhcp renewed {} for {}s", l.ip, l.lease_secs);
+    }
     Ok(())
 }
 
@@ -510,9 +559,10 @@ fn main() {
     if !pid1 {
         let argv: Vec<String> = std::env::args().collect();
         let r = match argv.get(1).map(String::as_str) {
-            Some("dhcp") if argv.len() == 3 => dhcp_probe(&argv[2]),
+            Some("dhcp") if argv.len() == 3 => dhcp_probe(&argv[2], false),
+            Some("dhcp") if argv.len() == 4 && argv[3] == "renew" => dhcp_probe(&argv[2], true),
             _ => Err(anyhow::anyhow!(
-                "this is the thin client's /init; outside PID 1 only `boot-menu dhcp IFACE` runs"
+                "this is the thin client's /init; outside PID 1 only `boot-menu dhcp IFACE [renew]` runs"
             )),
         };
         if let Err(e) = r {
