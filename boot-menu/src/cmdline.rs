@@ -1,5 +1,6 @@
 //! The kernel command line of the thin client: `vdd.server=ADDRESS:PORT`, `vdd.autopick=NAME`,
-//! `vdd.seat=NAME`. Tokenised like the kernel's own `next_arg()` (lib/cmdline.c,
+//! `vdd.seat=NAME`, and where the thin-client root comes from: `vdd.nbd=ADDRESS[:PORT]`,
+//! `vdd.export=NAME`. Tokenised like the kernel's own `next_arg()` (lib/cmdline.c,
 //! Documentation/admin-guide/kernel-parameters.rst): words split on spaces, double quotes
 //! group spaces and are removed, and for a repeated key the last one wins.
 
@@ -7,6 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 
 /// Port of the vdd HTTP API when `vdd.server` names only an address.
 pub const DEFAULT_PORT: u16 = 80;
+/// The IANA port of NBD, and the default of vdd's `[nbd] port`.
+pub const NBD_PORT: u16 = 10809;
+/// The export of the thin-client root in vdd's example config.
+pub const DEFAULT_EXPORT: &str = "thin-client";
 
 /// What the server put on our kernel command line (through its iPXE script / PXE config).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -17,6 +22,10 @@ pub struct BootArgs {
     pub autopick: Option<String>,
     /// Name of this seat, sent to the server with a session request.
     pub seat: Option<String>,
+    /// NBD server of the thin-client root; `None`: the vdd server's address, port 10809.
+    pub nbd: Option<SocketAddr>,
+    /// NBD export name of the thin-client root; `None`: [`DEFAULT_EXPORT`].
+    pub export: Option<String>,
     /// Things we ignored and why; PID 1 prints them, a typo must not stop a boot.
     pub warnings: Vec<String>,
 }
@@ -54,12 +63,14 @@ pub fn words(line: &str) -> Vec<String> {
 
 /// Parses `ADDRESS[:PORT]`, including `[v6]:port`.
 pub fn parse_server(v: &str) -> Option<SocketAddr> {
+    parse_addr(v, DEFAULT_PORT)
+}
+
+fn parse_addr(v: &str, port: u16) -> Option<SocketAddr> {
     if let Ok(sa) = v.parse::<SocketAddr>() {
         return Some(sa);
     }
-    v.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
+    v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, port))
 }
 
 /// Reads our keys out of a whole command line; unknown words belong to the kernel or other
@@ -71,7 +82,10 @@ pub fn parse(line: &str) -> BootArgs {
             Some((k, v)) => (k, Some(v)),
             None => (w.as_str(), None),
         };
-        if !matches!(key, "vdd.server" | "vdd.autopick" | "vdd.seat") {
+        if !matches!(
+            key,
+            "vdd.server" | "vdd.autopick" | "vdd.seat" | "vdd.nbd" | "vdd.export"
+        ) {
             continue;
         }
         let Some(val) = val.filter(|v| !v.is_empty()) else {
@@ -85,6 +99,13 @@ pub fn parse(line: &str) -> BootArgs {
                     .warnings
                     .push(format!("vdd.server={val} is not ADDRESS:PORT, ignored")),
             },
+            "vdd.nbd" => match parse_addr(val, NBD_PORT) {
+                Some(sa) => args.nbd = Some(sa),
+                None => args
+                    .warnings
+                    .push(format!("vdd.nbd={val} is not ADDRESS[:PORT], ignored")),
+            },
+            "vdd.export" => args.export = Some(val.to_string()),
             "vdd.autopick" => args.autopick = Some(val.to_string()),
             _ => args.seat = Some(val.to_string()),
         }
@@ -146,6 +167,16 @@ mod tests {
         );
         assert_eq!(parse_server("10.1.2.3:99999"), None);
         assert_eq!(parse(""), BootArgs::default());
+    }
+
+    #[test]
+    fn nbd_root_keys() {
+        let a = parse("vdd.nbd=10.0.2.2 vdd.export=root-v2");
+        assert_eq!(a.nbd, Some("10.0.2.2:10809".parse().unwrap()));
+        assert_eq!(a.export.as_deref(), Some("root-v2"));
+        let a = parse("vdd.nbd=10.0.2.2:4000 vdd.nbd=bad");
+        assert_eq!(a.nbd, Some("10.0.2.2:4000".parse().unwrap()));
+        assert_eq!(a.warnings.len(), 1);
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //!
 //! Two layers as in the house style: [`Client`] is pure (packet or timeout + `now` ->
 //! packets to send + next deadline), and [`run`] is a small blocking driver on a UDP socket
-//! bound to the interface. PID 1 has no renew/rebind: the lease only has to outlive one boot
-//! of the menu, and the server's leases are long; RENEWING is left out on purpose.
+//! bound to the interface. A bound lease is kept alive through RENEWING (unicast REQUEST to
+//! the server at T1) and REBINDING (broadcast at T2), RFC 2131 4.4.5; if it cannot be kept,
+//! the driver reports it lost and PID 1 starts over, since a session must not go on with
+//! an address the server may hand to another seat.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
@@ -27,6 +30,8 @@ pub enum Error {
     Send(#[source] std::io::Error),
     #[error("no DHCP lease within {0:?}")]
     Timeout(Duration),
+    #[error("DHCP lease lost: {0}")]
+    Lost(&'static str),
 }
 
 /// What we were given, in the terms PID 1 needs.
@@ -54,14 +59,45 @@ pub enum State {
         attempt: u32,
         deadline: Instant,
     },
-    Bound(Lease),
+    Bound(Times),
+    Renewing {
+        times: Times,
+        deadline: Instant,
+    },
+    Rebinding {
+        times: Times,
+        deadline: Instant,
+    },
 }
+
+/// A lease and the instants that govern it (RFC 2131 4.4.5). `None` times: an infinite
+/// lease (0xffffffff) or none given, which needs no renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Times {
+    pub lease: Lease,
+    pub t1: Option<Instant>,
+    pub t2: Option<Instant>,
+    pub expiry: Option<Instant>,
+}
+
+/// Shortest wait between renewal retransmissions (RFC 2131 4.4.5: "down to a minimum of
+/// 60 seconds").
+const MIN_RENEW_RETRY: Duration = Duration::from_secs(60);
 
 /// What the state machine asks of its driver.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
+    /// Broadcast to 255.255.255.255:67.
     Send(Box<Message>),
+    /// Unicast to the server (RENEWING).
+    SendTo(Box<Message>, Ipv4Addr),
     Bound(Lease),
+    /// The server extended the lease.
+    Renewed(Lease),
+    /// The lease ended (NAK on renewal, or expiry); the address must go.
+    Lost(&'static str),
+    /// Only from the driver: it was asked to stop.
+    Timeout,
     /// A packet we dropped, with why; the driver logs it.
     Ignored(&'static str),
     /// Our offer was refused (DHCPNAK) or never acknowledged; back to INIT.
@@ -93,10 +129,12 @@ impl Client {
     /// When the driver must call [`Client::timeout`] if no packet came.
     pub fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::Selecting { deadline, .. } | State::Requesting { deadline, .. } => {
-                Some(*deadline)
-            }
-            _ => None,
+            State::Selecting { deadline, .. }
+            | State::Requesting { deadline, .. }
+            | State::Renewing { deadline, .. }
+            | State::Rebinding { deadline, .. } => Some(*deadline),
+            State::Bound(t) => t.t1,
+            State::Init => None,
         }
     }
 
@@ -137,8 +175,57 @@ impl Client {
                 };
                 vec![Output::Send(Box::new(req))]
             }
+            State::Bound(times) if times.t1.is_some_and(|t1| now >= t1) => {
+                self.xid = self.xid.wrapping_add(0x9e37_79b9);
+                let to = times.lease.server;
+                let deadline = retry_until(now, times.t2);
+                self.state = State::Renewing {
+                    times: times.clone(),
+                    deadline,
+                };
+                vec![Output::SendTo(Box::new(self.renew(&times.lease, now)), to)]
+            }
+            State::Renewing { times, deadline } if now >= deadline => {
+                if times.t2.is_some_and(|t2| now >= t2) {
+                    let deadline = retry_until(now, times.expiry);
+                    let m = self.renew(&times.lease, now);
+                    self.state = State::Rebinding { times, deadline };
+                    return vec![Output::Send(Box::new(m))];
+                }
+                let to = times.lease.server;
+                let m = self.renew(&times.lease, now);
+                self.state = State::Renewing {
+                    deadline: retry_until(now, times.t2),
+                    times,
+                };
+                vec![Output::SendTo(Box::new(m), to)]
+            }
+            State::Rebinding { times, deadline } if now >= deadline => {
+                if times.expiry.is_some_and(|e| now >= e) {
+                    self.state = State::Init;
+                    return vec![Output::Lost("lease expired without DHCPACK")];
+                }
+                let m = self.renew(&times.lease, now);
+                self.state = State::Rebinding {
+                    deadline: retry_until(now, times.expiry),
+                    times,
+                };
+                vec![Output::Send(Box::new(m))]
+            }
             _ => Vec::new(),
         }
+    }
+
+    /// REQUEST of RENEWING/REBINDING: `ciaddr` is our address, no server identifier or
+    /// requested address (RFC 2131 4.3.2 table 4), and no broadcast flag since we can
+    /// receive unicast now.
+    fn renew(&self, lease: &Lease, now: Instant) -> Message {
+        let mut m = self.base(now);
+        m.set_flags(Flags::default());
+        m.set_ciaddr(lease.ip);
+        m.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Request));
+        m
     }
 
     pub fn packet(&mut self, msg: &Message, now: Instant) -> Vec<Output> {
@@ -172,7 +259,7 @@ impl Client {
             (State::Requesting { offer, .. }, Some(MessageType::Ack)) => {
                 match lease_of(msg) {
                     Some(l) if l.server == offer.server => {
-                        self.state = State::Bound(l.clone());
+                        self.state = State::Bound(times(l.clone(), msg, now));
                         vec![Output::Bound(l)]
                     }
                     // An ACK from a server we did not choose is not for our REQUEST.
@@ -186,6 +273,26 @@ impl Client {
                     }
                     _ => vec![Output::Ignored("DHCPNAK from another server")],
                 }
+            }
+            (
+                State::Renewing { times: old, .. } | State::Rebinding { times: old, .. },
+                Some(MessageType::Ack),
+            ) => match lease_of(msg) {
+                Some(l) if l.ip == old.lease.ip => {
+                    self.state = State::Bound(times(l.clone(), msg, now));
+                    vec![Output::Renewed(l)]
+                }
+                Some(_) => {
+                    self.state = State::Init;
+                    vec![Output::Lost("the server moved us to another address")]
+                }
+                None => vec![Output::Ignored(
+                    "DHCPACK without server identifier or address",
+                )],
+            },
+            (State::Renewing { .. } | State::Rebinding { .. }, Some(MessageType::Nak)) => {
+                self.state = State::Init;
+                vec![Output::Lost("DHCPNAK on renewal")]
             }
             _ => vec![Output::Ignored("unexpected message in this state")],
         }
@@ -259,6 +366,42 @@ impl Client {
     }
 }
 
+/// Half the time left until `end`, at least [`MIN_RENEW_RETRY`], never past `end`.
+fn retry_until(now: Instant, end: Option<Instant>) -> Instant {
+    match end {
+        Some(e) => (now + (e.saturating_duration_since(now) / 2).max(MIN_RENEW_RETRY)).min(e),
+        None => now + MIN_RENEW_RETRY,
+    }
+}
+
+/// T1, T2 and expiry of an ACK received at `now`: options 58/59 when given, else 1/2 and
+/// 7/8 of the lease (RFC 2131 4.4.5). The clock starts at the ACK, a little later than the
+/// REQUEST the RFC counts from; the error is one round trip, on the safe side of T1.
+fn times(lease: Lease, msg: &Message, now: Instant) -> Times {
+    let secs = lease.lease_secs;
+    if secs == 0 || secs == u32::MAX {
+        return Times {
+            lease,
+            t1: None,
+            t2: None,
+            expiry: None,
+        };
+    }
+    let opt = |code, def: u32| match msg.opts().get(code) {
+        Some(DhcpOption::Renewal(t)) | Some(DhcpOption::Rebinding(t)) if *t < secs => *t,
+        _ => def,
+    };
+    let t1 = opt(OptionCode::Renewal, secs / 2);
+    let t2 = opt(OptionCode::Rebinding, secs / 8 * 7).max(t1);
+    let at = |s: u32| Some(now + Duration::from_secs(s as u64));
+    Times {
+        lease,
+        t1: at(t1),
+        t2: at(t2),
+        expiry: at(secs),
+    }
+}
+
 /// The lease an OFFER/ACK describes, or `None` if it lacks what RFC 2131 requires.
 fn lease_of(msg: &Message) -> Option<Lease> {
     let o = msg.opts();
@@ -328,6 +471,12 @@ pub fn socket(iface: &str) -> Result<UdpSocket, Error> {
     Ok(UdpSocket::from(fd))
 }
 
+/// A bound lease and what keeps it: the socket and the state machine.
+pub struct Holder {
+    sock: UdpSocket,
+    client: Client,
+}
+
 /// Runs the client until BOUND or `limit`, calling `log` for each step worth printing.
 pub fn run(
     iface: &str,
@@ -335,37 +484,133 @@ pub fn run(
     xid: u32,
     limit: Duration,
     log: &mut dyn FnMut(String),
-) -> Result<Lease, Error> {
+) -> Result<(Lease, Holder), Error> {
     let sock = socket(iface)?;
-    let dst = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
-    let t0 = Instant::now();
-    let mut c = Client::new(mac, xid);
-    let mut out = c.start(t0);
+    let now = Instant::now();
+    let mut client = Client::new(mac, xid);
+    let out = client.start(now);
+    match drive_until(&sock, &mut client, out, Some(now + limit), None, log)? {
+        Output::Bound(l) => Ok((l, Holder { sock, client })),
+        _ => Err(Error::Timeout(limit)),
+    }
+}
+
+impl Holder {
+    /// Waits for T1 and one renewal; for tests and `boot-menu dhcp IFACE renew`.
+    pub fn renew_once(
+        &mut self,
+        limit: Duration,
+        log: &mut dyn FnMut(String),
+    ) -> Result<Lease, Error> {
+        let until = Instant::now() + limit;
+        match drive_until(
+            &self.sock,
+            &mut self.client,
+            Vec::new(),
+            Some(until),
+            None,
+            log,
+        )? {
+            Output::Renewed(l) => Ok(l),
+            Output::Lost(why) => Err(Error::Lost(why)),
+            _ => Err(Error::Timeout(limit)),
+        }
+    }
+
+    /// Renews for as long as the server agrees; returns why the lease was lost. Meant for
+    /// a thread of its own.
+    /// `stop` ends it (a new boot attempt holds a new lease).
+    pub fn keep(mut self, stop: &AtomicBool, log: &mut dyn FnMut(String)) -> &'static str {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return "stopped";
+            }
+            match drive(&self.sock, &mut self.client, Vec::new(), Some(stop), log) {
+                Ok(Output::Timeout) => {}
+                Ok(Output::Renewed(l)) => log(format!(
+                    "dhcp: lease of {} renewed for {}s",
+                    l.ip, l.lease_secs
+                )),
+                Ok(Output::Lost(why)) => return why,
+                Ok(_) => {}
+                Err(e) => {
+                    // A send error (link down for a moment) is retried at the next
+                    // deadline; the expiry still bounds how long we hold on.
+                    log(format!("dhcp: {e}"));
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+            }
+            if self.client.deadline().is_none() && !matches!(self.client.state, State::Bound(_)) {
+                return "lease state lost";
+            }
+        }
+    }
+}
+
+/// Sends what the machine asks, waits for packets or its deadline, until it yields Bound,
+/// Renewed or Lost, or `limit` passes (an error), or `stop` is set (`Output::Timeout`).
+fn drive(
+    sock: &UdpSocket,
+    c: &mut Client,
+    out: Vec<Output>,
+    stop: Option<&AtomicBool>,
+    log: &mut dyn FnMut(String),
+) -> Result<Output, Error> {
+    drive_until(sock, c, out, None, stop, log)
+}
+
+fn drive_until(
+    sock: &UdpSocket,
+    c: &mut Client,
+    mut out: Vec<Output>,
+    limit: Option<Instant>,
+    stop: Option<&AtomicBool>,
+    log: &mut dyn FnMut(String),
+) -> Result<Output, Error> {
     let mut buf = vec![0u8; 1500];
     loop {
         for o in out.drain(..) {
-            match o {
-                Output::Send(m) => {
-                    let bytes = m.to_vec().expect("our own message encodes");
-                    log(format!(
-                        "dhcp: send {:?} xid={:#010x}",
-                        m.opts().msg_type().unwrap_or(MessageType::Unknown(0)),
-                        m.xid()
-                    ));
-                    sock.send_to(&bytes, dst).map_err(Error::Send)?;
+            let (m, dst) = match o {
+                Output::Send(m) => (m, Ipv4Addr::BROADCAST),
+                Output::SendTo(m, ip) => (m, ip),
+                done @ (Output::Bound(_) | Output::Renewed(_) | Output::Lost(_)) => {
+                    return Ok(done)
                 }
-                Output::Bound(l) => return Ok(l),
-                Output::Ignored(why) => log(format!("dhcp: ignored a packet: {why}")),
-                Output::Restarted(why) => log(format!("dhcp: starting over: {why}")),
-            }
+                Output::Ignored(why) => {
+                    log(format!("dhcp: ignored a packet: {why}"));
+                    continue;
+                }
+                Output::Restarted(why) => {
+                    log(format!("dhcp: starting over: {why}"));
+                    continue;
+                }
+                Output::Timeout => continue,
+            };
+            let bytes = m
+                .to_vec()
+                .map_err(|e| Error::Send(std::io::Error::other(e.to_string())))?;
+            log(format!(
+                "dhcp: send {:?} xid={:#010x} to {dst}",
+                m.opts().msg_type().unwrap_or(MessageType::Unknown(0)),
+                m.xid()
+            ));
+            sock.send_to(&bytes, SocketAddrV4::new(dst, 67))
+                .map_err(Error::Send)?;
         }
         let now = Instant::now();
-        if now.duration_since(t0) >= limit {
-            return Err(Error::Timeout(limit));
+        if let Some(l) = limit.filter(|l| now >= *l) {
+            return Err(Error::Timeout(l.saturating_duration_since(now)));
         }
-        let until = c.deadline().unwrap_or(now + Duration::from_secs(1));
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Ok(Output::Timeout);
+        }
+        let mut until = c.deadline().unwrap_or(now + Duration::from_secs(3600));
+        until = limit.map_or(until, |l| until.min(l));
+        if stop.is_some() {
+            // Look at `stop` at least once a second.
+            until = until.min(now + Duration::from_secs(1));
+        }
         let wait = until
-            .min(t0 + limit)
             .saturating_duration_since(now)
             .max(Duration::from_millis(10));
         sock.set_read_timeout(Some(wait)).map_err(Error::Send)?;
@@ -455,6 +700,127 @@ mod tests {
         assert_eq!(l.prefix, 24);
         assert_eq!(l.router, Some(SRV));
         assert_eq!(l.lease_secs, 86400);
+        // The next thing to do is renewing at T1 = half the lease.
+        assert_eq!(c.deadline(), Some(t + Duration::from_secs(43200)));
+    }
+
+    /// A client bound at `t` to 10.0.2.15 with a lease of `secs`.
+    fn bound(t: Instant, secs: u32, extra: &[DhcpOption]) -> Client {
+        let mut c = Client::new(MAC, 9);
+        c.start(t);
+        c.packet(&reply(MessageType::Offer, 9, SRV), t);
+        let mut ack = reply(MessageType::Ack, 9, SRV);
+        ack.opts_mut().insert(DhcpOption::AddressLeaseTime(secs));
+        for o in extra {
+            ack.opts_mut().insert(o.clone());
+        }
+        assert!(matches!(c.packet(&ack, t)[0], Output::Bound(_)));
+        c
+    }
+
+    #[test]
+    fn renews_by_unicast_at_t1() {
+        let t = Instant::now();
+        let mut c = bound(t, 3600, &[]);
+        assert!(c.timeout(t + Duration::from_secs(1799)).is_empty());
+        let t1 = t + Duration::from_secs(1800);
+        let out = c.timeout(t1);
+        let Output::SendTo(m, to) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(*to, SRV);
+        assert_eq!(m.opts().msg_type(), Some(MessageType::Request));
+        assert_eq!(m.ciaddr(), Ipv4Addr::new(10, 0, 2, 15));
+        assert!(!m.flags().broadcast());
+        assert!(m.opts().get(OptionCode::ServerIdentifier).is_none());
+        assert!(m.opts().get(OptionCode::RequestedIpAddress).is_none());
+        let xid = m.xid();
+        assert_ne!(xid, 9, "a renewal is a new transaction");
+        // Retransmission: half the time to T2 (3150 s), here 675 s.
+        assert_eq!(c.deadline(), Some(t1 + Duration::from_secs(675)));
+        let later = t1 + Duration::from_secs(10);
+        let out = c.packet(&reply(MessageType::Ack, xid, SRV), later);
+        // The server's new answer (a day) sets the new T1.
+        assert!(matches!(&out[0], Output::Renewed(l) if l.lease_secs == 86400));
+        assert_eq!(c.deadline(), Some(later + Duration::from_secs(43200)));
+    }
+
+    #[test]
+    fn rebinds_by_broadcast_at_t2_then_expires() {
+        let t = Instant::now();
+        let mut c = bound(t, 1000, &[]);
+        c.timeout(t + Duration::from_secs(500));
+        // Retransmissions while RENEWING stay unicast and at least 60 s apart.
+        let t2 = t + Duration::from_secs(875);
+        let mut d = c.deadline().unwrap();
+        assert_eq!(d, t + Duration::from_millis(500_000 + 187_500));
+        while d < t2 {
+            let prev = d;
+            assert!(matches!(c.timeout(d)[0], Output::SendTo(..)));
+            d = c.deadline().unwrap();
+            assert!(d - prev >= MIN_RENEW_RETRY || d == t2, "{:?}", d - prev);
+        }
+        assert_eq!(d, t2, "retransmissions never pass T2");
+        let out = c.timeout(d);
+        let Output::Send(m) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(m.ciaddr(), Ipv4Addr::new(10, 0, 2, 15));
+        assert!(matches!(c.state, State::Rebinding { .. }));
+        let mut last = Vec::new();
+        for _ in 0..10 {
+            let d = c.deadline().unwrap();
+            last = c.timeout(d);
+            if matches!(last[0], Output::Lost(_)) {
+                break;
+            }
+            assert!(matches!(last[0], Output::Send(_)));
+        }
+        assert_eq!(last, [Output::Lost("lease expired without DHCPACK")]);
+        assert_eq!(c.state, State::Init);
+    }
+
+    #[test]
+    fn nak_or_new_address_on_renewal_loses_the_lease() {
+        let t = Instant::now();
+        let mut c = bound(t, 3600, &[]);
+        let out = c.timeout(t + Duration::from_secs(1800));
+        let Output::SendTo(m, _) = &out[0] else {
+            panic!()
+        };
+        let xid = m.xid();
+        assert_eq!(
+            c.packet(&reply(MessageType::Nak, xid, SRV), t),
+            [Output::Lost("DHCPNAK on renewal")]
+        );
+        let mut c = bound(t, 3600, &[]);
+        let out = c.timeout(t + Duration::from_secs(1800));
+        let Output::SendTo(m, _) = &out[0] else {
+            panic!()
+        };
+        let mut ack = reply(MessageType::Ack, m.xid(), SRV);
+        ack.set_yiaddr(Ipv4Addr::new(10, 0, 2, 99));
+        assert!(matches!(c.packet(&ack, t)[0], Output::Lost(_)));
+    }
+
+    #[test]
+    fn renewal_times_from_options_and_infinite_leases() {
+        let t = Instant::now();
+        let c = bound(
+            t,
+            3600,
+            &[DhcpOption::Renewal(100), DhcpOption::Rebinding(200)],
+        );
+        assert_eq!(c.deadline(), Some(t + Duration::from_secs(100)));
+        let State::Bound(times) = &c.state else {
+            panic!()
+        };
+        assert_eq!(times.t2, Some(t + Duration::from_secs(200)));
+        assert_eq!(times.expiry, Some(t + Duration::from_secs(3600)));
+        // T1 beyond the lease is nonsense: the defaults apply.
+        let c = bound(t, 3600, &[DhcpOption::Renewal(9999)]);
+        assert_eq!(c.deadline(), Some(t + Duration::from_secs(1800)));
+        let c = bound(t, u32::MAX, &[]);
         assert_eq!(c.deadline(), None);
     }
 

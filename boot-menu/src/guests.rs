@@ -74,11 +74,41 @@ pub fn get(server: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>,
         "GET {path} HTTP/1.1\r\nHost: {server}\r\nUser-Agent: vdd-boot-menu\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).map_err(io)?;
+    // Read until the response is complete by its own framing, not only until the server
+    // closes: a server that keeps the connection open despite `Connection: close` must
+    // not cost us the read timeout.
     let mut raw = Vec::new();
-    s.take((MAX_BODY + 64 * 1024) as u64)
-        .read_to_end(&mut raw)
-        .map_err(io)?;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if raw.len() > MAX_BODY + 64 * 1024 {
+            return Err(Error::Malformed("response too large"));
+        }
+        if complete(&raw) {
+            break;
+        }
+    }
     parse_response(&raw)
+}
+
+/// True once `raw` holds a whole response by Content-Length or chunked framing.
+fn complete(raw: &[u8]) -> bool {
+    let Some(end) = find(raw, b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = &raw[end + 4..];
+    if head.contains("transfer-encoding:") && head.contains("chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|n| body.len() >= n)
 }
 
 /// Splits a whole response (the server closed the connection) into status and body.
@@ -239,6 +269,36 @@ mod tests {
         assert!(matches!(
             parse_list(b"[{\"label\":\"no name\"}]"),
             Err(Error::Json(_))
+        ));
+    }
+
+    /// A server that keeps the connection open after a complete answer.
+    #[test]
+    fn does_not_wait_for_close_when_length_is_known() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).unwrap();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{LIST}",
+                LIST.len()
+            );
+            s.write_all(resp.as_bytes()).unwrap();
+            // Hold the connection until the client is done.
+            let _ = rx.recv_timeout(Duration::from_secs(60));
+        });
+        // A read timeout far longer than the test's patience would show as a hang; the
+        // framing ends the read instead.
+        let g = fetch(addr, Duration::from_secs(30)).unwrap();
+        assert_eq!(g.len(), 2);
+        tx.send(()).unwrap();
+        h.join().unwrap();
+        assert!(!complete(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"));
+        assert!(complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n"
         ));
     }
 

@@ -7,4 +7,6 @@ pub mod dhcp;
 pub mod guests;
 pub mod menu;
 pub mod modules;
+pub mod nbd;
 pub mod net;
+pub mod session;

@@ -1,6 +1,7 @@
 //! boot-menu: `/init` of the thin-client initramfs (PID 1). Mounts the kernel file systems,
 //! loads the NIC driver, gets an address by DHCP (RFC 2131), fetches the guest list from
-//! the vdd server and shows the menu on /dev/tty1 and /dev/ttyS0 at once.
+//! the vdd server and shows the menu on /dev/tty1 and /dev/ttyS0 at once. A pick attaches
+//! the thin-client root over NBD, mounts it under a tmpfs overlay and runs a check in it.
 //!
 //! PID 1 must never exit (the kernel panics when it does), so every failure, even a
 //! panic, ends in a screen that shows the error and offers retry or reboot.
@@ -16,9 +17,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
 use anyhow::{bail, Context, Result};
 use boot_menu::menu::{Action, Key, Menu};
-use boot_menu::{cmdline, dhcp, guests, modules, net};
+use boot_menu::{cmdline, dhcp, guests, modules, nbd, net, session};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// The stable prefix end-to-end tests match on the serial console.
@@ -30,6 +35,8 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 /// With nobody at the keyboard, a failed boot retries by itself after this long, so a
 /// room of clients recovers when the server comes back.
 const AUTO_RETRY: Duration = Duration::from_secs(30);
+/// How long the check in the new root may take (TCG on a busy host is slow).
+const CHECK_LIMIT: Duration = Duration::from_secs(120);
 
 /// The consoles: every terminal we draw on and read keys from, plus the kernel log.
 struct Console {
@@ -53,6 +60,22 @@ impl Console {
                 ttys.push(f);
             }
         }
+        let kmsg = OpenOptions::new().write(true).open("/dev/kmsg").ok();
+        Console { ttys, kmsg }
+    }
+
+    /// The consoles for writing only (no raw mode change), for background threads.
+    fn open_output() -> Console {
+        let ttys = ["/dev/ttyS0", "/dev/tty1"]
+            .iter()
+            .filter_map(|p| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc_o_noctty())
+                    .open(p)
+                    .ok()
+            })
+            .collect();
         let kmsg = OpenOptions::new().write(true).open("/dev/kmsg").ok();
         Console { ttys, kmsg }
     }
@@ -166,16 +189,112 @@ fn mount_all(con: &mut Console) {
     }
 }
 
-/// PID 1 inherits every orphan; reap them so they do not pile up as zombies.
+/// Exit codes of reaped children (128 + signal when killed), newest last. Bounded: orphans
+/// nobody asks about must not grow PID 1's memory.
+/// Set by the lease keeper when the lease is gone; the menu then starts over.
+static LEASE_LOST: Mutex<Option<&'static str>> = Mutex::new(None);
+/// Stop flag of the running lease keeper.
+static KEEPER: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
+
+static EXITS: Mutex<VecDeque<(i32, i32)>> = Mutex::new(VecDeque::new());
+static EXITED: Condvar = Condvar::new();
+
+/// PID 1 inherits every orphan; one thread reaps them all so none stays a zombie, and
+/// records exit codes for [`wait_child`] (our own children are reaped here too, so nobody
+/// else may call wait()).
 fn spawn_reaper() {
     std::thread::spawn(|| loop {
-        use nix::sys::wait::waitpid;
+        use nix::sys::wait::{waitpid, WaitStatus};
         use nix::unistd::Pid;
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(_) => {}
-            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        let (pid, code) = match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(p, c)) => (p.as_raw(), c),
+            Ok(WaitStatus::Signaled(p, sig, _)) => (p.as_raw(), 128 + sig as i32),
+            Ok(_) => continue,
+            // ECHILD: no children right now.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let mut q = EXITS.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= 64 {
+            q.pop_front();
+        }
+        q.push_back((pid, code));
+        EXITED.notify_all();
+    });
+}
+
+/// The exit code of child `pid`, or `None` if it did not end within `timeout`.
+fn wait_child(pid: i32, timeout: Duration) -> Option<i32> {
+    let t0 = Instant::now();
+    let mut q = EXITS.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(i) = q.iter().position(|(p, _)| *p == pid) {
+            return q.remove(i).map(|(_, c)| c);
+        }
+        let left = timeout.checked_sub(t0.elapsed())?;
+        q = EXITED
+            .wait_timeout(q, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// After a pick: the NBD root, the overlay, and the check command chrooted in it.
+fn session(con: &mut Console, args: &cmdline::BootArgs, server: SocketAddr) -> Result<()> {
+    let addr = args
+        .nbd
+        .unwrap_or_else(|| SocketAddr::new(server.ip(), cmdline::NBD_PORT));
+    let export = args.export.as_deref().unwrap_or(cmdline::DEFAULT_EXPORT);
+    con.say(&format!("nbd: attaching export {export} from {addr}"));
+    let dev = nbd::attach(addr, export, "/dev/nbd0", HTTP_TIMEOUT)
+        .with_context(|| format!("NBD export {export} from {addr}"))?;
+    con.say(&format!(
+        "nbd: attached {} ({} bytes, flags {:#x})",
+        dev.path, dev.export.size, dev.export.flags
+    ));
+    let root = session::Root::assemble(&dev.path).context("assembling the root")?;
+    con.say(&format!(
+        "root: squashfs + tmpfs overlay on {}",
+        root.dir.display()
+    ));
+    let mut child = root
+        .command(&format!("exec 2>&1; {}", session::CHECK))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the check in the new root")?;
+    let pid = child.id() as i32;
+    let out = child.stdout.take().context("check stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
         }
     });
+    let t0 = Instant::now();
+    while let Ok(l) = rx.recv_timeout(CHECK_LIMIT.saturating_sub(t0.elapsed())) {
+        con.say(&format!("check: {l}"));
+    }
+    let code = wait_child(pid, CHECK_LIMIT.saturating_sub(t0.elapsed()));
+    if code.is_none() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    drop(root);
+    drop(dev);
+    con.say("nbd: detached");
+    match code {
+        Some(0) => Ok(()),
+        Some(c) => bail!("the check in the new root failed (exit {c})"),
+        None => bail!("the check in the new root did not end within {CHECK_LIMIT:?}"),
+    }
 }
 
 fn random_u32() -> u32 {
@@ -198,7 +317,11 @@ fn load_modules(con: &mut Console) -> Result<()> {
     let mut l = modules::Loader::open(&dir).context("module index")?;
     for m in BASE_MODULES {
         match l.load(m) {
-            Ok(_) => {}
+            Ok(done) => {
+                for (name, _) in done {
+                    con.say(&format!("loaded module {name}"));
+                }
+            }
             Err(e) => con.say(&format!("module {m}: {}", chain(&e))),
         }
     }
@@ -265,16 +388,16 @@ fn pick_link(con: &mut Console) -> Result<String> {
 }
 
 /// DHCP on `iface`, then address and default route.
-fn network(iface: &str, log: &mut dyn FnMut(String)) -> Result<dhcp::Lease> {
+fn network(iface: &str, log: &mut dyn FnMut(String)) -> Result<(dhcp::Lease, dhcp::Holder)> {
     let mac = net::mac(Path::new("/sys"), iface).context("reading the interface's MAC")?;
     // Accept broadcast replies from a server we have no route to yet (strict rp_filter
     // would drop them before our socket sees them).
     for k in ["all", iface] {
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{k}/rp_filter"), "0");
     }
-    let lease = dhcp::run(iface, mac, random_u32(), DHCP_LIMIT, log)?;
+    let (lease, holder) = dhcp::run(iface, mac, random_u32(), DHCP_LIMIT, log)?;
     net::configure(iface, lease.ip, lease.prefix, lease.router).context("configuring the lease")?;
-    Ok(lease)
+    Ok((lease, holder))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -294,10 +417,28 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
     load_modules(con)?;
     let iface = pick_link(con)?;
     con.say(&format!("link {iface} up, starting DHCP"));
-    let lease = {
+    let (lease, holder) = {
         let mut log = |m: String| con.say(&m);
         network(&iface, &mut log)?
     };
+    // Keep the lease alive in the background; the menu notices when it is lost. The
+    // previous attempt's keeper (if any) is stopped first so only one owns port 68.
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(old) = KEEPER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .replace(stop.clone())
+    {
+        old.store(true, Ordering::Relaxed);
+    }
+    *LEASE_LOST.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    std::thread::spawn(move || {
+        let mut out = Console::open_output();
+        let why = holder.keep(&stop, &mut |m| out.say(&m));
+        if !stop.load(Ordering::Relaxed) {
+            *LEASE_LOST.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
+    });
     con.say(&format!(
         "dhcp bound {}/{} router {} server {} lease {}s",
         lease.ip,
@@ -331,10 +472,13 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
             hit.map(Action::Pick)
         });
         'menu: loop {
+            if let Some(why) = *LEASE_LOST.lock().unwrap_or_else(|e| e.into_inner()) {
+                bail!("DHCP lease lost: {why}");
+            }
             let actions: Vec<Action> = match pending.take() {
                 Some(a) => vec![a],
                 None => con
-                    .keys(Duration::from_secs(3600))
+                    .keys(Duration::from_secs(2))
                     .into_iter()
                     .map(|k| menu.key(k))
                     .collect(),
@@ -344,7 +488,13 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
                     Action::Moved => con.draw(&menu.render(&server.to_string())),
                     Action::Pick(name) => {
                         con.say(&format!("picked {name}"));
-                        con.say("NBD attach and guest session are not implemented yet; back to the menu");
+                        match session(con, args, server) {
+                            Ok(()) => con.say("session check passed"),
+                            Err(e) => con.say(&format!("session failed: {e:#}")),
+                        }
+                        con.say(&format!(
+                            "the guest session for {name} (POST /api/v1/sessions, Xorg/VNC) is not implemented yet; back to the menu"
+                        ));
                         std::thread::sleep(Duration::from_secs(2));
                         con.draw(&menu.render(&server.to_string()));
                     }
@@ -384,10 +534,11 @@ fn fatal(con: &mut Console, msg: &str) {
     }
 }
 
-/// `boot-menu dhcp IFACE`: the network steps alone, for tests in a network namespace.
-fn dhcp_probe(iface: &str) -> Result<()> {
+/// `boot-menu dhcp IFACE [renew]`: the network steps alone, for tests in a network
+/// namespace; with `renew`, also wait for the first renewal.
+fn dhcp_probe(iface: &str, renew: bool) -> Result<()> {
     net::set_up(iface)?;
-    let lease = network(iface, &mut |m| eprintln!("{PREFIX} {m}"))?;
+    let (lease, mut holder) = network(iface, &mut |m| eprintln!("{PREFIX} {m}"))?;
     println!(
         "{PREFIX} dhcp bound {}/{} router {} server {}",
         lease.ip,
@@ -395,22 +546,23 @@ fn dhcp_probe(iface: &str) -> Result<()> {
         lease.router.map(|r| r.to_string()).unwrap_or("-".into()),
         lease.server
     );
+    if renew {
+        let limit = Duration::from_secs(lease.lease_secs as u64 + 30);
+        let l = holder.renew_once(limit, &mut |m| eprintln!("{PREFIX} {m}"))?;
+        println!("{PREFIX} dhcp renewed {} for {}s", l.ip, l.lease_secs);
+    }
     Ok(())
 }
-
-#[allow(dead_code)]
-mod nbd;
-#[allow(dead_code)]
-mod root;
 
 fn main() {
     let pid1 = nix::unistd::getpid().as_raw() == 1;
     if !pid1 {
         let argv: Vec<String> = std::env::args().collect();
         let r = match argv.get(1).map(String::as_str) {
-            Some("dhcp") if argv.len() == 3 => dhcp_probe(&argv[2]),
+            Some("dhcp") if argv.len() == 3 => dhcp_probe(&argv[2], false),
+            Some("dhcp") if argv.len() == 4 && argv[3] == "renew" => dhcp_probe(&argv[2], true),
             _ => Err(anyhow::anyhow!(
-                "this is the thin client's /init; outside PID 1 only `boot-menu dhcp IFACE` runs"
+                "this is the thin client's /init; outside PID 1 only `boot-menu dhcp IFACE [renew]` runs"
             )),
         };
         if let Err(e) = r {

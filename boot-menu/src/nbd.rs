@@ -1,259 +1,292 @@
-//! The thin client's NBD root: the fixed-newstyle handshake in user space (NBD protocol,
-//! doc/proto.md: "Fixed newstyle negotiation", NBD_OPT_GO, NBD_OPT_EXPORT_NAME), then the
-//! socket handed to the kernel's NBD driver with the NBD ioctls on /dev/nbdN.
+//! The NBD root of the thin client: the fixed-newstyle handshake in user space (NBD protocol,
+//! doc/proto.md of NetworkBlockDevice/nbd: "Fixed newstyle negotiation", NBD_OPT_GO with a
+//! fallback to NBD_OPT_EXPORT_NAME), then the connected socket is handed to the kernel's
+//! client with the ioctls of linux/nbd.h (NBD_SET_SIZE, NBD_SET_FLAGS, NBD_SET_SOCK,
+//! NBD_DO_IT in its own thread, NBD_DISCONNECT to end).
 //!
-//! The kernel client only does transmission; negotiation is ours, which is why nbd-client
-//! is not needed in the initramfs.
+//! The handshake is a codec plus a blocking driver generic over `Read + Write`, so it is
+//! tested against a scripted server and against real nbdkit.
 
-use std::io::{self, Read, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
-
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_GO: u32 = 7;
-
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
-
-const INFO_EXPORT: u16 = 0;
-
-/// Transmission flag: the export is read-only (proto.md "Transmission flags").
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+pub const FLAG_NO_ZEROES: u16 = 2;
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_GO: u32 = 7;
+pub const REP_ACK: u32 = 1;
+pub const REP_INFO: u32 = 3;
+pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
+pub const INFO_EXPORT: u16 = 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// How long the kernel client may take to come up after NBD_DO_IT.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// Largest option reply we accept; real ones are a few dozen bytes.
+const MAX_REPLY: u32 = 64 * 1024;
 
-/// Why attaching the root failed; each message says what the admin can check.
+/// ioctl numbers: _IO(0xab, n).
+const NBD_SET_SOCK: u64 = 0xab00;
+const NBD_SET_SIZE: u64 = 0xab02;
+const NBD_DO_IT: u64 = 0xab03;
+const NBD_CLEAR_SOCK: u64 = 0xab04;
+const NBD_CLEAR_QUE: u64 = 0xab05;
+const NBD_DISCONNECT: u64 = 0xab08;
+const NBD_SET_TIMEOUT: u64 = 0xab09;
+const NBD_SET_FLAGS: u64 = 0xab0a;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connecting to the NBD server {0}")]
-    Connect(SocketAddr, #[source] io::Error),
-    #[error("NBD handshake with {0}")]
-    Io(SocketAddr, #[source] io::Error),
-    #[error("{0} is not an NBD server with the fixed newstyle handshake (is [nbd] enabled in vdd's config?)")]
-    NotNbd(SocketAddr),
-    #[error(
-        "the NBD server has no export {0:?}: check [boot] root and [[nbd.export]] in vdd's config"
-    )]
-    UnknownExport(String),
-    #[error("the NBD server refused export {0:?} (reply type {1:#x})")]
-    Refused(String, u32),
-    #[error("{0}")]
-    Device(String, #[source] nix::Error),
-    #[error("opening {0} (is the nbd module loaded?)")]
-    Open(String, #[source] io::Error),
+    #[error("cannot connect to NBD server {0}")]
+    Connect(SocketAddr, #[source] std::io::Error),
+    #[error("NBD handshake I/O")]
+    Io(#[from] std::io::Error),
+    #[error("not an NBD fixed-newstyle server: {0}")]
+    Protocol(&'static str),
+    #[error("server refused export {name:?} (reply {code:#x}: {msg})")]
+    Refused {
+        name: String,
+        code: u32,
+        msg: String,
+    },
+    #[error("export of {0} bytes is smaller than one 512-byte sector")]
+    TooSmall(u64),
+    #[error("cannot open {0}")]
+    Device(String, #[source] std::io::Error),
+    #[error("ioctl {0} on the NBD device failed")]
+    Ioctl(&'static str, #[source] std::io::Error),
+    #[error("the kernel NBD client did not start within {0:?}")]
+    NotStarted(Duration),
 }
 
-/// What the negotiation learned about the export.
+/// What the handshake learnt about the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExportInfo {
+pub struct Export {
     pub size: u64,
     pub flags: u16,
 }
 
-/// Connects and negotiates `export`; returns the socket, ready for transmission.
-pub fn negotiate(addr: SocketAddr, export: &str) -> Result<(TcpStream, ExportInfo), Error> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| Error::Connect(addr, e))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| Error::Io(addr, e))?;
-    s.set_nodelay(true).map_err(|e| Error::Io(addr, e))?;
-    let info = handshake(&mut s, export).map_err(|e| match e {
-        HandshakeError::Io(e) => Error::Io(addr, e),
-        HandshakeError::NotNbd => Error::NotNbd(addr),
-        HandshakeError::Unknown => Error::UnknownExport(export.to_string()),
-        HandshakeError::Refused(t) => Error::Refused(export.to_string(), t),
-    })?;
-    // The kernel owns the socket from here; it must block without a timeout.
-    s.set_read_timeout(None).map_err(|e| Error::Io(addr, e))?;
-    Ok((s, info))
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes(b[i..i + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_be_bytes(b[i..i + 8].try_into().unwrap())
 }
 
-#[derive(Debug)]
-enum HandshakeError {
-    Io(io::Error),
-    NotNbd,
-    Unknown,
-    Refused(u32),
-}
-
-impl From<io::Error> for HandshakeError {
-    fn from(e: io::Error) -> Self {
-        HandshakeError::Io(e)
+/// The server's first 18 bytes -> its handshake flags.
+pub fn parse_greeting(b: &[u8; 18]) -> Result<u16, Error> {
+    if u64_at(b, 0) != NBDMAGIC {
+        return Err(Error::Protocol("bad NBDMAGIC"));
     }
+    if u64_at(b, 8) != IHAVEOPT {
+        return Err(Error::Protocol("oldstyle server (no IHAVEOPT)"));
+    }
+    let flags = u16_at(b, 16);
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(Error::Protocol("server lacks fixed newstyle"));
+    }
+    Ok(flags)
 }
 
-fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo, HandshakeError> {
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello)?;
-    let magic = u64::from_be_bytes(hello[0..8].try_into().expect("8 bytes"));
-    let opt = u64::from_be_bytes(hello[8..16].try_into().expect("8 bytes"));
-    let hflags = u16::from_be_bytes([hello[16], hello[17]]);
-    if magic != NBDMAGIC || opt != IHAVEOPT || hflags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(HandshakeError::NotNbd);
-    }
-    let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
-    let cflags = u32::from(FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES));
+/// An option request: IHAVEOPT, option, length, data.
+pub fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + data.len());
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// NBD_OPT_GO for `name` with no information requests (the server always sends
+/// NBD_INFO_EXPORT, which is all the kernel needs).
+pub fn opt_go(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    option(OPT_GO, &d)
+}
+
+/// Runs the handshake on `s`; on success `s` is in the transmission phase.
+pub fn handshake<S: Read + Write>(s: &mut S, name: &str) -> Result<Export, Error> {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g)?;
+    let flags = parse_greeting(&g)?;
+    let no_zeroes = flags & FLAG_NO_ZEROES != 0;
+    let cflags = FLAG_FIXED_NEWSTYLE as u32 | if no_zeroes { FLAG_NO_ZEROES as u32 } else { 0 };
     s.write_all(&cflags.to_be_bytes())?;
-
-    // NBD_OPT_GO: name length, name, no info requests (NBD_INFO_EXPORT always comes).
-    let mut data = Vec::with_capacity(6 + export.len());
-    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    send_option(s, OPT_GO, &data)?;
-    let mut info = None;
+    s.write_all(&opt_go(name))?;
+    let mut export = None;
     loop {
         let mut h = [0u8; 20];
         s.read_exact(&mut h)?;
-        let magic = u64::from_be_bytes(h[0..8].try_into().expect("8 bytes"));
-        let rtype = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
-        let len = u32::from_be_bytes(h[16..20].try_into().expect("4 bytes"));
-        if magic != REPLY_MAGIC || len > 1 << 20 {
-            return Err(HandshakeError::NotNbd);
+        if u64_at(&h, 0) != REPLY_MAGIC {
+            return Err(Error::Protocol("bad option reply magic"));
         }
-        let mut body = vec![0u8; len as usize];
-        s.read_exact(&mut body)?;
-        match rtype {
-            REP_INFO
-                if body.len() >= 12 && u16::from_be_bytes([body[0], body[1]]) == INFO_EXPORT =>
-            {
-                info = Some(ExportInfo {
-                    size: u64::from_be_bytes(body[2..10].try_into().expect("8 bytes")),
-                    flags: u16::from_be_bytes([body[10], body[11]]),
+        if u32_at(&h, 8) != OPT_GO {
+            return Err(Error::Protocol("reply to an option we did not send"));
+        }
+        let (typ, len) = (u32_at(&h, 12), u32_at(&h, 16));
+        if len > MAX_REPLY {
+            return Err(Error::Protocol("option reply too long"));
+        }
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d)?;
+        match typ {
+            REP_INFO if len >= 2 && u16_at(&d, 0) == INFO_EXPORT => {
+                if len != 12 {
+                    return Err(Error::Protocol("NBD_INFO_EXPORT of wrong length"));
+                }
+                export = Some(Export {
+                    size: u64_at(&d, 2),
+                    flags: u16_at(&d, 10),
                 });
             }
+            // Other information (block sizes, names) is optional to understand.
             REP_INFO => {}
-            REP_ACK => return info.ok_or(HandshakeError::NotNbd),
-            REP_ERR_UNKNOWN => return Err(HandshakeError::Unknown),
-            // A server without NBD_OPT_GO: the older EXPORT_NAME, which ends negotiation.
-            REP_ERR_UNSUP => return export_name(s, export, no_zeroes),
-            t if t & (1 << 31) != 0 => return Err(HandshakeError::Refused(t)),
-            _ => {}
+            REP_ACK => {
+                return export.ok_or(Error::Protocol("NBD_OPT_GO acked without export info"))
+            }
+            // An old server without NBD_OPT_GO: the older option, which ends negotiation
+            // at once and cannot report errors except by closing.
+            REP_ERR_UNSUP => return export_name(s, name, no_zeroes),
+            code if code & (1 << 31) != 0 => {
+                return Err(Error::Refused {
+                    name: name.to_string(),
+                    code,
+                    msg: String::from_utf8_lossy(&d).into_owned(),
+                })
+            }
+            _ => return Err(Error::Protocol("unknown option reply type")),
         }
     }
 }
 
-fn export_name<S: Read + Write>(
-    s: &mut S,
-    export: &str,
-    no_zeroes: bool,
-) -> Result<ExportInfo, HandshakeError> {
-    send_option(s, OPT_EXPORT_NAME, export.as_bytes())?;
-    let mut r = [0u8; 10];
-    s.read_exact(&mut r).map_err(|e| {
-        // The server closes the connection for an unknown name (proto.md).
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            HandshakeError::Unknown
-        } else {
-            HandshakeError::Io(e)
-        }
+fn export_name<S: Read + Write>(s: &mut S, name: &str, no_zeroes: bool) -> Result<Export, Error> {
+    s.write_all(&option(OPT_EXPORT_NAME, name.as_bytes()))?;
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Refused {
+            name: name.to_string(),
+            code: 0,
+            msg: "connection closed on NBD_OPT_EXPORT_NAME".into(),
+        },
+        _ => Error::Io(e),
     })?;
     if !no_zeroes {
         let mut z = [0u8; 124];
         s.read_exact(&mut z)?;
     }
-    Ok(ExportInfo {
-        size: u64::from_be_bytes(r[0..8].try_into().expect("8 bytes")),
-        flags: u16::from_be_bytes([r[8], r[9]]),
+    Ok(Export {
+        size: u64_at(&b, 0),
+        flags: u16_at(&b, 8),
     })
 }
 
-fn send_option<S: Write>(s: &mut S, opt: u32, data: &[u8]) -> io::Result<()> {
-    let mut m = Vec::with_capacity(16 + data.len());
-    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    s.write_all(&m)
-}
-
-// The NBD ioctls of <linux/nbd.h>: _IO(0xab, n).
-mod ioctl {
-    nix::ioctl_write_int_bad!(set_sock, nix::request_code_none!(0xab, 0));
-    nix::ioctl_write_int_bad!(set_blksize, nix::request_code_none!(0xab, 1));
-    nix::ioctl_none_bad!(do_it, nix::request_code_none!(0xab, 3));
-    nix::ioctl_none_bad!(clear_sock, nix::request_code_none!(0xab, 4));
-    nix::ioctl_none_bad!(clear_que, nix::request_code_none!(0xab, 5));
-    nix::ioctl_write_int_bad!(set_size_blocks, nix::request_code_none!(0xab, 7));
-    nix::ioctl_none_bad!(disconnect, nix::request_code_none!(0xab, 8));
-    nix::ioctl_write_int_bad!(set_timeout, nix::request_code_none!(0xab, 9));
-    nix::ioctl_write_int_bad!(set_flags, nix::request_code_none!(0xab, 10));
-}
-
-/// A block device served by the kernel's NBD client. NBD_DO_IT blocks for the life of the
-/// connection, so it runs on its own thread; [`Attached::detach`] ends it.
+/// A kernel NBD device serving one export; dropping it disconnects and frees the device.
 pub struct Attached {
-    pub device: String,
-    dev: std::fs::File,
+    dev: File,
+    pub path: String,
+    pub export: Export,
     thread: Option<std::thread::JoinHandle<()>>,
-    _sock: TcpStream,
 }
 
-/// Hands a negotiated socket to `/dev/nbdN`.
-pub fn attach(device: &str, sock: TcpStream, info: ExportInfo) -> Result<Attached, Error> {
-    let err = |what: &str, e: nix::Error| Error::Device(format!("{device}: {what}"), e);
-    let dev = std::fs::OpenOptions::new()
+fn ioctl(f: &File, what: &'static str, req: u64, arg: u64) -> Result<(), Error> {
+    // SAFETY: the nbd ioctls used here take an integer argument by value, never a pointer.
+    let r = unsafe { nix::libc::ioctl(f.as_raw_fd(), req as _, arg as nix::libc::c_ulong) };
+    if r < 0 {
+        return Err(Error::Ioctl(what, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Connects to `server`, negotiates `name`, and gives the socket to `/dev/nbdN`.
+pub fn attach(
+    server: SocketAddr,
+    name: &str,
+    dev: &str,
+    timeout: Duration,
+) -> Result<Attached, Error> {
+    let mut s =
+        TcpStream::connect_timeout(&server, timeout).map_err(|e| Error::Connect(server, e))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    let export = handshake(&mut s, name)?;
+    if export.size < 512 {
+        return Err(Error::TooSmall(export.size));
+    }
+    // The kernel applies its own timeout (NBD_SET_TIMEOUT); the socket must block.
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .open(device)
-        .map_err(|e| Error::Open(device.to_string(), e))?;
-    let fd = dev.as_raw_fd();
-    const BLKSIZE: u64 = 4096;
-    // SAFETY: plain integer ioctls on an open NBD device, as <linux/nbd.h> documents.
-    unsafe {
-        ioctl::clear_sock(fd).ok();
-        ioctl::set_blksize(fd, BLKSIZE as i32).map_err(|e| err("NBD_SET_BLKSIZE", e))?;
-        ioctl::set_size_blocks(fd, (info.size / BLKSIZE) as i32)
-            .map_err(|e| err("NBD_SET_SIZE_BLOCKS", e))?;
-        ioctl::set_flags(fd, i32::from(info.flags)).map_err(|e| err("NBD_SET_FLAGS", e))?;
-        // A server that vanishes must not hang the client forever: the kernel errors out
-        // requests after this many seconds and boot-menu can show the menu again.
-        ioctl::set_timeout(fd, 60).map_err(|e| err("NBD_SET_TIMEOUT", e))?;
-        ioctl::set_sock(fd, sock.as_raw_fd()).map_err(|e| err("NBD_SET_SOCK", e))?;
-    }
-    let thread_fd = dev
+        .open(dev)
+        .map_err(|e| Error::Device(dev.to_string(), e))?;
+    // A device left behind by an earlier attempt: clear it first (errors ignored).
+    let _ = ioctl(&f, "NBD_CLEAR_SOCK", NBD_CLEAR_SOCK, 0);
+    ioctl(&f, "NBD_SET_SIZE", NBD_SET_SIZE, export.size)?;
+    ioctl(&f, "NBD_SET_FLAGS", NBD_SET_FLAGS, export.flags as u64)?;
+    ioctl(&f, "NBD_SET_TIMEOUT", NBD_SET_TIMEOUT, 30)?;
+    let sock = s.into_raw_fd();
+    let r = ioctl(&f, "NBD_SET_SOCK", NBD_SET_SOCK, sock as u64);
+    // The kernel holds its own reference to the socket now (or failed to take one).
+    let _ = nix::unistd::close(sock);
+    r?;
+    let f2 = f
         .try_clone()
-        .map_err(|e| Error::Open(device.to_string(), e))?;
+        .map_err(|e| Error::Device(dev.to_string(), e))?;
+    // NBD_DO_IT blocks for the life of the connection, so it gets a thread of its own.
     let thread = std::thread::spawn(move || {
-        // SAFETY: see above; returns when the connection ends.
-        let _ = unsafe { ioctl::do_it(thread_fd.as_raw_fd()) };
-        let _ = unsafe { ioctl::clear_que(thread_fd.as_raw_fd()) };
-        let _ = unsafe { ioctl::clear_sock(thread_fd.as_raw_fd()) };
+        let _ = ioctl(&f2, "NBD_DO_IT", NBD_DO_IT, 0);
+        let _ = ioctl(&f2, "NBD_CLEAR_QUE", NBD_CLEAR_QUE, 0);
+        let _ = ioctl(&f2, "NBD_CLEAR_SOCK", NBD_CLEAR_SOCK, 0);
     });
-    Ok(Attached {
-        device: device.to_string(),
-        dev,
+    let a = Attached {
+        dev: f,
+        path: dev.to_string(),
+        export,
         thread: Some(thread),
-        _sock: sock,
-    })
-}
-
-impl Attached {
-    /// Disconnects and waits for the kernel to let go of the device.
-    pub fn detach(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: integer ioctl on the open device.
-        let _ = unsafe { ioctl::disconnect(self.dev.as_raw_fd()) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    };
+    // NBD_DO_IT creates /sys/block/nbdN/pid first and applies the size last
+    // (nbd_start_device in drivers/block/nbd.c); I/O before that sees a disk of 0 sectors
+    // and fails, so wait for both.
+    let sys = Path::new("/sys/block").join(dev.trim_start_matches("/dev/"));
+    let want_sectors = export.size / 512;
+    let t0 = Instant::now();
+    loop {
+        let sectors = std::fs::read_to_string(sys.join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if sys.join("pid").exists() && sectors >= want_sectors.max(1) {
+            break;
         }
+        if t0.elapsed() > START_LIMIT {
+            return Err(Error::NotStarted(START_LIMIT));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(a)
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        self.stop();
+        let _ = ioctl(&self.dev, "NBD_DISCONNECT", NBD_DISCONNECT, 0);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -262,182 +295,194 @@ mod tests {
     use super::*;
     use std::io::Cursor;
 
-    /// A scripted server side: what it says, and what the client must write.
-    struct Script {
+    /// A scripted peer: reads come from `input`, writes are recorded.
+    struct Fake {
         input: Cursor<Vec<u8>>,
-        written: Vec<u8>,
+        sent: Vec<u8>,
     }
-    impl Read for Script {
-        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+    impl Read for Fake {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
             self.input.read(b)
         }
     }
-    impl Write for Script {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.written.extend_from_slice(b);
+    impl Write for Fake {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.sent.extend_from_slice(b);
             Ok(b.len())
         }
-        fn flush(&mut self) -> io::Result<()> {
+        fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
 
-    fn hello(flags: u16) -> Vec<u8> {
+    fn greeting(flags: u16) -> Vec<u8> {
         let mut v = NBDMAGIC.to_be_bytes().to_vec();
         v.extend_from_slice(&IHAVEOPT.to_be_bytes());
         v.extend_from_slice(&flags.to_be_bytes());
         v
     }
 
-    fn reply(opt: u32, rtype: u32, data: &[u8]) -> Vec<u8> {
+    fn reply(opt: u32, typ: u32, data: &[u8]) -> Vec<u8> {
         let mut v = REPLY_MAGIC.to_be_bytes().to_vec();
         v.extend_from_slice(&opt.to_be_bytes());
-        v.extend_from_slice(&rtype.to_be_bytes());
+        v.extend_from_slice(&typ.to_be_bytes());
         v.extend_from_slice(&(data.len() as u32).to_be_bytes());
         v.extend_from_slice(data);
         v
     }
 
-    #[test]
-    fn go_with_info_export() {
-        let mut input = hello(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
-        info.extend_from_slice(&(1u64 << 30).to_be_bytes());
-        info.extend_from_slice(&(1u16 | TFLAG_READ_ONLY).to_be_bytes());
-        input.extend(reply(OPT_GO, REP_INFO, &info));
-        input.extend(reply(OPT_GO, REP_ACK, &[]));
-        let mut s = Script {
+    fn info_export(size: u64, flags: u16) -> Vec<u8> {
+        let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+        d.extend_from_slice(&size.to_be_bytes());
+        d.extend_from_slice(&flags.to_be_bytes());
+        d
+    }
+
+    fn run(input: Vec<u8>) -> (Result<Export, Error>, Vec<u8>) {
+        let mut f = Fake {
             input: Cursor::new(input),
-            written: Vec::new(),
+            sent: Vec::new(),
         };
-        let got = handshake(&mut s, "thin-client").unwrap();
-        assert_eq!(
-            got,
-            ExportInfo {
-                size: 1 << 30,
-                flags: 1 | TFLAG_READ_ONLY
-            }
-        );
-        // client flags, then IHAVEOPT, GO, len, name len, name, 0 info requests
-        let w = &s.written;
-        assert_eq!(&w[0..4], &3u32.to_be_bytes());
-        assert_eq!(&w[4..12], &IHAVEOPT.to_be_bytes());
-        assert_eq!(&w[12..16], &OPT_GO.to_be_bytes());
-        assert_eq!(&w[16..20], &(4 + 11 + 2u32).to_be_bytes());
-        assert_eq!(&w[20..24], &11u32.to_be_bytes());
-        assert_eq!(&w[24..35], b"thin-client");
-        assert_eq!(&w[35..37], &[0, 0]);
+        let r = handshake(&mut f, "thin-client");
+        (r, f.sent)
     }
 
     #[test]
-    fn unknown_export_and_not_nbd() {
-        let mut input = hello(FLAG_FIXED_NEWSTYLE);
-        input.extend(reply(OPT_GO, REP_ERR_UNKNOWN, b"no such export"));
-        let mut s = Script {
-            input: Cursor::new(input),
-            written: Vec::new(),
-        };
-        assert!(matches!(
-            handshake(&mut s, "x"),
-            Err(HandshakeError::Unknown)
+    fn go_with_info_then_ack() {
+        let mut i = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        // An info type we do not ask about (block size) is skipped.
+        i.extend(reply(
+            OPT_GO,
+            REP_INFO,
+            &[0, 3, 0, 0, 2, 0, 0, 0, 16, 0, 0, 0, 0, 0x20, 0, 0, 0, 0],
         ));
-
-        let mut s = Script {
-            input: Cursor::new(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()),
-            written: Vec::new(),
-        };
-        assert!(matches!(
-            handshake(&mut s, "x"),
-            Err(HandshakeError::NotNbd)
+        i.extend(reply(
+            OPT_GO,
+            REP_INFO,
+            &info_export(1 << 30, 1 | TFLAG_READ_ONLY),
         ));
-
-        // oldstyle servers are refused: no IHAVEOPT
-        let mut input = NBDMAGIC.to_be_bytes().to_vec();
-        input.extend_from_slice(&0x0000_4202_8186_1253u64.to_be_bytes());
-        input.extend_from_slice(&[0; 2]);
-        let mut s = Script {
-            input: Cursor::new(input),
-            written: Vec::new(),
-        };
-        assert!(matches!(
-            handshake(&mut s, "x"),
-            Err(HandshakeError::NotNbd)
-        ));
+        i.extend(reply(OPT_GO, REP_ACK, &[]));
+        let (r, sent) = run(i);
+        assert_eq!(
+            r.unwrap(),
+            Export {
+                size: 1 << 30,
+                flags: 3
+            }
+        );
+        // Client flags, then NBD_OPT_GO with the name and zero info requests.
+        assert_eq!(&sent[..4], &[0, 0, 0, 3]);
+        assert_eq!(&sent[4..], &opt_go("thin-client")[..]);
+        assert_eq!(&sent[4 + 12..4 + 16], &(4 + 11 + 2u32).to_be_bytes());
     }
 
     #[test]
     fn falls_back_to_export_name() {
-        let mut input = hello(FLAG_FIXED_NEWSTYLE);
-        input.extend(reply(OPT_GO, REP_ERR_UNSUP, &[]));
-        input.extend_from_slice(&4096u64.to_be_bytes());
-        input.extend_from_slice(&1u16.to_be_bytes());
-        input.extend_from_slice(&[0u8; 124]);
-        let mut s = Script {
-            input: Cursor::new(input),
-            written: Vec::new(),
-        };
+        let mut i = greeting(FLAG_FIXED_NEWSTYLE);
+        i.extend(reply(OPT_GO, REP_ERR_UNSUP, b""));
+        i.extend(4096u64.to_be_bytes());
+        i.extend(1u16.to_be_bytes());
+        i.extend([0u8; 124]);
+        let (r, sent) = run(i);
         assert_eq!(
-            handshake(&mut s, "x").unwrap(),
-            ExportInfo {
+            r.unwrap(),
+            Export {
                 size: 4096,
                 flags: 1
             }
         );
+        assert_eq!(
+            &sent[..4],
+            &[0, 0, 0, 1],
+            "no NO_ZEROES when the server lacks it"
+        );
+        assert!(sent.ends_with(&option(OPT_EXPORT_NAME, b"thin-client")));
     }
 
-    /// Against a real server: nbdkit on loopback.
     #[test]
-    fn negotiates_with_nbdkit() {
-        if std::process::Command::new("nbdkit")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("CI must install nbdkit");
-            }
-            eprintln!("skipping negotiates_with_nbdkit: nbdkit not installed");
+    fn refusals_and_garbage() {
+        let mut i = greeting(3);
+        i.extend(reply(OPT_GO, (1 << 31) | 6, b"no such export"));
+        assert!(
+            matches!(run(i).0, Err(Error::Refused { code, ref msg, .. }) if code == (1 << 31) | 6 && msg == "no such export")
+        );
+        assert!(matches!(
+            run(b"HTTP/1.1 400 Bad Request\r\n".to_vec()).0,
+            Err(Error::Protocol(_))
+        ));
+        assert!(matches!(run(greeting(0)).0, Err(Error::Protocol(_))));
+        let mut i = greeting(3);
+        i.extend(reply(OPT_GO, REP_ACK, &[]));
+        assert!(
+            matches!(run(i).0, Err(Error::Protocol(_))),
+            "ACK without size"
+        );
+        let mut i = greeting(3);
+        i.extend(reply(OPT_GO, REP_INFO, &[0u8; 0]).iter().take(16).copied());
+        i.extend((MAX_REPLY + 1).to_be_bytes());
+        assert!(matches!(run(i).0, Err(Error::Protocol(_))), "huge reply");
+        let mut i = greeting(3);
+        i.extend(reply(OPT_GO, REP_INFO, &info_export(1, 1)[..6]));
+        assert!(matches!(run(i).0, Err(Error::Protocol(_))), "short info");
+        // Truncated stream: an I/O error, not a hang or panic.
+        assert!(matches!(
+            run(greeting(3)[..10].to_vec()).0,
+            Err(Error::Io(_))
+        ));
+        // Old server closing on an unknown export name.
+        let mut i = greeting(1);
+        i.extend(reply(OPT_GO, REP_ERR_UNSUP, b""));
+        assert!(matches!(run(i).0, Err(Error::Refused { .. })));
+    }
+
+    /// Against real nbdkit on loopback, when installed.
+    #[test]
+    fn handshake_with_nbdkit() {
+        let Some(nbdkit) = ["/usr/bin/nbdkit", "/usr/sbin/nbdkit"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        else {
+            eprintln!("skip: nbdkit not installed");
             return;
-        }
+        };
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let mut child = std::process::Command::new("nbdkit")
-            .args([
-                "-f",
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-r",
-                "--filter=exportname",
-                "memory",
-                "size=1M",
-            ])
-            .args(["exportname=root", "exportname-strict=true"])
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut result = None;
-        for _ in 0..100 {
-            match negotiate(addr, "root") {
-                Err(Error::Connect(..)) => std::thread::sleep(Duration::from_millis(100)),
-                r => {
-                    result = Some(r);
-                    break;
-                }
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
             }
         }
-        let unknown = negotiate(addr, "nope");
-        let _ = child.kill();
-        let _ = child.wait();
-        let (_, info) = result.expect("nbdkit came up").unwrap();
-        assert_eq!(info.size, 1 << 20);
-        assert_ne!(info.flags & TFLAG_READ_ONLY, 0);
-        assert!(
-            matches!(unknown, Err(Error::UnknownExport(_))),
-            "{unknown:?}"
+        let _guard = Kill(
+            std::process::Command::new(nbdkit)
+                .args([
+                    "-f",
+                    "-r",
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "memory",
+                    "1M",
+                ])
+                .spawn()
+                .unwrap(),
         );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let t0 = Instant::now();
+        let mut s = loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() > Duration::from_secs(30) => panic!("nbdkit: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let e = handshake(&mut s, "thin-client").unwrap();
+        assert_eq!(e.size, 1 << 20);
+        assert_ne!(e.flags & TFLAG_READ_ONLY, 0, "nbdkit -r exports read-only");
     }
 }

@@ -9,12 +9,14 @@ use std::process::Command;
 
 use xtask::lab::{self, Lab};
 
-/// Runs `boot-menu dhcp eth0` in the client namespace and checks the result.
-fn lease_in(ns: &str) {
+/// Runs `boot-menu dhcp eth0 [renew]` in the client namespace and checks the result;
+/// returns its stdout.
+fn lease_in(ns: &str, renew: bool) -> String {
     let bin = env!("CARGO_BIN_EXE_boot-menu");
     // The client gives up by itself after 90 s; `timeout` is the backstop against a hang.
     let out = Command::new("timeout")
         .args(["150", "ip", "netns", "exec", ns, bin, "dhcp", "eth0"])
+        .args(renew.then_some("renew"))
         .output()
         .expect("running boot-menu");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -70,10 +72,11 @@ fn lease_in(ns: &str) {
         "{}",
         String::from_utf8_lossy(&ping.stdout)
     );
+    stdout.into_owned()
 }
 
 #[test]
-fn leases_from_busybox_udhcpd() {
+fn leases_and_renews_with_busybox_udhcpd() {
     if let Some(why) = lab::missing(&["busybox", "timeout", "ping"]) {
         eprintln!("skip: {why}");
         return;
@@ -83,10 +86,12 @@ fn leases_from_busybox_udhcpd() {
     let dir = std::env::temp_dir().join(format!("bm-udhcpd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("udhcpd.conf");
+    // An 8 s lease (udhcpd's floor is min_lease): T1 comes after 4 s, so the test also
+    // sees a real RENEWING exchange.
     std::fs::write(
         &conf,
         format!(
-            "start 10.77.0.100\nend 10.77.0.150\ninterface {}\nlease_file {}\npidfile {}\noption subnet 255.255.255.0\noption router {}\noption lease 600\n",
+            "start 10.77.0.100\nend 10.77.0.150\ninterface {}\nlease_file {}\npidfile {}\nmin_lease 8\noption subnet 255.255.255.0\noption router {}\noption lease 8\n",
             lab::BRIDGE,
             dir.join("leases").display(),
             dir.join("pid").display(),
@@ -98,7 +103,12 @@ fn leases_from_busybox_udhcpd() {
     let mut cmd = Lab::cmd(&lab.server_ns, "busybox");
     cmd.args(["udhcpd", "-f"]).arg(&conf);
     lab.spawn("udhcpd", cmd).unwrap();
-    lease_in(&c.ns);
+    let out = lease_in(&c.ns, true);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("vdd-boot-menu: dhcp renewed 10.77.0.")),
+        "{out}"
+    );
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -127,7 +137,7 @@ fn leases_from_dnsmasq() {
         &format!("--pid-file={}", dir.join("pid").display()),
     ]);
     lab.spawn("dnsmasq", cmd).unwrap();
-    lease_in(&c.ns);
+    lease_in(&c.ns, false);
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }

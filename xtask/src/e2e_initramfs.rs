@@ -2,7 +2,9 @@
 //! user-mode networking) and waits for boot-menu's serial-console markers, printing how
 //! long each stage took. slirp answers DHCP itself (RFC 2131, server 10.0.2.2), and maps
 //! 10.0.2.2:PORT to the host's 127.0.0.1:PORT, where a tiny HTTP server of ours serves the
-//! guest list; nothing leaves loopback.
+//! guest list; nothing leaves loopback. nbdkit on 127.0.0.1 serves a tiny squashfs root
+//! (static busybox + the image marker) as the NBD export, so a pick goes all the way to
+//! the check command chrooted in the overlay root.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -18,16 +20,79 @@ use anyhow::{bail, Context, Result};
 pub const GUESTS: &str = r#"[{"name":"x","label":"Guest X","display":"x11","description":"the test guest"},{"name":"y","label":"Guest Y","display":"vnc","description":""}]"#;
 
 /// Markers in the order they must appear, with a name for the timing table.
-const MARKERS: [(&str, &str); 6] = [
+const MARKERS: [(&str, &str); 14] = [
     ("Linux version", "kernel started"),
     ("vdd-boot-menu: started as PID 1", "boot-menu is PID 1"),
     ("vdd-boot-menu: loaded module e1000", "NIC driver loaded"),
     ("vdd-boot-menu: dhcp bound", "DHCP bound"),
     ("vdd-boot-menu: menu: 2 guests", "menu shown"),
     ("vdd-boot-menu: picked x", "autopick done"),
+    ("vdd-boot-menu: nbd: attached /dev/nbd0", "NBD attached"),
+    (
+        "vdd-boot-menu: check: root=vdd-thin-client",
+        "squashfs root readable",
+    ),
+    ("vdd-boot-menu: check: overlay=ok", "overlay writable"),
+    ("vdd-boot-menu: nbd: detached", "NBD detached"),
+    ("vdd-boot-menu: session check passed", "check passed"),
+    ("back to the menu", "back at the menu"),
+    // Keys typed on the serial console (Down, Enter; see KEYS) pick the second guest.
+    ("vdd-boot-menu: picked y", "Down+Enter picked y"),
+    (
+        "vdd-boot-menu: session check passed",
+        "second session passed",
+    ),
 ];
 
-/// Kills QEMU by its pid and reaps it on every path out.
+/// What is typed on ttyS0 once the marker with this index was seen: cursor down (CSI B)
+/// and Enter, as a VT100 terminal sends them.
+const KEYS: (usize, &[u8]) = (11, b"\x1b[B\r");
+
+/// The root image of the test: static busybox as /bin/sh and the marker file the real
+/// thin-client recipe writes. Built with mksquashfs (squashfs-tools).
+fn test_root(out: &Path) -> Result<std::path::PathBuf> {
+    let dir = out.join("e2e-root");
+    let _ = std::fs::remove_dir_all(&dir);
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .context("busybox (static) is not installed")?;
+    let data = std::fs::read(bb)?;
+    if !crate::initramfs::is_static_elf(&data) {
+        bail!("{bb} is not static (install busybox-static)");
+    }
+    std::fs::write(dir.join("bin/busybox"), &data)?;
+    std::fs::set_permissions(
+        dir.join("bin/busybox"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    std::os::unix::fs::symlink("busybox", dir.join("bin/sh"))?;
+    std::fs::write(dir.join("etc/vdd-thin-client"), "vdd-thin-client\n")?;
+    let img = out.join("e2e-root.squashfs");
+    let _ = std::fs::remove_file(&img);
+    let st = Command::new("mksquashfs")
+        .arg(&dir)
+        .arg(&img)
+        .args(["-noappend", "-all-root", "-quiet", "-no-progress"])
+        .stdout(Stdio::null())
+        .status()
+        .context("running mksquashfs (squashfs-tools)")?;
+    if !st.success() {
+        bail!("mksquashfs failed: {st}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(img)
+}
+
+/// A port that was free a moment ago (nbdkit takes no port 0).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Kills a child (QEMU, nbdkit) by its pid and reaps it on every path out.
 struct Qemu(Child);
 
 impl Drop for Qemu {
@@ -98,8 +163,9 @@ impl Drop for Http {
     }
 }
 
-/// Boots the images and returns the time of each marker since QEMU started.
-pub fn run(out: &Path, timeout: Duration) -> Result<Vec<(&'static str, Duration)>> {
+/// Boots the images and returns the time of each marker since QEMU started. The serial
+/// log is written to images/out/e2e-initramfs.log on failure, or always with `keep_log`.
+pub fn run(out: &Path, timeout: Duration, keep_log: bool) -> Result<Vec<(&'static str, Duration)>> {
     let kernel = out.join("vmlinuz");
     let initrd = out.join("initramfs.img");
     for f in [&kernel, &initrd] {
@@ -111,8 +177,25 @@ pub fn run(out: &Path, timeout: Duration) -> Result<Vec<(&'static str, Duration)
         }
     }
     let http = Http::start(GUESTS)?;
+    let root = test_root(out)?;
+    let nbd_port = free_port()?;
+    let nbdkit = Command::new("nbdkit")
+        .args([
+            "-f",
+            "-r",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &nbd_port.to_string(),
+            "file",
+        ])
+        .arg(&root)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting nbdkit")?;
+    let _nbdkit = Qemu(nbdkit);
     let append = format!(
-        "console=ttyS0 vdd.server=10.0.2.2:{} vdd.autopick=x panic=-1",
+        "console=ttyS0 vdd.server=10.0.2.2:{} vdd.nbd=10.0.2.2:{nbd_port} vdd.autopick=x panic=-1",
         http.port
     );
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -123,13 +206,14 @@ pub fn run(out: &Path, timeout: Duration) -> Result<Vec<(&'static str, Duration)
         .arg(&initrd)
         .args(["-append", &append])
         .args(["-netdev", "user,id=n0", "-device", "e1000,netdev=n0"])
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     eprintln!("xtask: running {cmd:?}");
     let t0 = Instant::now();
     let mut q = Qemu(cmd.spawn().context("starting qemu-system-x86_64")?);
     let stdout = q.0.stdout.take().context("qemu stdout")?;
+    let mut stdin = q.0.stdin.take().context("qemu stdin")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n') {
@@ -154,11 +238,25 @@ pub fn run(out: &Path, timeout: Duration) -> Result<Vec<(&'static str, Duration)
             Ok((at, line)) => {
                 log.push_str(&line);
                 log.push('\n');
-                if line.contains("Kernel panic") {
-                    return fail(&log, format!("kernel panic: {line}"));
+                // Failures boot-menu reports end the wait at once instead of at the timeout.
+                if [
+                    "Kernel panic",
+                    "vdd-boot-menu: error:",
+                    "vdd-boot-menu: session failed",
+                ]
+                .iter()
+                .any(|m| line.contains(m))
+                {
+                    return fail(&log, format!("boot failed: {line}"));
                 }
                 if line.contains(MARKERS[next].0) {
                     got.push((MARKERS[next].1, at - t0));
+                    if next == KEYS.0 {
+                        stdin
+                            .write_all(KEYS.1)
+                            .context("typing on the serial console")?;
+                        stdin.flush()?;
+                    }
                     next += 1;
                 }
             }
@@ -195,5 +293,10 @@ pub fn run(out: &Path, timeout: Duration) -> Result<Vec<(&'static str, Duration)
         );
     }
     drop(q);
+    if keep_log {
+        let p = out.join("e2e-initramfs.log");
+        std::fs::write(&p, &log).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("xtask: serial log in {}", p.display());
+    }
     Ok(got)
 }

@@ -64,6 +64,15 @@ enum Bench {
     },
     /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential, random 4 KiB QD16, 16 clients).
     Nbd(xtask::bench::nbd::Args),
+    /// Thin-client boot: QEMU stage medians, and DHCP lease latency vs busybox udhcpc.
+    Bootmenu {
+        /// QEMU boots to time (0 skips; at most 10).
+        #[arg(long, default_value_t = 3)]
+        boots: usize,
+        /// DHCP leases per client (0 skips; at most 40).
+        #[arg(long, default_value_t = 10)]
+        leases: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +92,9 @@ enum E2e {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Keep the serial log in images/out/e2e-initramfs.log even when all went well.
+        #[arg(long)]
+        log: bool,
     },
 }
 
@@ -124,13 +136,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::E2e {
-            what: E2e::Initramfs { no_build, timeout },
+            what:
+                E2e::Initramfs {
+                    no_build,
+                    timeout,
+                    log,
+                },
         } => {
             if !no_build {
                 initramfs(None)?;
             }
             let out = xtask::initramfs::root().join("images/out");
-            let marks = xtask::e2e_initramfs::run(&out, std::time::Duration::from_secs(timeout))?;
+            let marks =
+                xtask::e2e_initramfs::run(&out, std::time::Duration::from_secs(timeout), log)?;
             println!("e2e initramfs: all markers seen (QEMU TCG, times since QEMU start)");
             for (name, at) in marks {
                 println!("  {:>8.2} s  {name}", at.as_secs_f64());
@@ -161,6 +179,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Bench::Nbd(a),
         } => xtask::bench::nbd::run(a),
+        Cmd::Bench {
+            which: Bench::Bootmenu { boots, leases },
+        } => xtask::bench::bootmenu::run(boots, leases),
         Cmd::Lab => {
             let mut lab = xtask::lab::Lab::new("lab")?;
             let c = lab.add_client(None)?;

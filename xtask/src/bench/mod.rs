@@ -1,6 +1,7 @@
 //! `cargo xtask bench <service>`: benchmarks of vdd against real clients and real peer
 //! servers, inside lab namespaces only.
 
+pub mod bootmenu;
 pub mod http;
 pub mod nbd;
 
