@@ -13,9 +13,11 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 pub const BASE: &str = "/run/vdd";
 
 /// The check run in the new root: the image's marker file (written by the thin-client
-/// recipe) is readable, and a write lands in the tmpfs upper layer.
+/// recipe) is readable, a write lands in the tmpfs upper layer, and the X server of the
+/// real thin-client image starts far enough to print its version.
 pub const CHECK: &str = "set -e; read m < /etc/vdd-thin-client; echo \"root=$m\"; \
-echo ok > /tmp/.vdd-check; read w < /tmp/.vdd-check; echo \"overlay=$w\"";
+echo ok > /tmp/.vdd-check; read w < /tmp/.vdd-check; echo \"overlay=$w\"; \
+if [ -x /usr/bin/Xorg ]; then /usr/bin/Xorg -version 2>&1 | grep 'X.Org X Server'; fi";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

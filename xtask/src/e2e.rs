@@ -222,11 +222,21 @@ pub fn boot_stages(path: BootPath) -> Vec<Stage> {
         60,
     ));
     v.push(s(
-        "root mounted over NBD",
-        "vdd-boot-menu: root mounted",
+        "root attached over NBD",
+        "vdd-boot-menu: nbd: attached /dev/nbd0",
         120,
     ));
-    v.push(s("check command ran", "vdd-boot-menu: check ok", 120));
+    v.push(s(
+        "root mounted (overlay)",
+        "vdd-boot-menu: check: overlay=ok",
+        120,
+    ));
+    v.push(s(
+        "Xorg -version in the root",
+        "vdd-boot-menu: check: X.Org X Server",
+        120,
+    ));
+    v.push(s("check passed", "vdd-boot-menu: session check passed", 60));
     v
 }
 
