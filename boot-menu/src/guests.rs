@@ -25,6 +25,9 @@ pub enum Error {
     Malformed(&'static str),
     #[error("server answered {0}")]
     Status(String),
+    /// The server refused with a reason meant for the user.
+    #[error("{1} (HTTP {0})")]
+    Refused(u16, String),
     #[error("guest list is not valid JSON")]
     Json(#[source] serde_json::Error),
 }
@@ -65,15 +68,42 @@ pub fn fetch(server: SocketAddr, timeout: Duration) -> Result<Vec<Guest>, Error>
 
 /// One GET; returns the body of a 2xx answer.
 pub fn get(server: SocketAddr, path: &str, timeout: Duration) -> Result<Vec<u8>, Error> {
+    request(server, "GET", path, None, timeout)
+}
+
+/// One request with an optional JSON body; returns the body of a 2xx answer. A non-2xx
+/// answer whose body is `{"error": MESSAGE}` (the vdd API's refusals) becomes
+/// [`Error::Refused`] with that message, which the menu shows as it is.
+pub fn request(
+    server: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Vec<u8>, Error> {
     let io = |e| Error::Io(server, e);
     let mut s =
         TcpStream::connect_timeout(&server, timeout).map_err(|e| Error::Connect(server, e))?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {server}\r\nUser-Agent: vdd-boot-menu\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).map_err(io)?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {server}\r\nUser-Agent: vdd-boot-menu\r\nAccept: application/json\r\nConnection: close\r\n"
+    )
+    .into_bytes();
+    if let Some(b) = body {
+        req.extend_from_slice(
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+            .as_bytes(),
+        );
+    }
+    req.extend_from_slice(b"\r\n");
+    if let Some(b) = body {
+        req.extend_from_slice(b);
+    }
+    s.write_all(&req).map_err(io)?;
     // Read until the response is complete by its own framing, not only until the server
     // closes: a server that keeps the connection open despite `Connection: close` must
     // not cost us the read timeout.
@@ -125,6 +155,17 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, Error> {
         return Err(Error::Malformed("bad status line"));
     }
     if !code.starts_with('2') {
+        // The vdd API explains a refusal in {"error": "..."}; anything else is shown raw.
+        #[derive(Deserialize)]
+        struct Refusal {
+            error: String,
+        }
+        let n: u16 = code.parse().unwrap_or(0);
+        if let Some(r) = find(raw, b"\r\n\r\n")
+            .and_then(|e| serde_json::from_slice::<Refusal>(raw[e + 4..].trim_ascii()).ok())
+        {
+            return Err(Error::Refused(n, r.error));
+        }
         return Err(Error::Status(status.to_string()));
     }
     let mut length = None;

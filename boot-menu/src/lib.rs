@@ -10,3 +10,4 @@ pub mod modules;
 pub mod nbd;
 pub mod net;
 pub mod session;
+pub mod sessions;

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context, Result};
 use boot_menu::menu::{Action, Key, Menu};
-use boot_menu::{cmdline, dhcp, guests, modules, nbd, net, session};
+use boot_menu::{cmdline, dhcp, guests, modules, nbd, net, session, sessions};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// The stable prefix end-to-end tests match on the serial console.
@@ -37,6 +37,8 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 const AUTO_RETRY: Duration = Duration::from_secs(30);
 /// How long the check in the new root may take (TCG on a busy host is slow).
 const CHECK_LIMIT: Duration = Duration::from_secs(120);
+/// A desktop session may last a school day; the limit only bounds the wait.
+const SESSION_LIMIT: Duration = Duration::from_secs(24 * 3600);
 
 /// The consoles: every terminal we draw on and read keys from, plus the kernel log.
 struct Console {
@@ -241,8 +243,70 @@ fn wait_child(pid: i32, timeout: Duration) -> Option<i32> {
     }
 }
 
-/// After a pick: the NBD root, the overlay, and the check command chrooted in it.
-fn session(con: &mut Console, args: &cmdline::BootArgs, server: SocketAddr) -> Result<()> {
+/// Runs `script` chrooted in `root`, relaying its output to the consoles as
+/// `PREFIX label: line`; returns its exit code, or `None` when it outlived `limit` (it is
+/// killed then).
+fn run_in_root(
+    con: &mut Console,
+    root: &session::Root,
+    label: &str,
+    script: &str,
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Result<Option<i32>> {
+    let mut cmd = root.command(&format!("exec 2>&1; {script}"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the {label} in the new root"))?;
+    let pid = child.id() as i32;
+    let out = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let t0 = Instant::now();
+    while let Ok(l) = rx.recv_timeout(limit.saturating_sub(t0.elapsed())) {
+        con.say(&format!("{label}: {l}"));
+    }
+    let code = wait_child(pid, limit.saturating_sub(t0.elapsed()));
+    if code.is_none() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    Ok(code)
+}
+
+/// After a pick: the session on the server, the NBD root under a tmpfs overlay, the
+/// check command, and the guest's display (VNC) full screen until the viewer exits.
+fn session(
+    con: &mut Console,
+    args: &cmdline::BootArgs,
+    server: SocketAddr,
+    guest: &guests::Guest,
+) -> Result<()> {
+    let s = if guest.display == "x11" {
+        None
+    } else {
+        let s = sessions::create(server, &guest.name, HTTP_TIMEOUT)
+            .with_context(|| format!("starting {} on the server", guest.title()))?;
+        con.say(&format!(
+            "session {} for {}: {} on {}:{}",
+            s.id, s.guest, s.protocol, s.host, s.port
+        ));
+        Some(s)
+    };
     let addr = args
         .nbd
         .unwrap_or_else(|| SocketAddr::new(server.ip(), cmdline::NBD_PORT));
@@ -259,42 +323,58 @@ fn session(con: &mut Console, args: &cmdline::BootArgs, server: SocketAddr) -> R
         "root: squashfs + tmpfs overlay on {}",
         root.dir.display()
     ));
-    let mut child = root
-        .command(&format!("exec 2>&1; {}", session::CHECK))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("starting the check in the new root")?;
-    let pid = child.id() as i32;
-    let out = child.stdout.take().context("check stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
+    let result = (|| -> Result<()> {
+        match run_in_root(con, &root, "check", session::CHECK, &[], CHECK_LIMIT)? {
+            Some(0) => con.say("session check passed"),
+            Some(c) => bail!("the check in the new root failed (exit {c})"),
+            None => bail!("the check in the new root did not end within {CHECK_LIMIT:?}"),
+        }
+        let Some(s) = &s else {
+            con.say(&format!(
+                "{} is an X11 guest; X11 sessions (XDMCP) are not built yet",
+                guest.title()
+            ));
+            return Ok(());
+        };
+        let password = s.password.clone().unwrap_or_default();
+        con.say(&format!(
+            "viewer: connecting to {}:{} (F8 then \"Exit viewer\" leaves the guest running)",
+            s.host, s.port
+        ));
+        // The password goes in the environment, never on a command line (ps shows those).
+        let code = run_in_root(
+            con,
+            &root,
+            "viewer",
+            &sessions::vnc_script(s),
+            &[("VNC_PASSWORD", password.as_str()), ("HOME", "/root")],
+            SESSION_LIMIT,
+        )?;
+        let viewer = std::fs::read_to_string(root.dir.join("tmp/vdd-viewer-exit"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        con.say(&format!(
+            "viewer: ended (viewer exit {}, X exit {})",
+            viewer.map_or("-".into(), |c| c.to_string()),
+            code.map_or("-".into(), |c| c.to_string())
+        ));
+        if viewer == Some(0) {
+            con.say(&format!(
+                "session {} keeps running; pick {} again to return",
+                s.id, s.guest
+            ));
+        } else {
+            match sessions::end(server, &s.id, HTTP_TIMEOUT) {
+                Ok(()) => con.say(&format!("session {} ended", s.id)),
+                Err(e) => con.say(&format!("ending session {} failed: {}", s.id, chain(&e))),
             }
         }
-    });
-    let t0 = Instant::now();
-    while let Ok(l) = rx.recv_timeout(CHECK_LIMIT.saturating_sub(t0.elapsed())) {
-        con.say(&format!("check: {l}"));
-    }
-    let code = wait_child(pid, CHECK_LIMIT.saturating_sub(t0.elapsed()));
-    if code.is_none() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+        Ok(())
+    })();
     drop(root);
     drop(dev);
     con.say("nbd: detached");
-    match code {
-        Some(0) => Ok(()),
-        Some(c) => bail!("the check in the new root failed (exit {c})"),
-        None => bail!("the check in the new root did not end within {CHECK_LIMIT:?}"),
-    }
+    result
 }
 
 fn random_u32() -> u32 {
@@ -488,13 +568,14 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
                     Action::Moved => con.draw(&menu.render(&server.to_string())),
                     Action::Pick(name) => {
                         con.say(&format!("picked {name}"));
-                        match session(con, args, server) {
-                            Ok(()) => con.say("session check passed"),
-                            Err(e) => con.say(&format!("session failed: {e:#}")),
+                        let guest = menu.guest(&name).cloned();
+                        match guest.map(|g| session(con, args, server, &g)) {
+                            Some(Ok(())) => con.say("back to the menu"),
+                            Some(Err(e)) => {
+                                con.say(&format!("session failed: {e:#}; back to the menu"))
+                            }
+                            None => con.say(&format!("no guest {name} in the menu")),
                         }
-                        con.say(&format!(
-                            "the guest session for {name} (POST /api/v1/sessions, Xorg/VNC) is not implemented yet; back to the menu"
-                        ));
                         std::thread::sleep(Duration::from_secs(2));
                         con.draw(&menu.render(&server.to_string()));
                     }

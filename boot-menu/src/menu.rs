@@ -74,6 +74,11 @@ impl Menu {
     }
 
     /// The guest `vdd.autopick` names, by name, as the server spells it.
+    /// The entry named `name`.
+    pub fn guest(&self, name: &str) -> Option<&Guest> {
+        self.guests.iter().find(|g| g.name == name)
+    }
+
     pub fn autopick(&self, name: &str) -> Option<String> {
         self.guests
             .iter()
