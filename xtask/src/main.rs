@@ -6,6 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "vdd's development tasks")]
 struct Cli {
@@ -20,10 +22,33 @@ enum Cmd {
     Lab,
     /// The README's test command: fmt, clippy, and every test of the workspace.
     Test,
+    /// Benchmarks against real peers on the lab network: `bench dhcp [--quick]`.
+    Bench {
+        /// Which service: dhcp.
+        which: String,
+        /// Shorter steps (3 s instead of 10 s).
+        #[arg(long)]
+        quick: bool,
+        /// Runs per step; the table shows the median.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Offered rates, comma-separated (default 2000,4000,8000,12000,16000).
+        #[arg(long, value_delimiter = ',')]
+        rates: Option<Vec<u32>>,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Bench {
+            which,
+            quick,
+            repeat,
+            rates,
+        } => match which.as_str() {
+            "dhcp" => bench::dhcp::run(quick, repeat, rates),
+            other => bail!("no benchmark named {other:?} (have: dhcp)"),
+        },
         Cmd::Test => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args([
