@@ -62,8 +62,14 @@ fn udp_socket(interface: &str, port: u16) -> Result<Socket, Error> {
     s.set_broadcast(true).map_err(bind_err)?;
     s.bind_device(Some(interface.as_bytes()))
         .map_err(bind_err)?;
-    // Bursts of thousands of DISCOVERs must queue in the kernel, not be dropped there.
-    let _ = s.set_recv_buffer_size(8 << 20);
+    // Bursts of thousands of DISCOVERs (a room of PCs powered on together, or a stalled
+    // CPU) must queue in the kernel, not be dropped there. SO_RCVBUFFORCE lets root go
+    // past net.core.rmem_max (often 208 KiB, a few hundred packets); without root the
+    // plain request gets what the sysctl allows.
+    if nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20)).is_err()
+    {
+        let _ = s.set_recv_buffer_size(8 << 20);
+    }
     let _ = s.set_send_buffer_size(8 << 20);
     s.set_nonblocking(true).map_err(bind_err)?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
