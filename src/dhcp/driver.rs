@@ -247,7 +247,7 @@ fn address(to: Dest, peer: SocketAddr) -> SocketAddr {
 
 fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
     let mac = p.mac;
-    let xid = format_args!("{:#010x}", p.msg.xid()).to_string();
+    let xid = Xid(p.msg.xid());
     for e in &d.events {
         match e {
             Event::Offered(ip) => info!(%mac, %ip, %xid, "offer"),
@@ -259,7 +259,7 @@ fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
                 warn!(%mac, %ip, "client declined the address (in use by someone else?); set aside")
             }
             Event::PoolExhausted => limiter.warn(|dropped| {
-                error!(%mac, %xid, dropped, "pool exhausted: no address to offer; grow dhcp.pool")
+                warn!(%mac, %xid, dropped, "pool exhausted: no address to offer, DISCOVER left unanswered; grow dhcp.pool")
             }),
             Event::UnsupportedArch(a) => limiter.warn(|dropped| {
                 warn!(%mac, %xid, arch = a, dropped, "no boot file for this client architecture (RFC 4578 option 93); no boot information sent")
@@ -268,6 +268,15 @@ fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
             Event::ProxyOffer => info!(%mac, %xid, "proxy offer"),
             Event::ProxyAck => info!(%mac, %xid, "proxy ack (port 4011)"),
         }
+    }
+}
+
+/// The transaction id as logged, formatted only if a log line is really written.
+struct Xid(u32);
+
+impl std::fmt::Display for Xid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#010x}", self.0)
     }
 }
 
