@@ -28,6 +28,11 @@ pub struct Step {
     pub completed: f64,
     /// 1 - ACKs / DISCOVERs sent.
     pub drop_ratio: f64,
+    /// Where the losses were: DISCOVERs without an OFFER, REQUESTs without an ACK (an ACK
+    /// later than perfdhcp's 1 s drop time counts as lost: for vdd that is where a slow
+    /// fdatasync on a busy disk shows).
+    pub offer_loss: f64,
+    pub ack_loss: f64,
 }
 
 const SERVERS: [&str; 3] = ["vdd", "kea", "dnsmasq"];
@@ -90,18 +95,20 @@ fn print_table(table: &[(&str, Vec<Step>)], secs: u32, repeat: u32) {
         repeat.max(1)
     );
     println!(
-        "{:<9} {:>9} {:>9} {:>12} {:>8}",
-        "server", "offered/s", "sent/s", "completed/s", "drops"
+        "{:<9} {:>9} {:>9} {:>12} {:>8} {:>11} {:>9}",
+        "server", "offered/s", "sent/s", "completed/s", "drops", "no-offer", "no-ack"
     );
     for (name, steps) in table {
         for s in steps {
             println!(
-                "{:<9} {:>9} {:>9.0} {:>12.0} {:>7.2}%",
+                "{:<9} {:>9} {:>9.0} {:>12.0} {:>7.2}% {:>10.2}% {:>8.2}%",
                 name,
                 s.offered,
                 s.sent,
                 s.completed,
-                s.drop_ratio * 100.0
+                s.drop_ratio * 100.0,
+                s.offer_loss * 100.0,
+                s.ack_loss * 100.0
             );
         }
     }
@@ -308,7 +315,16 @@ fn one_step(server: &str, vdd: &Path, dir: &Path, rate: u32, secs: u32) -> Resul
     } else {
         (1.0 - acks / disc.0 as f64).max(0.0)
     };
+    let loss = |(sent, recv): (u64, u64)| {
+        if sent == 0 {
+            0.0
+        } else {
+            1.0 - recv as f64 / sent as f64
+        }
+    };
     Ok(Step {
+        offer_loss: loss(disc),
+        ack_loss: loss(req),
         offered: rate,
         sent: disc.0 as f64 / secs as f64,
         completed: acks / secs as f64,
