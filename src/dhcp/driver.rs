@@ -186,7 +186,10 @@ impl Driver {
             for c in &changes {
                 table.apply(c);
             }
-            let reply = reply.map(|(m, to)| (codec::encode(&m), address(to, peer)));
+            let reply = reply.map(|(m, to)| {
+                let bytes = codec::encode_with_relay_info(&m, p.relay_info.as_deref());
+                (bytes, address(to, peer))
+            });
             let durable = changes.iter().any(Change::durable);
             match (&tx, durable) {
                 (Some(tx), true) => {
