@@ -63,6 +63,8 @@ pub struct Packet {
     pub fw: ClientFirmware,
     /// Option 60 starts with "PXEClient": a PXE ROM (or iPXE) that wants boot information.
     pub pxe: bool,
+    /// Option 82 as a relay agent added it (RFC 3046): echoed verbatim in every reply.
+    pub relay_info: Option<Vec<u8>>,
 }
 
 /// Decodes and checks one request.
@@ -82,7 +84,8 @@ pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
         return Err(DecodeError::BadCookie(cookie));
     }
     let mut clean = bytes[..HEADER_LEN].to_vec();
-    clean.extend(walk_options(&bytes[HEADER_LEN..])?);
+    let (opts, relay_info) = walk_options(&bytes[HEADER_LEN..])?;
+    clean.extend(opts);
     let msg = Message::decode(&mut Decoder::new(&clean))
         .map_err(|e| DecodeError::Codec(e.to_string()))?;
     if msg.opcode() != Opcode::BootRequest {
@@ -114,6 +117,7 @@ pub fn decode(bytes: &[u8]) -> Result<Packet, DecodeError> {
         kind,
         fw: ClientFirmware { arch, ipxe },
         pxe,
+        relay_info,
     })
 }
 
@@ -142,8 +146,12 @@ fn user_class_is_ipxe(u: &[u8]) -> bool {
 /// only those we act on. `dhcproto` 0.12 trusts option lengths (debug assertions, an
 /// `unwrap` on option 121's prefix, fixed-size reads that desynchronise the rest), and
 /// the fuzz test below found those; options we never read are simply not given to it.
-fn walk_options(mut b: &[u8]) -> Result<Vec<u8>, DecodeError> {
+/// Option 82 comes back separately: it is only ever echoed, never interpreted.
+type Walked = (Vec<u8>, Option<Vec<u8>>);
+
+fn walk_options(mut b: &[u8]) -> Result<Walked, DecodeError> {
     let mut keep = Vec::with_capacity(b.len());
+    let mut relay_info = None;
     while let Some((&code, rest)) = b.split_first() {
         match code {
             0 => {
@@ -169,6 +177,10 @@ fn walk_options(mut b: &[u8]) -> Result<Vec<u8>, DecodeError> {
             // A list of architectures (RFC 4578 2.1); we boot by the first.
             93 => len >= 2 && len % 2 == 0,
             60 | 61 | 77 | 55 | 175 => len >= 1,
+            82 => {
+                relay_info = Some(data.to_vec());
+                continue;
+            }
             _ => continue, // not ours to read: not passed on
         };
         if !ok {
@@ -181,15 +193,29 @@ fn walk_options(mut b: &[u8]) -> Result<Vec<u8>, DecodeError> {
     }
     // RFC 2131 says options end with 255; many clients pad instead, so running out is fine.
     keep.push(255);
-    Ok(keep)
+    Ok((keep, relay_info))
 }
 
 /// Encodes a reply, padded to [`MIN_REPLY_LEN`].
 pub fn encode(msg: &Message) -> Vec<u8> {
+    encode_with_relay_info(msg, None)
+}
+
+/// Encodes a reply with the request's option 82 echoed last, before End (RFC 3046 2.2:
+/// the relay agent strips it again before the reply goes to the client).
+pub fn encode_with_relay_info(msg: &Message, relay_info: Option<&[u8]>) -> Vec<u8> {
     // Encoding into a Vec fails only on lengths dhcproto cannot express, and replies are
-    // built by us from bounded pieces (see policy), so a failure is a bug worth a panic
-    // in tests but an empty (dropped) reply in production.
+    // built by us from bounded pieces (see policy), so a failure means a dropped reply.
     let mut v = msg.to_vec().unwrap_or_default();
+    if let Some(info) = relay_info.filter(|i| i.len() <= 255) {
+        if v.last() == Some(&255) {
+            v.pop();
+            v.push(82);
+            v.push(info.len() as u8);
+            v.extend_from_slice(info);
+            v.push(255);
+        }
+    }
     if !v.is_empty() && v.len() < MIN_REPLY_LEN {
         v.resize(MIN_REPLY_LEN, 0);
     }
@@ -336,6 +362,29 @@ pub(crate) mod tests {
             }
             let _ = decode(&b);
         }
+    }
+
+    #[test]
+    fn relay_agent_information_is_echoed() {
+        // Circuit id "eth1" (sub-option 1), as a relay agent adds it.
+        let info = [1, 4, b'e', b't', b'h', b'1'];
+        let mut o = vec![82, info.len() as u8];
+        o.extend_from_slice(&info);
+        let p = decode(&raw(1, [2; 6], &o)).unwrap();
+        assert_eq!(p.relay_info.as_deref(), Some(&info[..]));
+        let mut m = Message::default();
+        m.set_opcode(Opcode::BootReply);
+        m.set_chaddr(&[2; 6]);
+        m.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Offer));
+        let v = encode_with_relay_info(&m, p.relay_info.as_deref());
+        let at = v
+            .windows(2)
+            .position(|w| w == [82, 6])
+            .expect("option 82 in reply");
+        assert_eq!(&v[at + 2..at + 8], &info);
+        assert_eq!(v[at + 8], 255, "option 82 comes last, before End");
+        assert!(decode(&raw(1, [2; 6], &[])).unwrap().relay_info.is_none());
     }
 
     #[test]

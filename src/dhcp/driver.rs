@@ -62,8 +62,14 @@ fn udp_socket(interface: &str, port: u16) -> Result<Socket, Error> {
     s.set_broadcast(true).map_err(bind_err)?;
     s.bind_device(Some(interface.as_bytes()))
         .map_err(bind_err)?;
-    // Bursts of thousands of DISCOVERs must queue in the kernel, not be dropped there.
-    let _ = s.set_recv_buffer_size(8 << 20);
+    // Bursts of thousands of DISCOVERs (a room of PCs powered on together, or a stalled
+    // CPU) must queue in the kernel, not be dropped there. SO_RCVBUFFORCE lets root go
+    // past net.core.rmem_max (often 208 KiB, a few hundred packets); without root the
+    // plain request gets what the sysctl allows.
+    if nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20)).is_err()
+    {
+        let _ = s.set_recv_buffer_size(8 << 20);
+    }
     let _ = s.set_send_buffer_size(8 << 20);
     s.set_nonblocking(true).map_err(bind_err)?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
@@ -180,7 +186,10 @@ impl Driver {
             for c in &changes {
                 table.apply(c);
             }
-            let reply = reply.map(|(m, to)| (codec::encode(&m), address(to, peer)));
+            let reply = reply.map(|(m, to)| {
+                let bytes = codec::encode_with_relay_info(&m, p.relay_info.as_deref());
+                (bytes, address(to, peer))
+            });
             let durable = changes.iter().any(Change::durable);
             match (&tx, durable) {
                 (Some(tx), true) => {
@@ -241,7 +250,7 @@ fn address(to: Dest, peer: SocketAddr) -> SocketAddr {
 
 fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
     let mac = p.mac;
-    let xid = format_args!("{:#010x}", p.msg.xid()).to_string();
+    let xid = Xid(p.msg.xid());
     for e in &d.events {
         match e {
             Event::Offered(ip) => info!(%mac, %ip, %xid, "offer"),
@@ -253,7 +262,7 @@ fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
                 warn!(%mac, %ip, "client declined the address (in use by someone else?); set aside")
             }
             Event::PoolExhausted => limiter.warn(|dropped| {
-                error!(%mac, %xid, dropped, "pool exhausted: no address to offer; grow dhcp.pool")
+                warn!(%mac, %xid, dropped, "pool exhausted: no address to offer, DISCOVER left unanswered; grow dhcp.pool")
             }),
             Event::UnsupportedArch(a) => limiter.warn(|dropped| {
                 warn!(%mac, %xid, arch = a, dropped, "no boot file for this client architecture (RFC 4578 option 93); no boot information sent")
@@ -262,6 +271,15 @@ fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
             Event::ProxyOffer => info!(%mac, %xid, "proxy offer"),
             Event::ProxyAck => info!(%mac, %xid, "proxy ack (port 4011)"),
         }
+    }
+}
+
+/// The transaction id as logged, formatted only if a log line is really written.
+struct Xid(u32);
+
+impl std::fmt::Display for Xid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#010x}", self.0)
     }
 }
 

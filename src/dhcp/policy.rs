@@ -262,6 +262,10 @@ fn request(
         Ipv4Net::new(m.giaddr(), ctx.subnet.prefix_len()).unwrap_or(ctx.subnet)
     };
     let reserved = ctx.cfg.host(&p.mac).and_then(|h| h.address);
+    // 4.3.2 lets a server with no record of an INIT-REBOOT client stay silent; vdd is the
+    // only server of its LAN (authoritative, like dnsmasq's --dhcp-authoritative), so a
+    // free pool address is confirmed and anything it cannot give is NAKed at once,
+    // instead of leaving the client to time out.
     let why_not = if !subnet.contains(&ip) {
         Some("address not on this network")
     } else if reserved.is_some_and(|r| r != ip) {

@@ -119,6 +119,12 @@ pub struct ClientNs {
 impl Lab {
     /// Creates the server namespace with `br0` at 10.77.0.1/24 and loopback up.
     pub fn new(tag: &str) -> Result<Lab> {
+        Lab::with_prefix(tag, PREFIX)
+    }
+
+    /// Like [`Lab::new`], with `br0` at 10.77.0.1/`prefix`: benchmarks that need more
+    /// addresses than a /24 (tens of thousands of simulated DHCP clients) use a /16.
+    pub fn with_prefix(tag: &str, prefix: u8) -> Result<Lab> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         // Namespace names end up in /run/netns; keep them short and unique per process.
         let name = format!("vdd{}-{}-{}", short(tag), std::process::id(), n);
@@ -153,7 +159,7 @@ impl Lab {
             &s,
             "addr",
             "add",
-            &format!("{SERVER_IP}/{PREFIX}"),
+            &format!("{SERVER_IP}/{prefix}"),
             "dev",
             BRIDGE,
         ])?;

@@ -64,6 +64,18 @@ enum Bench {
     },
     /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential, random 4 KiB QD16, 16 clients).
     Nbd(xtask::bench::nbd::Args),
+    /// DHCP: perfdhcp against vdd, kea-dhcp4 and dnsmasq at stepped rates (DORA/s, drops).
+    Dhcp {
+        /// Shorter steps (3 s instead of 10 s).
+        #[arg(long)]
+        quick: bool,
+        /// Runs per step; the table shows the median.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Offered rates, comma-separated (default 2000,4000,8000,12000,16000).
+        #[arg(long, value_delimiter = ',')]
+        rates: Option<Vec<u32>>,
+    },
     /// Thin-client boot: QEMU stage medians, and DHCP lease latency vs busybox udhcpc.
     Bootmenu {
         /// QEMU boots to time (0 skips; at most 10).
@@ -179,6 +191,14 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Bench::Nbd(a),
         } => xtask::bench::nbd::run(a),
+        Cmd::Bench {
+            which:
+                Bench::Dhcp {
+                    quick,
+                    repeat,
+                    rates,
+                },
+        } => xtask::bench::dhcp::run(quick, repeat, rates),
         Cmd::Bench {
             which: Bench::Bootmenu { boots, leases },
         } => xtask::bench::bootmenu::run(boots, leases),

@@ -2,6 +2,7 @@
 //! servers, inside lab namespaces only.
 
 pub mod bootmenu;
+pub mod dhcp;
 pub mod http;
 pub mod nbd;
 
