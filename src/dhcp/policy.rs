@@ -435,7 +435,17 @@ fn add_boot(r: &mut Message, p: &Packet, ctx: &Ctx) -> Vec<Event> {
         ctx.server.to_string().into_bytes(),
     ));
     o.insert(DhcpOption::BootfileName(file.into_bytes()));
-    if p.pxe {
+    if p.fw.ipxe && ctx.cfg.dhcp.mode == DhcpMode::Full {
+        // iPXE takes any offer carrying option 60 "PXEClient" for a ProxyDHCP offer as
+        // well, and after the ACK asks port 4011 for it, waiting out all its retries when
+        // nobody answers there (seen: 15-20 s per boot). A full server's answer already
+        // holds everything, so say so in iPXE's own encapsulated option 175, sub-option
+        // 176 "no-pxedhcp" = 1, and leave the PXE options out.
+        o.insert(DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
+            OptionCode::from(175u8),
+            vec![176, 1, 1],
+        )));
+    } else if p.pxe {
         o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
         o.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
     }
@@ -730,6 +740,16 @@ hostname = "seat-01"
         o.extend_from_slice(&[77, 4, b'i', b'P', b'X', b'E']);
         let m = run(&pkt(1, M1, &o), &mut t, &x).reply.unwrap().0;
         assert_eq!(file_of(&m), "http://10.77.0.1/boot.ipxe?mac=${net0/mac}");
+        // A full server tells iPXE not to wait for ProxyDHCP (175.176 = 1), and sends no
+        // PXEClient that iPXE would take for a proxy offer.
+        assert_eq!(
+            m.opts().get(OptionCode::from(175u8)),
+            Some(&DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
+                OptionCode::from(175u8),
+                vec![176, 1, 1]
+            )))
+        );
+        assert!(m.opts().get(OptionCode::ClassIdentifier).is_none());
         // Unknown arch: an address, but no boot information, and an event to log.
         let d = run(&pkt(1, M1, &pxe(11)), &mut t, &x);
         assert!(d.events.contains(&Event::UnsupportedArch(11)));
