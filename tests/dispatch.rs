@@ -3,13 +3,10 @@
 //! sessions are per seat, limits answer clearly, and a VM left by a "crashed" dispatcher
 //! is adopted by the next one and stopped without a leak.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use des::cipher::{BlockEncrypt, KeyInit};
 use vdd::config::{Config, Mac};
 use vdd::dispatch::{Dispatcher, Error};
 
@@ -75,41 +72,9 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
-/// RFB 3.8 up to the security result: Ok(true) when the password is accepted.
+/// RFB authentication against the session's VNC server on loopback.
 fn vnc_auth(port: u16, password: Option<&str>) -> std::io::Result<bool> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut version = [0u8; 12];
-    s.read_exact(&mut version)?;
-    assert_eq!(&version[..4], b"RFB ");
-    s.write_all(b"RFB 003.008\n")?;
-    let mut n = [0u8; 1];
-    s.read_exact(&mut n)?;
-    let mut types = vec![0u8; n[0] as usize];
-    s.read_exact(&mut types)?;
-    // Security type 1 ("None") must never be offered: the password is required.
-    assert!(!types.contains(&1), "VNC offers no-auth access: {types:?}");
-    assert!(
-        types.contains(&2),
-        "VNC authentication not offered: {types:?}"
-    );
-    s.write_all(&[2])?;
-    let mut challenge = [0u8; 16];
-    s.read_exact(&mut challenge)?;
-    // VNC's DES key: the password's bytes, each with its bits reversed (RFC 6143 7.2.2
-    // leaves this to the implementations; every one does it).
-    let mut key = [0u8; 8];
-    for (k, b) in key.iter_mut().zip(password.unwrap_or("").bytes()) {
-        *k = b.reverse_bits();
-    }
-    let cipher = des::Des::new_from_slice(&key).unwrap();
-    for block in challenge.chunks_mut(8) {
-        cipher.encrypt_block(block.into());
-    }
-    s.write_all(&challenge)?;
-    let mut result = [0u8; 4];
-    s.read_exact(&mut result)?;
-    Ok(u32::from_be_bytes(result) == 0)
+    xtask::rfb::vnc_auth(([127, 0, 0, 1], port).into(), password).map_err(std::io::Error::other)
 }
 
 fn wait_serial(dir: &Path, id: &str, marker: &str) {

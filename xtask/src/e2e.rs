@@ -26,6 +26,9 @@ pub enum BootPath {
     UefiPxe,
 }
 
+/// The admin token of the lab's vdd (the tests list and create sessions with it).
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
+
 /// The thin client's MAC in every e2e boot (reserved in the generated config).
 pub const CLIENT_MAC: &str = "52:54:00:e2:e0:01";
 
@@ -82,6 +85,7 @@ root = "{tftp}"
 
 [http]
 port = 80
+admin_token = "{ADMIN_TOKEN}"
 
 [nbd]
 port = 10809
@@ -322,4 +326,234 @@ pub fn demo() -> Result<()> {
     drop(q);
     let _ = std::fs::remove_dir_all(&s.dir);
     Ok(())
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (setns affects only that thread),
+/// so in-process clients reach the lab's addresses.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || -> Result<T> {
+        let fd = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+/// One HTTP request to the lab's vdd with the admin token, via curl in the namespace;
+/// returns the status and the JSON body.
+pub fn admin_api(
+    ns: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, serde_json::Value)> {
+    let mut c = Lab::cmd(ns, "curl");
+    c.args(["-s", "-m", "120", "-X", method, "-w", "\n%{http_code}"])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+        .arg(format!("http://{SERVER_IP}{path}"));
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "--data", b]);
+    }
+    let out = c.output().context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    let code: u16 = code
+        .trim()
+        .parse()
+        .with_context(|| format!("curl said {text:?}"))?;
+    let v = if json.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(json).with_context(|| format!("not JSON: {json}"))?
+    };
+    Ok((code, v))
+}
+
+/// The pixels of a PPM (P6, 8-bit) screenshot in the demo guest's magenta (VGA colour 5:
+/// about 170, 0, 170), which fills its 720x400 text screen behind the banner; the viewer
+/// shows it unscaled in the middle of the thin client's screen.
+pub fn magenta_pixels(ppm: &[u8]) -> Result<usize> {
+    let mut fields = Vec::new();
+    let mut i = 0;
+    while fields.len() < 4 {
+        while i < ppm.len() && ppm[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        while i < ppm.len() && !ppm[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if start == i {
+            bail!("not a PPM file");
+        }
+        fields.push(String::from_utf8_lossy(&ppm[start..i]).into_owned());
+    }
+    if fields[0] != "P6" || fields[3] != "255" {
+        bail!("not an 8-bit P6 PPM");
+    }
+    let px = ppm.get(i + 1..).unwrap_or_default();
+    Ok(px
+        .chunks_exact(3)
+        .filter(|p| p[0] >= 140 && p[1] <= 60 && p[2] >= 140 && p[0].abs_diff(p[2]) < 40)
+        .count())
+}
+
+/// Most of the guest's 720x400 screen must be there: its background is magenta but for
+/// the banner's letters.
+const GUEST_SCREEN_MAGENTA: usize = 720 * 400 * 3 / 4;
+
+/// What `cargo xtask e2e session` measured.
+pub struct SessionReport {
+    pub stages: Vec<(String, Duration)>,
+    pub pick_to_frame: Duration,
+    pub screenshot: PathBuf,
+    pub vm_start: Duration,
+    pub idle_rss_mib: f64,
+}
+
+/// `cargo xtask e2e session`: the thin client PXE-boots, autopicks the demo guest, vdd
+/// starts its VM, and the thin client's own screen (QMP screendump of the thin client)
+/// shows the guest's banner through VNC. Also: the VNC port refuses no password, a wrong
+/// one, and another session's.
+pub fn session() -> Result<SessionReport> {
+    crate::initramfs::build(None)?;
+    crate::image::thin_client(false)?;
+    crate::image::guest_demo(false)?;
+    let mut s = serve("e2es", "console=ttyS0 vdd.autopick=demo")?;
+    let result = session_in(&mut s);
+    if result.is_err() {
+        let vdd_log = std::fs::read_to_string(s.dir.join("vdd.log")).unwrap_or_default();
+        let tail: Vec<&str> = vdd_log.lines().rev().take(40).collect();
+        eprintln!("xtask e2e: vdd log (last lines):");
+        for l in tail.into_iter().rev() {
+            eprintln!("  {l}");
+        }
+        eprintln!("xtask e2e: logs kept in {}", s.dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&s.dir);
+    }
+    result
+}
+
+fn session_in(s: &mut Served) -> Result<SessionReport> {
+    let mut q = thin_client(s, BootPath::Ipxe)?;
+    eprintln!(
+        "xtask e2e: session boot started; serial console in {}",
+        q.serial_log.display()
+    );
+    let mut stages = boot_stages(BootPath::Ipxe);
+    let st = |name, marker, secs| Stage {
+        name,
+        marker,
+        timeout: Duration::from_secs(secs),
+    };
+    stages.push(st(
+        "viewer started",
+        "vdd-boot-menu: viewer: connecting",
+        120,
+    ));
+    let times = follow_stages(&mut q, &stages)?;
+    let picked = times
+        .iter()
+        .find(|(n, _)| n.starts_with("guest picked"))
+        .map(|(_, t)| *t)
+        .unwrap_or_default();
+
+    // The guest's banner on the thin client's own screen.
+    let out = repo_root().join("target/e2e");
+    std::fs::create_dir_all(&out)?;
+    let ppm = s.dir.join("screen.ppm");
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let (frame_at, share) = loop {
+        q.screendump(&ppm)?;
+        let share = magenta_pixels(&std::fs::read(&ppm)?)?;
+        if share >= GUEST_SCREEN_MAGENTA {
+            break (q.elapsed(), share);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = q.screendump(&out.join("session-failed.png"));
+            bail!(
+                "the guest's banner never showed on the thin client ({share} magenta pixels, want {GUEST_SCREEN_MAGENTA}); its screen: {}",
+                out.join("session-failed.png").display()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let screenshot = out.join("session-screenshot.png");
+    q.screendump(&screenshot)?;
+    eprintln!(
+        "xtask e2e: guest banner on the thin client at {:.1} s ({share} magenta pixels); screenshot {}",
+        frame_at.as_secs_f64(),
+        screenshot.display()
+    );
+
+    // The session as the admin sees it, and its VNC port's answers to wrong passwords.
+    let ns = s.lab.server_ns.clone();
+    let (code, list) = admin_api(&ns, "GET", "/api/v1/sessions", None)?;
+    let first = list.get(0).cloned().context("no session listed")?;
+    if code != 200 || first["guest"] != "demo" {
+        bail!("unexpected session list ({code}): {list}");
+    }
+    let port = first["port"].as_u64().context("no port")? as u16;
+    let addr: std::net::SocketAddr = (SERVER_IP, port).into();
+    if in_netns(&ns, move || crate::rfb::vnc_auth(addr, None))? {
+        bail!("the session's VNC port took no password");
+    }
+    if in_netns(&ns, move || crate::rfb::vnc_auth(addr, Some("wrong123")))? {
+        bail!("the session's VNC port took a wrong password");
+    }
+    // A second session (another seat, by the admin): its password must not open the first.
+    let t0 = std::time::Instant::now();
+    let (code, other) = admin_api(
+        &ns,
+        "POST",
+        "/api/v1/sessions",
+        Some(r#"{"guest": "demo", "seat": "52:54:00:99:99:01"}"#),
+    )?;
+    let vm_start = t0.elapsed();
+    if code != 201 {
+        bail!("creating a second session answered {code}: {other}");
+    }
+    let pw2 = other["password"]
+        .as_str()
+        .context("no password")?
+        .to_string();
+    if in_netns(&ns, move || crate::rfb::vnc_auth(addr, Some(&pw2)))? {
+        bail!("another session's password opened this session's display");
+    }
+    let id2 = other["id"].as_str().context("no id")?.to_string();
+    let rec = std::fs::read_to_string(
+        s.dir
+            .join("state/sessions")
+            .join(first["id"].as_str().unwrap_or(""))
+            .join("session.json"),
+    )
+    .context("reading the first session's record")?;
+    let pid = serde_json::from_str::<serde_json::Value>(&rec)?["pid"]
+        .as_u64()
+        .unwrap_or(0);
+    let rss_kib: f64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let (code, _) = admin_api(&ns, "DELETE", &format!("/api/v1/sessions/{id2}"), None)?;
+    if code != 204 {
+        bail!("ending the second session answered {code}");
+    }
+    drop(q);
+    Ok(SessionReport {
+        stages: times,
+        pick_to_frame: frame_at.saturating_sub(picked),
+        screenshot,
+        vm_start,
+        idle_rss_mib: rss_kib / 1024.0,
+    })
 }

@@ -7,3 +7,4 @@ pub mod image;
 pub mod initramfs;
 pub mod lab;
 pub mod qemu;
+pub mod rfb;

@@ -89,6 +89,9 @@ enum Bench {
 
 #[derive(Subcommand)]
 enum E2e {
+    /// PXE-boot a thin client, autopick the demo guest, and check that the thin client's
+    /// screen shows the guest over VNC (and that wrong passwords are refused).
+    Session,
     /// PXE-boot a QEMU thin client from vdd in a lab network to the check command in its
     /// NBD root, through the iPXE ROM and through OVMF's own UEFI PXE (TFTP chain).
     Boot {
@@ -131,6 +134,27 @@ fn main() -> Result<()> {
         }
         Cmd::Demo => xtask::e2e::demo(),
         Cmd::Initramfs { kver } => initramfs(kver.as_deref()).map(drop),
+        Cmd::E2e { what: E2e::Session } => {
+            let r = xtask::e2e::session()?;
+            println!("e2e session: passed; times since QEMU start:");
+            for (name, at) in &r.stages {
+                println!("  {:>7.1} s  {name}", at.as_secs_f64());
+            }
+            println!(
+                "  pick to the guest's first frame on the thin client: {:.1} s",
+                r.pick_to_frame.as_secs_f64()
+            );
+            println!(
+                "  VM start (POST to VNC password set, second session): {:.2} s",
+                r.vm_start.as_secs_f64()
+            );
+            println!(
+                "  memory of an idle session's VM (RSS): {:.0} MiB",
+                r.idle_rss_mib
+            );
+            println!("  screenshot: {}", r.screenshot.display());
+            Ok(())
+        }
         Cmd::E2e {
             what: E2e::Boot { path },
         } => {

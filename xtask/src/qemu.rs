@@ -191,6 +191,11 @@ impl Qemu {
         })
     }
 
+    /// Time since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Waits until QEMU exits (the interactive demo: the user quits with Ctrl-A X).
     pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
         Ok(self.child.wait()?)
@@ -276,8 +281,14 @@ impl Qemu {
 
     /// Saves a screenshot of the VGA screen (PPM, or PNG where QEMU supports it).
     pub fn screendump(&self, path: &Path) -> Result<()> {
+        // PNG when the name says so (QEMU 7.1+), PPM otherwise.
+        let format = if path.extension().is_some_and(|e| e == "png") {
+            ",\"format\":\"png\""
+        } else {
+            ""
+        };
         let reply = self.qmp(&format!(
-            "{{\"execute\":\"screendump\",\"arguments\":{{\"filename\":\"{}\"}}}}",
+            "{{\"execute\":\"screendump\",\"arguments\":{{\"filename\":\"{}\"{format}}}}}",
             path.display()
         ))?;
         if reply.contains("\"error\"") {
