@@ -6,6 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "vdd's development tasks")]
 struct Cli {
@@ -20,10 +22,16 @@ enum Cmd {
     Lab,
     /// The README's test command: fmt, clippy, and every test of the workspace.
     Test,
+    /// Benchmarks against peer servers (needs root and the peers' packages).
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Bench { what } => bench::run(what),
         Cmd::Test => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args([
