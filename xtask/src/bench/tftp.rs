@@ -8,8 +8,8 @@
 //! benchmark's scratch folder. Clients are the atftp client (the one that speaks
 //! windowsize), with blksize 1468 (a 1500-byte Ethernet frame). Every download is checked
 //! by sha256. Scenarios: one client lockstep, one client windowsize 16, N concurrent
-//! clients windowsize 16 (peers without windowsize fall back to lockstep, as a real
-//! client would). MB/s is 10^6 bytes per second of wall time, the median of `--runs`.
+//! clients lockstep, N concurrent clients windowsize 16 (peers without windowsize fall
+//! back to lockstep, as a real client would). MB/s is 10^6 bytes per second of wall time, the median of `--runs`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,6 +72,7 @@ struct Peer {
 enum Scenario {
     Lockstep,
     Window16,
+    ConcurrentLockstep,
     Concurrent,
 }
 
@@ -80,6 +81,7 @@ impl Scenario {
         match self {
             Scenario::Lockstep => "1 client, lockstep".into(),
             Scenario::Window16 => "1 client, windowsize 16".into(),
+            Scenario::ConcurrentLockstep => format!("{clients} clients, lockstep (aggregate)"),
             Scenario::Concurrent => format!("{clients} clients, windowsize 16 (aggregate)"),
         }
     }
@@ -239,14 +241,18 @@ pub fn run(a: Args) -> Result<()> {
         a.size_mib, a.runs
     );
 
-    let scenarios = [Scenario::Lockstep, Scenario::Window16, Scenario::Concurrent];
+    let scenarios = [
+        Scenario::Lockstep,
+        Scenario::Window16,
+        Scenario::ConcurrentLockstep,
+        Scenario::Concurrent,
+    ];
     // results[scenario][peer] = MB/s of each run
     let mut results = vec![vec![Vec::new(); peers.len()]; scenarios.len()];
     for (si, &s) in scenarios.iter().enumerate() {
-        let clients = if s == Scenario::Concurrent {
-            a.clients
-        } else {
-            1
+        let clients = match s {
+            Scenario::Concurrent | Scenario::ConcurrentLockstep => a.clients,
+            _ => 1,
         };
         // Interleave the servers run by run, so a noisy moment on the shared machine
         // hits all of them alike.
@@ -278,7 +284,8 @@ pub fn run(a: Args) -> Result<()> {
         let med: Vec<f64> = results[si].iter().map(|v| median(v)).collect();
         print!("{:<42}", s.label(a.clients));
         for (pi, m) in med.iter().enumerate() {
-            let mark = if s != Scenario::Lockstep && !peers[pi].windowsize {
+            let windowed = matches!(s, Scenario::Window16 | Scenario::Concurrent);
+            let mark = if windowed && !peers[pi].windowsize {
                 "*"
             } else {
                 " "
@@ -412,7 +419,7 @@ fn one_run(
     size: usize,
     want: &str,
 ) -> Result<f64> {
-    let window = s != Scenario::Lockstep;
+    let window = matches!(s, Scenario::Window16 | Scenario::Concurrent);
     let files: Vec<PathBuf> = (0..clients)
         .map(|i| out.join(format!("{}-{i}", p.name)))
         .collect();
