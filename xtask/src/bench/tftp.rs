@@ -4,8 +4,8 @@
 //! Everything runs inside one lab network namespace (servers on its 127.0.0.1, each on
 //! its own port; dnsmasq has no TFTP port option, so it takes 69 there), so nothing
 //! reaches a real interface. atftpd cannot be installed beside tftpd-hpa, so its Debian
-//! package is fetched with `apt-get download` and unpacked with `dpkg -x` into the
-//! benchmark's scratch folder. Clients are the atftp client (the one that speaks
+//! package is fetched with `apt-get download` and unpacked with `dpkg -x` into
+//! `target/bench-cache/atftpd` (kept for later runs). Clients are the atftp client (the one that speaks
 //! windowsize), with blksize 1468 (a 1500-byte Ethernet frame). Every download is checked
 //! by sha256. Scenarios: one client lockstep, one client windowsize 16, N concurrent
 //! clients lockstep, N concurrent clients windowsize 16 (peers without windowsize fall
@@ -136,7 +136,7 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::write(root.join("probe.txt"), b"probe\n")?;
     let want = sha256(&big)?;
 
-    let atftpd = fetch_atftpd(&dir)?;
+    let atftpd = fetch_atftpd(&workspace.join("target/bench-cache"))?;
 
     let mut lab = Lab::new("tftpb")?;
     let ns = lab.server_ns.clone();
@@ -339,9 +339,15 @@ fn sha256(path: &Path) -> Result<String> {
         .to_string())
 }
 
-/// atftpd conflicts with tftpd-hpa in apt, so unpack its package privately.
-fn fetch_atftpd(dir: &Path) -> Result<PathBuf> {
-    let dl = dir.join("atftpd-deb");
+/// atftpd conflicts with tftpd-hpa in apt, so unpack its package privately, into a
+/// cache under target/ that later runs reuse (a mirror hiccup then costs nothing).
+fn fetch_atftpd(cache: &Path) -> Result<PathBuf> {
+    let bin = cache.join("atftpd/usr/sbin/atftpd");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let _ = std::fs::remove_dir_all(cache.join("atftpd-deb"));
+    let dl = cache.join("atftpd-deb");
     std::fs::create_dir_all(&dl)?;
     // _apt must be able to write the download folder.
     chmod(&dl, 0o777)?;
@@ -357,12 +363,14 @@ fn fetch_atftpd(dir: &Path) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("no atftpd .deb downloaded")?;
-    let x = dir.join("atftpd");
+    let x = cache.join("atftpd");
     let st = Command::new("dpkg").arg("-x").arg(&deb).arg(&x).status()?;
     if !st.success() {
+        let _ = std::fs::remove_dir_all(&x);
         bail!("dpkg -x {} failed", deb.display());
     }
-    Ok(x.join("usr/sbin/atftpd"))
+    let _ = std::fs::remove_dir_all(&dl);
+    Ok(bin)
 }
 
 fn atftp(ns: &str, port: u16, remote: &str, local: &Path, window: bool) -> Command {
