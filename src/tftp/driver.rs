@@ -5,10 +5,10 @@
 //! RFC 1350 (TIDs, ERROR 5 to strangers), RFC 2347/2348/2349/7440 through `session`, and
 //! netascii (RFC 764 end-of-line: LF -> CR LF, CR -> CR NUL) converted on the fly.
 //!
-//! File reads use `pread` straight from the task. They are page-cache hits for the boot
+//! File reads use `pread`/`preadv` straight from the task. They are page-cache hits for the boot
 //! files and images served here, and a `spawn_blocking` hop per 512-byte block would cost
-//! more than the read; the runtime is multi-threaded, so a slow disk stalls one worker,
-//! not the service.
+//! more than the read; each transfer runs on its own thread (see `spawn_transfer` in
+//! mod.rs), so a slow disk stalls that transfer only.
 
 use std::collections::VecDeque;
 use std::fs::File;
