@@ -71,6 +71,35 @@ struct WireConfig {
     http: WireHttp,
     #[serde(default)]
     nbd: WireNbd,
+    #[serde(default)]
+    guest: Vec<WireGuest>,
+    #[serde(default)]
+    dispatch: WireDispatch,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireDispatch {
+    max_vms: Option<usize>,
+    memory_budget: Option<String>,
+    vnc_ports: Option<String>,
+    idle_timeout: Option<String>,
+    accel: Option<String>,
+    qemu: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireGuest {
+    name: String,
+    label: Option<String>,
+    display: Option<String>,
+    image: String,
+    memory: Option<String>,
+    cpus: Option<u32>,
+    description: Option<String>,
+    persist: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +140,7 @@ struct WireHost {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireBoot {
+    root: Option<String>,
     bios: Option<String>,
     uefi: Option<String>,
     ipxe_dir: Option<String>,
@@ -134,6 +164,7 @@ struct WireHttp {
     enabled: Option<bool>,
     port: Option<u16>,
     root: Option<String>,
+    admin_token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,6 +312,8 @@ pub struct Boot {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// The NBD export the thin clients mount as their root (an `[[nbd.export]]` name).
+    pub root: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -297,6 +330,8 @@ pub struct Http {
     pub port: u16,
     /// Extra files served under /files/ (default: the TFTP root).
     pub root: PathBuf,
+    /// `Authorization: Bearer` token of the admin API routes; `None` disables them.
+    pub admin_token: Option<String>,
 }
 
 /// How an NBD export treats writes.
@@ -325,6 +360,66 @@ pub struct Nbd {
     pub exports: Vec<Export>,
 }
 
+/// How a guest's desktop reaches the thin client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Display {
+    /// QEMU's VNC server, with a one-time password per session.
+    Vnc,
+    /// The guest's display manager over XDMCP; the thin client runs the X server.
+    X11,
+}
+
+impl Display {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Display::Vnc => "vnc",
+            Display::X11 => "x11",
+        }
+    }
+}
+
+/// A guest system the menu offers.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    /// Short id, used in URLs and `vdd.autopick`.
+    pub name: String,
+    /// What the menu shows.
+    pub label: String,
+    pub display: Display,
+    /// The base image; sessions run on a qcow2 overlay of it.
+    pub image: PathBuf,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub description: String,
+    /// Keep each seat's overlay between sessions.
+    pub persist: bool,
+}
+
+/// Which accelerator guest VMs get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM where a probe shows it really runs guests, TCG otherwise (with a warning).
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Limits and tools of the dispatcher (guest VMs).
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pub max_vms: usize,
+    /// MiB of guest memory all sessions together may use; `None`: 80% of the machine's.
+    pub memory_budget_mib: Option<u64>,
+    /// TCP ports for the VMs' VNC servers, inclusive.
+    pub vnc_ports: (u16, u16),
+    /// A seat whose client has not been seen this long gets its VMs stopped.
+    pub idle_timeout: Duration,
+    pub accel: AccelChoice,
+    pub qemu: String,
+    /// How long each step of a VM's shutdown (powerdown, quit) may take.
+    pub shutdown_timeout: Duration,
+}
+
 /// The validated configuration. Built only by [`Config::load`] / [`Config::parse`].
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -336,6 +431,9 @@ pub struct Config {
     pub tftp: Tftp,
     pub http: Http,
     pub nbd: Nbd,
+    /// The menu, in the order of the file.
+    pub guests: Vec<Guest>,
+    pub dispatch: Dispatch,
 }
 
 /// What the LAN interface looks like, as read from the kernel.
@@ -652,6 +750,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         kernel: w.boot.kernel.as_deref().map(resolve),
         initrd: w.boot.initrd.as_deref().map(resolve),
         cmdline: w.boot.cmdline.unwrap_or_default(),
+        root: w.boot.root,
     };
 
     // [tftp]
@@ -687,6 +786,16 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             .as_deref()
             .map(resolve)
             .unwrap_or_else(|| tftp.root.clone()),
+        admin_token: match w.http.admin_token {
+            Some(t) if t.len() < 16 || !t.chars().all(|c| c.is_ascii_graphic()) => {
+                return Err(invalid(
+                    "http.admin_token",
+                    "(hidden)",
+                    "at least 16 printable characters without spaces; `openssl rand -hex 16` makes one",
+                ))
+            }
+            t => t,
+        },
     };
 
     // [nbd]
@@ -727,6 +836,16 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             description: e.description.clone().unwrap_or_default(),
         });
     }
+    if let Some(r) = &boot.root {
+        if !exports.iter().any(|e| &e.name == r) {
+            let names: Vec<&str> = exports.iter().map(|e| e.name.as_str()).collect();
+            return Err(invalid(
+                "boot.root",
+                r,
+                format!("name one of the [[nbd.export]] tables: {names:?}"),
+            ));
+        }
+    }
     let nbd = Nbd {
         enabled: w.nbd.enabled.unwrap_or(!exports.is_empty()),
         port: w.nbd.port.unwrap_or(10809),
@@ -744,6 +863,128 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         exports,
     };
 
+    // [[guest]]
+    let mut guests: Vec<Guest> = Vec::new();
+    for (i, g) in w.guest.iter().enumerate() {
+        let key = |k: &str| format!("guest[{i}].{k}");
+        if g.name.is_empty()
+            || g.name.len() > 32
+            || !g
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(invalid(
+                key("name"),
+                &g.name,
+                "lower-case letters, digits and '-', at most 32, such as \"debian\"",
+            ));
+        }
+        if guests.iter().any(|x| x.name == g.name) {
+            return Err(invalid(
+                key("name"),
+                &g.name,
+                "another [[guest]] has this name; names must be unique",
+            ));
+        }
+        let display = match g.display.as_deref().unwrap_or("vnc") {
+            "vnc" => Display::Vnc,
+            "x11" => Display::X11,
+            other => return Err(invalid(key("display"), other, "\"vnc\" or \"x11\"")),
+        };
+        let memory_mib = match &g.memory {
+            None => 1024,
+            Some(m) => parse_mib(m)
+                .filter(|&n| (64..=1 << 22).contains(&n))
+                .ok_or_else(|| {
+                    invalid(
+                        key("memory"),
+                        m,
+                        "a size between \"64M\" and \"4T\", such as \"2G\" or \"512M\"",
+                    )
+                })?,
+        };
+        let cpus = g.cpus.unwrap_or(1);
+        if !(1..=256).contains(&cpus) {
+            return Err(invalid(key("cpus"), cpus, "between 1 and 256"));
+        }
+        guests.push(Guest {
+            name: g.name.clone(),
+            label: g.label.clone().unwrap_or_else(|| g.name.clone()),
+            display,
+            image: resolve(&g.image),
+            memory_mib,
+            cpus,
+            description: g.description.clone().unwrap_or_default(),
+            persist: g.persist.unwrap_or(false),
+        });
+    }
+
+    // [dispatch]
+    let dur = |key: &str, v: &Option<String>, default: u64| -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(s) => humantime::parse_duration(s)
+                .map_err(|_| invalid(key, s, "a duration such as \"30s\", \"10m\" or \"1h\"")),
+        }
+    };
+    let wd = &w.dispatch;
+    let vnc_ports = match &wd.vnc_ports {
+        None => (5910, 5999),
+        Some(s) => {
+            let bad = || {
+                invalid(
+                    "dispatch.vnc_ports",
+                    s,
+                    "FIRST-LAST within 5900-65535, such as \"5910-5999\"",
+                )
+            };
+            let (a, b) = s.split_once('-').ok_or_else(bad)?;
+            let a: u16 = a.trim().parse().map_err(|_| bad())?;
+            let b: u16 = b.trim().parse().map_err(|_| bad())?;
+            if a < 5900 || a > b {
+                return Err(bad());
+            }
+            (a, b)
+        }
+    };
+    let dispatch = Dispatch {
+        max_vms: match wd.max_vms {
+            Some(0) => return Err(invalid("dispatch.max_vms", 0, "at least 1")),
+            Some(n) => n,
+            None => 16,
+        },
+        memory_budget_mib: match wd.memory_budget.as_deref() {
+            None | Some("auto") => None,
+            Some(m) => Some(parse_mib(m).filter(|&n| n >= 64).ok_or_else(|| {
+                invalid(
+                    "dispatch.memory_budget",
+                    m,
+                    "\"auto\" (80% of the machine's memory) or a size such as \"16G\"",
+                )
+            })?),
+        },
+        vnc_ports,
+        idle_timeout: dur("dispatch.idle_timeout", &wd.idle_timeout, 600)?,
+        accel: match wd.accel.as_deref().unwrap_or("auto") {
+            "auto" => AccelChoice::Auto,
+            "kvm" => AccelChoice::Kvm,
+            "tcg" => AccelChoice::Tcg,
+            other => {
+                return Err(invalid(
+                    "dispatch.accel",
+                    other,
+                    "\"auto\", \"kvm\" or \"tcg\"",
+                ))
+            }
+        },
+        qemu: wd
+            .qemu
+            .clone()
+            .unwrap_or_else(|| "qemu-system-x86_64".into()),
+        shutdown_timeout: dur("dispatch.shutdown_timeout", &wd.shutdown_timeout, 20)?,
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
         server: Server {
@@ -757,7 +998,26 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         tftp,
         http,
         nbd,
+        guests,
+        dispatch,
     })
+}
+
+/// "2G", "512M", "1024" (MiB), "1T" -> MiB.
+fn parse_mib(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 0),
+        (i, 'M' | 'm') => (&s[..i], 1),
+        (i, 'G' | 'g') => (&s[..i], 1024),
+        (i, 'T' | 't') => (&s[..i], 1024 * 1024),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    if mult == 0 {
+        return Some(n / 1024);
+    }
+    n.checked_mul(mult)
 }
 
 /// The pool, the router and every reservation must sit in the LAN subnet.
@@ -1031,6 +1291,54 @@ uefi = "ipxe.efi"
         assert_eq!(c.nbd.exports[1].mode, ExportMode::Overlay);
         let e = err(&s.replace("mode = \"overlay\"", "mode = \"cow\""));
         assert!(e.starts_with("nbd.export[1].mode"), "{e}");
+        let c = parse(&s.replace("[boot]", "[boot]\nroot = \"thin-client\"")).unwrap();
+        assert_eq!(c.boot.root.as_deref(), Some("thin-client"));
+        let e = err(&s.replace("[boot]", "[boot]\nroot = \"thin\""));
+        assert!(
+            e.starts_with("boot.root = \"thin\"") && e.contains("scratch"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn guests() {
+        let s = format!(
+            "{GOOD}\n[[guest]]\nname = \"debian\"\nlabel = \"Debian 12 desktop\"\ndisplay = \"vnc\"\nimage = \"/srv/vdd/guests/debian.qcow2\"\nmemory = \"2G\"\ncpus = 2\n[[guest]]\nname = \"demo\"\nimage = \"images/out/demo.img\"\n"
+        );
+        let c = parse(&s).unwrap();
+        assert_eq!(c.guests.len(), 2);
+        assert_eq!(c.guests[0].memory_mib, 2048);
+        assert_eq!(c.guests[0].display, Display::Vnc);
+        assert_eq!(c.guests[1].label, "demo");
+        assert_eq!(c.guests[1].image, Path::new("/etc/vdd/images/out/demo.img"));
+        for (from, to, key) in [
+            ("memory = \"2G\"", "memory = \"2 gigs\"", "guest[0].memory"),
+            ("memory = \"2G\"", "memory = \"1M\"", "guest[0].memory"),
+            ("display = \"vnc\"", "display = \"rdp\"", "guest[0].display"),
+            ("name = \"demo\"", "name = \"debian\"", "guest[1].name"),
+            ("name = \"demo\"", "name = \"Demo\"", "guest[1].name"),
+            ("cpus = 2", "cpus = 0", "guest[0].cpus"),
+        ] {
+            let e = err(&s.replace(from, to));
+            assert!(e.starts_with(key), "{to}: {e}");
+        }
+        let d = parse(&format!(
+            "{s}\n[dispatch]\nmax_vms = 4\nvnc_ports = \"5901-5904\"\nmemory_budget = \"8G\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                d.dispatch.max_vms,
+                d.dispatch.vnc_ports,
+                d.dispatch.memory_budget_mib
+            ),
+            (4, (5901, 5904), Some(8192))
+        );
+        let e = err(&format!("{s}\n[dispatch]\nvnc_ports = \"80-90\"\n"));
+        assert!(e.starts_with("dispatch.vnc_ports"), "{e}");
+        assert_eq!(parse_mib("512M"), Some(512));
+        assert_eq!(parse_mib("1024"), Some(1024));
+        assert_eq!(parse_mib("1T"), Some(1 << 20));
     }
 
     #[test]

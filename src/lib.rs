@@ -10,6 +10,7 @@
 pub mod boot;
 pub mod config;
 pub mod dhcp;
+pub mod dispatch;
 pub mod http;
 pub mod nbd;
 pub mod netif;

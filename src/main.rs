@@ -207,6 +207,24 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
             e.path.display()
         )?;
     }
+    writeln!(out, "  guests     {}", cfg.guests.len())?;
+    for g in &cfg.guests {
+        let missing = if g.image.exists() {
+            ""
+        } else {
+            "  (image missing)"
+        };
+        writeln!(
+            out,
+            "    guest    {}  {:?}  {}  {} MiB  {} cpu  {}{missing}",
+            g.name,
+            g.label,
+            g.display.as_str(),
+            g.memory_mib,
+            g.cpus,
+            g.image.display()
+        )?;
+    }
     Ok(())
 }
 

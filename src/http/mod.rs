@@ -30,3 +30,5 @@ impl Service {
         Ok(())
     }
 }
+
+pub mod api;

@@ -20,6 +20,14 @@ enum Cmd {
     /// Create a lab network (server namespace, bridge, one client) and print how to enter it;
     /// removes it when you press Enter.
     Lab,
+    /// Build an image: `thin-client` (the NBD root of the thin clients), `guest-demo`.
+    Image {
+        /// Which image: thin-client
+        name: String,
+        /// Rebuild even when the recipe has not changed
+        #[arg(long)]
+        force: bool,
+    },
     /// The README's test command: fmt, clippy, and every test of the workspace.
     Test,
     /// Benchmarks against peer servers (needs root and the peers' packages).
@@ -32,6 +40,11 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Bench { what } => bench::run(what),
+        Cmd::Image { name, force } => match name.as_str() {
+            "thin-client" => xtask::image::thin_client(force).map(drop),
+            "guest-demo" => xtask::image::guest_demo(force).map(drop),
+            other => bail!("no image {other:?}; there are: thin-client, guest-demo"),
+        },
         Cmd::Test => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
             run(cargo().args([

@@ -1,0 +1,331 @@
+//! The local QEMU backend: one `qemu-system-x86_64` per session, on a qcow2 overlay of the
+//! guest's base image, with its VNC server on the LAN address behind a per-session
+//! password set over QMP.
+//!
+//! VMs run in their own process group, so a Ctrl-C aimed at vdd does not reach them, and
+//! their pid and QMP socket live in the session's folder, so a restarted vdd adopts them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::process::Command;
+use tracing::{info, warn};
+
+use super::qmp::Qmp;
+use super::Error;
+use crate::config::Guest;
+
+/// Which accelerator QEMU gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// KVM only where it really runs a guest: `/dev/kvm` can exist and still hang every vCPU
+/// (as on this project's build machines). The probe boots SeaBIOS under KVM and waits at
+/// most `limit` for its banner on the serial port; the answer is kept for the process.
+pub async fn probe_accel(qemu: &str, limit: Duration) -> Accel {
+    static ACCEL: OnceLock<Accel> = OnceLock::new();
+    if let Some(a) = ACCEL.get() {
+        return *a;
+    }
+    let a = probe(qemu, limit).await;
+    if a == Accel::Tcg {
+        warn!(
+            "KVM does not run guests here (/dev/kvm missing or hanging); VMs use TCG and are slow"
+        );
+    } else {
+        info!("KVM works; VMs are accelerated");
+    }
+    *ACCEL.get_or_init(|| a)
+}
+
+async fn probe(qemu: &str, limit: Duration) -> Accel {
+    use tokio::io::AsyncReadExt;
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Accel::Tcg;
+    }
+    let child = Command::new(qemu)
+        .args([
+            "-accel",
+            "kvm",
+            "-M",
+            "pc",
+            "-m",
+            "32",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut child) = child else {
+        return Accel::Tcg;
+    };
+    let mut out = child.stdout.take().expect("piped");
+    let seen = tokio::time::timeout(limit, async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 256];
+        loop {
+            match out.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.windows(7).any(|w| w == b"SeaBIOS") {
+                return true;
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let _ = child.kill().await;
+    if seen {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    }
+}
+
+/// Everything needed to start one VM.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub session: String,
+    pub guest: Guest,
+    /// The session's folder: pid file, QMP socket, serial log, and the overlay unless kept.
+    pub dir: PathBuf,
+    /// The qcow2 overlay to run on (created here if missing).
+    pub overlay: PathBuf,
+    pub vnc_addr: std::net::Ipv4Addr,
+    pub vnc_port: u16,
+    pub accel: Accel,
+    pub qemu: String,
+}
+
+/// A running VM.
+#[derive(Debug)]
+pub struct Vm {
+    pub pid: u32,
+    pub qmp: PathBuf,
+    /// `Some` when vdd started it (so it reaps it); `None` for an adopted VM.
+    pub child: Option<tokio::process::Child>,
+}
+
+/// The format of a base image, from `qemu-img info`, so the overlay names it (`-F`):
+/// QEMU refuses to guess a backing format for safety.
+async fn image_format(base: &Path) -> Result<String, Error> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(base)
+        .output()
+        .await
+        .map_err(|e| Error::Tool("qemu-img info".into(), e.to_string()))?;
+    if !out.status.success() {
+        return Err(Error::Tool(
+            format!("qemu-img info {}", base.display()),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Tool("qemu-img info".into(), e.to_string()))?;
+    Ok(v["format"].as_str().unwrap_or("raw").to_string())
+}
+
+/// Creates a qcow2 overlay on `base`; the base is only ever read.
+pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
+    let fmt = image_format(base).await?;
+    if let Some(d) = overlay.parent() {
+        std::fs::create_dir_all(d).map_err(|e| Error::State(d.to_path_buf(), e))?;
+    }
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", &fmt, "-b"])
+        .arg(base)
+        .arg(overlay)
+        .output()
+        .await
+        .map_err(|e| Error::Tool("qemu-img create".into(), e.to_string()))?;
+    if !out.status.success() {
+        return Err(Error::Tool(
+            "qemu-img create".into(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Starts the VM and sets its VNC password over QMP.
+pub async fn start(spec: &VmSpec, password: &str) -> Result<Vm, Error> {
+    if !spec.overlay.exists() {
+        create_overlay(&spec.guest.image, &spec.overlay).await?;
+    }
+    let qmp = spec.dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    let display = spec.vnc_port - 5900;
+    let log = std::fs::File::create(spec.dir.join("qemu.log"))
+        .map_err(|e| Error::State(spec.dir.clone(), e))?;
+    let mut cmd = Command::new(&spec.qemu);
+    cmd.arg("-name")
+        .arg(format!("vdd-{},process=vdd-{}", spec.session, spec.session))
+        .args(["-accel", spec.accel.as_str(), "-M", "q35"])
+        .args(["-m", &spec.guest.memory_mib.to_string()])
+        .args(["-smp", &spec.guest.cpus.to_string()])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=qcow2,if=ide",
+            spec.overlay.display()
+        ))
+        // The guest reaches out through the server (NAT); nothing reaches in.
+        .args(["-nic", "user,model=e1000"])
+        .args(["-vga", "std", "-no-user-config"])
+        .arg("-vnc")
+        .arg(format!("{}:{display},password=on", spec.vnc_addr))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", spec.dir.join("serial.log").display()))
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .map_err(|e| Error::State(spec.dir.clone(), e))?,
+        )
+        .stderr(log)
+        // Its own process group: signals to vdd's group (Ctrl-C) leave the VMs running.
+        .process_group(0);
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::Tool(spec.qemu.clone(), e.to_string()))?;
+    let pid = child.id().unwrap_or(0);
+    let mut vm = Vm {
+        pid,
+        qmp,
+        child: Some(child),
+    };
+    // QEMU creates the socket during start-up; retry the connect until it is there.
+    let mut q = None;
+    for _ in 0..100 {
+        if let Some(Ok(Some(st))) = vm.child.as_mut().map(|c| c.try_wait()) {
+            let log = std::fs::read_to_string(spec.dir.join("qemu.log")).unwrap_or_default();
+            return Err(Error::VmExited(st.to_string(), log.trim().to_string()));
+        }
+        match Qmp::connect(&vm.qmp, Duration::from_secs(10)).await {
+            Ok(c) => {
+                q = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let Some(mut q) = q else {
+        stop(&mut vm, Duration::from_secs(1)).await;
+        return Err(Error::Qmp("QMP socket never came up".into()));
+    };
+    if let Err(e) = set_password(&mut q, password).await {
+        stop(&mut vm, Duration::from_secs(1)).await;
+        return Err(e);
+    }
+    Ok(vm)
+}
+
+/// Sets the VNC password. It must be used within a minute; a viewer already connected
+/// stays connected (RFB authenticates once, at connect).
+pub async fn set_password(q: &mut Qmp, password: &str) -> Result<(), Error> {
+    q.execute(
+        "set_password",
+        Some(json!({"protocol": "vnc", "password": password})),
+    )
+    .await
+    .map_err(|e| Error::Qmp(e.to_string()))?;
+    q.execute(
+        "expire_password",
+        Some(json!({"protocol": "vnc", "time": "+60"})),
+    )
+    .await
+    .map_err(|e| Error::Qmp(e.to_string()))?;
+    Ok(())
+}
+
+/// Is a process with this pid alive (and not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the ")" that closes the command name.
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The VM's command line names its session; an adopted pid must still be that VM and not
+/// a recycled pid of something else.
+pub fn is_our_vm(pid: u32, session: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let want = format!("vdd-{session}");
+            c.split(|b| *b == 0)
+                .any(|a| String::from_utf8_lossy(a).starts_with(&want))
+        })
+        .unwrap_or(false)
+}
+
+/// Shuts the VM down: ACPI power button, then `quit`, then SIGKILL, each after `grace`.
+pub async fn stop(vm: &mut Vm, grace: Duration) {
+    let gone = |vm: &mut Vm| match vm.child.as_mut() {
+        Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+        None => !alive(vm.pid),
+    };
+    async fn wait_gone(vm: &mut Vm, grace: Duration, gone: impl Fn(&mut Vm) -> bool) -> bool {
+        let end = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < end {
+            if gone(vm) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        gone(vm)
+    }
+    for cmd in ["system_powerdown", "quit"] {
+        if gone(vm) {
+            return;
+        }
+        if let Ok(mut q) = Qmp::connect(&vm.qmp, Duration::from_secs(2)).await {
+            let _ = q.execute(cmd, None).await;
+        }
+        if wait_gone(vm, grace, gone).await {
+            return;
+        }
+    }
+    warn!(pid = vm.pid, "VM ignored powerdown and quit; killing it");
+    if vm.pid > 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(vm.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if let Some(c) = vm.child.as_mut() {
+        let _ = c.wait().await;
+    } else {
+        wait_gone(vm, Duration::from_secs(5), gone).await;
+    }
+}

@@ -1,0 +1,314 @@
+//! The JSON API under `/api/v1/`: the menu (`guests`) and the sessions of the dispatcher.
+//! Pure request -> reply logic over the dispatcher; the HTTP driver only moves bytes.
+//!
+//! Who is asking: a seat is known by the address its request comes from, mapped to a MAC
+//! by the DHCP leases and the server's neighbour (ARP) table, never by what the request
+//! claims; the admin by `Authorization: Bearer <[http] admin_token>`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::config::{Config, Mac};
+use crate::dispatch::{self, Dispatcher};
+
+/// Maps a request's source address to the seat (MAC) it belongs to.
+pub trait SeatLookup: Send + Sync {
+    fn seat_of(&self, ip: IpAddr) -> Option<Mac>;
+}
+
+/// The server's neighbour table (`/proc/net/arp`): every thin client that talks to us
+/// over the LAN is in it, in full and in proxy DHCP mode alike.
+pub struct Neighbours;
+
+impl SeatLookup for Neighbours {
+    fn seat_of(&self, ip: IpAddr) -> Option<Mac> {
+        let IpAddr::V4(v4) = ip else { return None };
+        let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+        parse_arp(&table, v4)
+    }
+}
+
+/// Finds `ip` in the text of /proc/net/arp (complete entries only: flags 0x2).
+fn parse_arp(table: &str, ip: std::net::Ipv4Addr) -> Option<Mac> {
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 4 && f[0].parse().ok() == Some(ip) && f[2] == "0x2" {
+            f[3].parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// A reply: status and JSON body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+fn reply(status: u16, v: serde_json::Value) -> Reply {
+    let mut body = serde_json::to_vec(&v).expect("JSON values serialize");
+    body.push(b'\n');
+    Reply { status, body }
+}
+
+fn error(status: u16, msg: impl Into<String>) -> Reply {
+    reply(status, json!({ "error": msg.into() }))
+}
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Caller {
+    Admin,
+    Seat(Mac),
+    Unknown,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    guest: String,
+    /// The seat's MAC; a seat may only name itself. The admin may name any seat.
+    seat: Option<String>,
+}
+
+/// The API's state.
+pub struct Api {
+    pub cfg: Arc<Config>,
+    pub dispatcher: Option<Arc<Dispatcher>>,
+    pub seats: Arc<dyn SeatLookup>,
+}
+
+impl Api {
+    fn caller(&self, peer: IpAddr, authorization: Option<&str>) -> Caller {
+        if let (Some(token), Some(auth)) = (&self.cfg.http.admin_token, authorization) {
+            if let Some(given) = auth.strip_prefix("Bearer ") {
+                // Compared in constant time: the token is the admin's only key.
+                if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+                    return Caller::Admin;
+                }
+            }
+        }
+        match self.seats.seat_of(peer) {
+            Some(m) => Caller::Seat(m),
+            None => Caller::Unknown,
+        }
+    }
+
+    /// Answers one API request; `None` when `path` is not an API path.
+    pub async fn handle(
+        &self,
+        method: &str,
+        path: &str,
+        peer: IpAddr,
+        authorization: Option<&str>,
+        body: &[u8],
+    ) -> Option<Reply> {
+        let rest = path.strip_prefix("/api/v1/")?;
+        let rest = rest.split('?').next().unwrap_or("");
+        let parts: Vec<&str> = rest.split('/').collect();
+        let r = match (method, parts.as_slice()) {
+            ("GET" | "HEAD", ["guests"]) => self.guests(),
+            (_, ["guests"]) => error(405, "use GET"),
+            ("GET" | "HEAD", ["sessions"]) => self.list(peer, authorization).await,
+            ("POST", ["sessions"]) => self.create(peer, authorization, body).await,
+            (_, ["sessions"]) => error(405, "use GET or POST"),
+            ("DELETE", ["sessions", id]) => self.end(peer, authorization, id).await,
+            (_, ["sessions", _]) => error(405, "use DELETE"),
+            ("POST", ["sessions", id, "reset"]) => self.reset(peer, authorization, id).await,
+            (_, ["sessions", _, "reset"]) => error(405, "use POST"),
+            _ => error(404, format!("no API path /api/v1/{rest}")),
+        };
+        Some(r)
+    }
+
+    fn guests(&self) -> Reply {
+        let list: Vec<_> = self
+            .cfg
+            .guests
+            .iter()
+            .map(|g| {
+                json!({
+                    "name": g.name,
+                    "label": g.label,
+                    "display": g.display.as_str(),
+                    "description": g.description,
+                })
+            })
+            .collect();
+        reply(200, json!(list))
+    }
+
+    fn dispatcher(&self) -> Result<&Arc<Dispatcher>, Reply> {
+        self.dispatcher.as_ref().ok_or_else(|| {
+            error(
+                503,
+                "this server runs no guests (no [[guest]] in its config)",
+            )
+        })
+    }
+
+    async fn list(&self, peer: IpAddr, auth: Option<&str>) -> Reply {
+        let d = match self.dispatcher() {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        match self.caller(peer, auth) {
+            Caller::Admin => reply(200, json!(d.list(None).await)),
+            Caller::Seat(m) => reply(200, json!(d.list(Some(m)).await)),
+            Caller::Unknown => unknown_caller(peer),
+        }
+    }
+
+    async fn create(&self, peer: IpAddr, auth: Option<&str>, body: &[u8]) -> Reply {
+        let d = match self.dispatcher() {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        let req: CreateBody = match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    400,
+                    format!(
+                    "the body must be JSON like {{\"guest\": \"NAME\", \"seat\": \"MAC\"}}: {e}"
+                ),
+                )
+            }
+        };
+        let named: Option<Mac> = match req.seat.as_deref().map(str::parse::<Mac>) {
+            None => None,
+            Some(Ok(m)) => Some(m),
+            Some(Err(())) => {
+                return error(
+                    400,
+                    format!(
+                        "seat {:?} is not a MAC address",
+                        req.seat.unwrap_or_default()
+                    ),
+                )
+            }
+        };
+        let seat = match (self.caller(peer, auth), named) {
+            (Caller::Admin, Some(m)) => m,
+            (Caller::Admin, None) => return error(400, "the admin must name the seat"),
+            (Caller::Seat(m), None) => m,
+            (Caller::Seat(m), Some(n)) if m == n => m,
+            (Caller::Seat(m), Some(n)) => {
+                warn!(ip = %peer, mac = %m, claimed = %n, "a seat asked for another seat's session");
+                return error(403, format!("this client is seat {m}, not {n}"));
+            }
+            (Caller::Unknown, _) => return unknown_caller(peer),
+        };
+        let running = d
+            .list(Some(seat))
+            .await
+            .iter()
+            .any(|s| s.guest == req.guest);
+        match d.create(seat, &req.guest).await {
+            Ok(s) => {
+                info!(session = %s.id, mac = %seat, ip = %peer, guest = %s.guest, "session handed out");
+                reply(if running { 200 } else { 201 }, json!(s))
+            }
+            Err(e) => dispatch_error(e),
+        }
+    }
+
+    async fn end(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
+        let d = match self.dispatcher() {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        let seat = match self.caller(peer, auth) {
+            Caller::Admin => None,
+            Caller::Seat(m) => Some(m),
+            Caller::Unknown => return unknown_caller(peer),
+        };
+        match d.end(id, seat).await {
+            Ok(()) => Reply {
+                status: 204,
+                body: Vec::new(),
+            },
+            Err(e) => dispatch_error(e),
+        }
+    }
+
+    async fn reset(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
+        let d = match self.dispatcher() {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        let seat = match self.caller(peer, auth) {
+            Caller::Admin => None,
+            Caller::Seat(m) => Some(m),
+            Caller::Unknown => return unknown_caller(peer),
+        };
+        match d.reset(id, seat).await {
+            Ok(s) => reply(200, json!(s)),
+            Err(e) => dispatch_error(e),
+        }
+    }
+}
+
+fn unknown_caller(peer: IpAddr) -> Reply {
+    warn!(ip = %peer, "API request from an address that is no known seat");
+    error(
+        403,
+        format!(
+            "{peer} is not a known seat (no DHCP lease or neighbour entry) and gave no admin token"
+        ),
+    )
+}
+
+fn dispatch_error(e: dispatch::Error) -> Reply {
+    use dispatch::Error as E;
+    let status = match &e {
+        E::UnknownGuest(_) | E::NotFound(_) => 404,
+        E::NotYours(_) => 403,
+        E::Full(_) => 503,
+        E::MissingImage { .. } | E::Tool(..) | E::State(..) | E::VmExited(..) | E::Qmp(_) => 500,
+    };
+    if status == 500 {
+        tracing::error!("{e}");
+    }
+    error(status, e.to_string())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn arp_table() {
+        let t = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                 10.77.0.50       0x1         0x2         52:54:00:e2:e0:01     *        br0\n\
+                 10.77.0.51       0x1         0x0         00:00:00:00:00:00     *        br0\n";
+        assert_eq!(
+            parse_arp(t, Ipv4Addr::new(10, 77, 0, 50)),
+            Some("52:54:00:e2:e0:01".parse().unwrap())
+        );
+        assert_eq!(
+            parse_arp(t, Ipv4Addr::new(10, 77, 0, 51)),
+            None,
+            "incomplete entry"
+        );
+        assert_eq!(parse_arp(t, Ipv4Addr::new(10, 77, 0, 52)), None);
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,283 @@
+//! The session API's answers, every error path included, over a real dispatcher (QEMU
+//! with the demo guest). Seats are looked up through a fixed table here; in `vdd serve`
+//! it is the DHCP leases and the neighbour table.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+use vdd::config::{Config, Mac};
+use vdd::dispatch::Dispatcher;
+use vdd::http::api::{Api, SeatLookup};
+
+struct Table(HashMap<IpAddr, Mac>);
+
+impl SeatLookup for Table {
+    fn seat_of(&self, ip: IpAddr) -> Option<Mac> {
+        self.0.get(&ip).copied()
+    }
+}
+
+const TOKEN: &str = "0123456789abcdef0123";
+const SEAT1: &str = "52:54:00:00:bb:01";
+const SEAT2: &str = "52:54:00:00:bb:02";
+
+fn ip(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 77, 0, n))
+}
+
+async fn api(dir: &Path) -> Api {
+    let img = xtask::image::guest_demo(false).expect("building the demo guest");
+    let base = 5940 + (std::process::id() % 10) as u16;
+    let text = format!(
+        r#"
+[server]
+interface = "lo"
+address = "127.0.0.1/8"
+state_dir = "{state}"
+[dhcp]
+mode = "off"
+[http]
+admin_token = "{TOKEN}"
+[[guest]]
+name = "demo"
+label = "Demo"
+image = "{img}"
+memory = "128M"
+description = "the banner"
+[dispatch]
+max_vms = 1
+vnc_ports = "{base}-{base}"
+shutdown_timeout = "2s"
+"#,
+        state = dir.display(),
+        img = img.display(),
+    );
+    let cfg = Arc::new(Config::parse(&text, &dir.join("c.toml")).unwrap());
+    let dispatcher = Dispatcher::new(cfg.clone()).await.unwrap();
+    let seats = Table(HashMap::from([
+        (ip(50), SEAT1.parse().unwrap()),
+        (ip(51), SEAT2.parse().unwrap()),
+    ]));
+    Api {
+        cfg,
+        dispatcher: Some(dispatcher),
+        seats: Arc::new(seats),
+    }
+}
+
+async fn call(
+    a: &Api,
+    method: &str,
+    path: &str,
+    from: IpAddr,
+    auth: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let r = a
+        .handle(method, path, from, auth, body.as_bytes())
+        .await
+        .expect("an API path");
+    let v = if r.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&r.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&r.body)))
+    };
+    (r.status, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_of_the_session_api() {
+    if xtask::lab::which("qemu-system-x86_64").is_none() || xtask::lab::which("mkfs.vfat").is_none()
+    {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI must install qemu-system-x86 and dosfstools");
+        }
+        eprintln!("skipping: needs qemu-system-x86_64 and the tools of the demo guest");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vdd-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = api(&dir).await;
+    let admin = Some(format!("Bearer {TOKEN}"));
+    let admin = admin.as_deref();
+
+    // The menu.
+    let (st, v) = call(&a, "GET", "/api/v1/guests", ip(50), None, "").await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        v,
+        serde_json::json!([{"name": "demo", "label": "Demo", "display": "vnc", "description": "the banner"}])
+    );
+    assert!(a
+        .handle("GET", "/boot.ipxe", ip(50), None, b"")
+        .await
+        .is_none());
+    assert_eq!(
+        call(&a, "GET", "/api/v1/nope", ip(50), None, "").await.0,
+        404
+    );
+    assert_eq!(
+        call(&a, "PUT", "/api/v1/sessions", ip(50), None, "")
+            .await
+            .0,
+        405
+    );
+
+    // Malformed JSON, unknown fields, a bad MAC, an unknown guest.
+    for body in [
+        "{",
+        "[]",
+        "{\"guest\": 5}",
+        "{\"guest\": \"demo\", \"extra\": 1}",
+        "{\"guest\": \"demo\", \"seat\": \"nope\"}",
+    ] {
+        let (st, v) = call(&a, "POST", "/api/v1/sessions", ip(50), None, body).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(v["error"].is_string());
+    }
+    let (st, v) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        ip(50),
+        None,
+        r#"{"guest": "windows"}"#,
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"].as_str().unwrap()),
+        (404, "no guest named \"windows\" in the config")
+    );
+
+    // Unknown callers and bad tokens are refused; a seat may not speak for another.
+    let (st, _) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        ip(99),
+        None,
+        r#"{"guest": "demo"}"#,
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, _) = call(
+        &a,
+        "GET",
+        "/api/v1/sessions",
+        ip(99),
+        Some("Bearer wrong-token-wrong-token"),
+        "",
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, v) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        ip(50),
+        None,
+        &format!(r#"{{"guest": "demo", "seat": "{SEAT2}"}}"#),
+    )
+    .await;
+    assert_eq!(st, 403, "{v}");
+
+    // A session: created (201), returned again to its seat (200), listed for it only.
+    let (st, s) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        ip(50),
+        None,
+        r#"{"guest": "demo"}"#,
+    )
+    .await;
+    assert_eq!(st, 201, "{s}");
+    assert_eq!(
+        (s["protocol"].as_str(), s["seat"].as_str()),
+        (Some("vnc"), Some(SEAT1))
+    );
+    assert_eq!(s["password"].as_str().unwrap().len(), 8);
+    let id = s["id"].as_str().unwrap().to_string();
+    let (st, again) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        ip(50),
+        None,
+        &format!(r#"{{"guest": "demo", "seat": "{SEAT1}"}}"#),
+    )
+    .await;
+    assert_eq!((st, again["id"].as_str()), (200, Some(id.as_str())));
+    let (_, mine) = call(&a, "GET", "/api/v1/sessions", ip(50), None, "").await;
+    assert_eq!(mine.as_array().unwrap().len(), 1);
+    assert!(
+        mine[0].get("password").is_none(),
+        "a listing leaks the password"
+    );
+    let (_, theirs) = call(&a, "GET", "/api/v1/sessions", ip(51), None, "").await;
+    assert_eq!(theirs, serde_json::json!([]));
+
+    // Full: max_vms = 1, so the second seat gets 503 with the reason.
+    let (st, v) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        ip(51),
+        None,
+        r#"{"guest": "demo"}"#,
+    )
+    .await;
+    assert_eq!(st, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("max_vms"), "{v}");
+
+    // Another seat cannot end it; the admin sees all and may reset; the seat ends it.
+    let (st, _) = call(
+        &a,
+        "DELETE",
+        &format!("/api/v1/sessions/{id}"),
+        ip(51),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, all) = call(&a, "GET", "/api/v1/sessions", ip(99), admin, "").await;
+    assert_eq!((st, all.as_array().unwrap().len()), (200, 1));
+    let (st, fresh) = call(
+        &a,
+        "POST",
+        &format!("/api/v1/sessions/{id}/reset"),
+        ip(99),
+        admin,
+        "",
+    )
+    .await;
+    assert_eq!(st, 200, "{fresh}");
+    let new_id = fresh["id"].as_str().unwrap().to_string();
+    let (st, _) = call(
+        &a,
+        "DELETE",
+        &format!("/api/v1/sessions/{new_id}"),
+        ip(50),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(st, 204);
+    let (st, _) = call(
+        &a,
+        "DELETE",
+        &format!("/api/v1/sessions/{new_id}"),
+        ip(50),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(st, 404);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,235 @@
+//! The dispatcher against real QEMU: the demo guest boots on an overlay, its VNC server
+//! takes only the session's current password (checked with an RFB client written here),
+//! sessions are per seat, limits answer clearly, and a VM left by a "crashed" dispatcher
+//! is adopted by the next one and stopped without a leak.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use des::cipher::{BlockEncrypt, KeyInit};
+use vdd::config::{Config, Mac};
+use vdd::dispatch::{Dispatcher, Error};
+
+fn skip() -> Option<String> {
+    let mut why = Vec::new();
+    for t in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "mkfs.vfat",
+        "mcopy",
+        "syslinux",
+        "cpio",
+    ] {
+        if xtask::lab::which(t).is_none() {
+            why.push(format!("`{t}` not installed"));
+        }
+    }
+    if why.is_empty() {
+        return None;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI must provide: {}", why.join(", "));
+    }
+    Some(why.join(", "))
+}
+
+fn config(dir: &Path, ports: (u16, u16), max_vms: usize) -> Arc<Config> {
+    let img = xtask::image::guest_demo(false).expect("building the demo guest");
+    let text = format!(
+        r#"
+[server]
+interface = "lo"
+address = "127.0.0.1/8"
+state_dir = "{state}"
+[dhcp]
+mode = "off"
+[[guest]]
+name = "demo"
+label = "Demo"
+image = "{img}"
+memory = "128M"
+[[guest]]
+name = "missing"
+image = "{state}/nope.img"
+memory = "128M"
+[dispatch]
+max_vms = {max_vms}
+vnc_ports = "{lo}-{hi}"
+shutdown_timeout = "3s"
+"#,
+        state = dir.display(),
+        img = img.display(),
+        lo = ports.0,
+        hi = ports.1,
+    );
+    Arc::new(Config::parse(&text, &dir.join("config.toml")).unwrap())
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vdd-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// RFB 3.8 up to the security result: Ok(true) when the password is accepted.
+fn vnc_auth(port: u16, password: Option<&str>) -> std::io::Result<bool> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut version = [0u8; 12];
+    s.read_exact(&mut version)?;
+    assert_eq!(&version[..4], b"RFB ");
+    s.write_all(b"RFB 003.008\n")?;
+    let mut n = [0u8; 1];
+    s.read_exact(&mut n)?;
+    let mut types = vec![0u8; n[0] as usize];
+    s.read_exact(&mut types)?;
+    // Security type 1 ("None") must never be offered: the password is required.
+    assert!(!types.contains(&1), "VNC offers no-auth access: {types:?}");
+    assert!(
+        types.contains(&2),
+        "VNC authentication not offered: {types:?}"
+    );
+    s.write_all(&[2])?;
+    let mut challenge = [0u8; 16];
+    s.read_exact(&mut challenge)?;
+    // VNC's DES key: the password's bytes, each with its bits reversed (RFC 6143 7.2.2
+    // leaves this to the implementations; every one does it).
+    let mut key = [0u8; 8];
+    for (k, b) in key.iter_mut().zip(password.unwrap_or("").bytes()) {
+        *k = b.reverse_bits();
+    }
+    let cipher = des::Des::new_from_slice(&key).unwrap();
+    for block in challenge.chunks_mut(8) {
+        cipher.encrypt_block(block.into());
+    }
+    s.write_all(&challenge)?;
+    let mut result = [0u8; 4];
+    s.read_exact(&mut result)?;
+    Ok(u32::from_be_bytes(result) == 0)
+}
+
+fn wait_serial(dir: &Path, id: &str, marker: &str) {
+    let log = dir.join("sessions").join(id).join("serial.log");
+    let end = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < end {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(marker)
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "no {marker:?} from the guest: {:?}",
+        std::fs::read_to_string(&log)
+    );
+}
+
+fn seat(n: u8) -> Mac {
+    Mac([0x52, 0x54, 0, 0, 0xaa, n])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_boot_the_guest_behind_a_vnc_password() {
+    if let Some(why) = skip() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempdir("dispatch");
+    let base = 5960 + (std::process::id() % 20) as u16 * 2;
+    let cfg = config(&dir, (base, base + 1), 2);
+    let image = cfg.guests[0].image.clone();
+    let image_sum = std::fs::read(&image).unwrap();
+    let d = Dispatcher::new(cfg.clone()).await.unwrap();
+
+    assert!(matches!(
+        d.create(seat(1), "nope").await,
+        Err(Error::UnknownGuest(_))
+    ));
+    assert!(matches!(
+        d.create(seat(1), "missing").await,
+        Err(Error::MissingImage { .. })
+    ));
+
+    let s = d.create(seat(1), "demo").await.unwrap();
+    assert_eq!((s.protocol.as_str(), s.port), ("vnc", base));
+    let pw = s.password.clone().unwrap();
+    wait_serial(&dir, &s.id, "banner drawn");
+
+    assert!(!vnc_auth(s.port, None).unwrap(), "no password accepted");
+    assert!(
+        !vnc_auth(s.port, Some("wrongpw1")).unwrap(),
+        "a wrong password accepted"
+    );
+    assert!(
+        vnc_auth(s.port, Some(&pw)).unwrap(),
+        "the session's password refused"
+    );
+
+    // Per seat: another seat neither sees nor ends it; the same seat reattaches.
+    assert!(d.list(Some(seat(2))).await.is_empty());
+    assert_eq!(d.list(Some(seat(1))).await.len(), 1);
+    assert!(matches!(
+        d.end(&s.id, Some(seat(2))).await,
+        Err(Error::NotYours(_))
+    ));
+    let again = d.create(seat(1), "demo").await.unwrap();
+    assert_eq!(again.id, s.id);
+    let pw2 = again.password.unwrap();
+    assert_ne!(pw2, pw);
+    assert!(
+        !vnc_auth(s.port, Some(&pw)).unwrap(),
+        "the old password still works"
+    );
+    assert!(vnc_auth(s.port, Some(&pw2)).unwrap());
+
+    // A second seat's session gets its own port and password; a third VM is over max_vms.
+    let other = d.create(seat(2), "demo").await.unwrap();
+    assert_eq!(other.port, base + 1);
+    assert!(
+        !vnc_auth(other.port, Some(&pw2)).unwrap(),
+        "another session's password accepted"
+    );
+    match d.create(seat(3), "demo").await {
+        Err(Error::Full(why)) => assert!(why.contains("max_vms"), "{why}"),
+        r => panic!("expected Full, got {r:?}"),
+    }
+
+    // End: the VM and the session folder are gone; the base image is untouched.
+    let pid =
+        std::fs::read_to_string(dir.join("sessions").join(&s.id).join("session.json")).unwrap();
+    d.end(&s.id, Some(seat(1))).await.unwrap();
+    assert!(!dir.join("sessions").join(&s.id).exists());
+    assert!(matches!(d.end(&s.id, None).await, Err(Error::NotFound(_))));
+    assert!(pid.contains("\"pid\""));
+
+    // "Crash": drop the dispatcher with a VM running; the next one adopts and stops it.
+    drop(d);
+    let d2 = Dispatcher::new(cfg.clone()).await.unwrap();
+    let adopted = d2.list(None).await;
+    assert_eq!(adopted.len(), 1, "{adopted:?}");
+    assert_eq!(adopted[0].id, other.id);
+    let rec =
+        std::fs::read_to_string(dir.join("sessions").join(&other.id).join("session.json")).unwrap();
+    let vm_pid: u32 = serde_json::from_str::<serde_json::Value>(&rec).unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    d2.end(&other.id, None).await.unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{vm_pid}")).exists() || {
+            let st = std::fs::read_to_string(format!("/proc/{vm_pid}/stat")).unwrap_or_default();
+            st.contains(") Z")
+        }
+    );
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        image_sum,
+        "the base image was written"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
