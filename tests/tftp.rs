@@ -444,8 +444,16 @@ async fn duplicate_ack_and_stranger_tid() {
     let srv = Server::start("dup", 4).await;
     random_file(&srv.root().join("d.bin"), 512 * 5, 2);
     let s = raw_socket().await;
-    send_rrq(&s, srv.addr, b"d.bin", "octet", &[]).await;
+    // A 5 s retransmit timeout (RFC 2349), so the silence checked below cannot be
+    // broken by a legitimate retransmission on a slow machine.
+    send_rrq(&s, srv.addr, b"d.bin", "octet", &[("timeout", "5")]).await;
     let (b, from) = recv(&s, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        Packet::parse(&b).unwrap(),
+        Packet::Oack(vec![("timeout".into(), "5".into())])
+    );
+    ack(&s, from, 0).await;
+    let (b, _) = recv(&s, Duration::from_secs(10)).await.unwrap();
     assert!(matches!(
         Packet::parse(&b).unwrap(),
         Packet::Data { block: 1, .. }
@@ -457,9 +465,8 @@ async fn duplicate_ack_and_stranger_tid() {
         Packet::parse(&b).unwrap(),
         Packet::Data { block: 2, .. }
     ));
-    // The duplicate ACK 1 must not produce a second DATA 2 (Sorcerer's Apprentice);
-    // 0.5 s is below the 1 s retransmit timeout.
-    assert!(recv(&s, Duration::from_millis(500)).await.is_none());
+    // The duplicate ACK 1 must not produce a second DATA 2 (Sorcerer's Apprentice).
+    assert!(recv(&s, Duration::from_millis(1500)).await.is_none());
     // A packet from another port gets ERROR 5 and the transfer goes on.
     let stranger = raw_socket().await;
     ack(&stranger, from, 2).await;

@@ -105,7 +105,10 @@ pub fn candidates(cfg: &Config, rel: &Path) -> Vec<(PathBuf, PathBuf)> {
     let mut v = vec![(cfg.tftp.root.clone(), cfg.tftp.root.join(rel))];
     let boot = [cfg.boot.bios.as_str(), cfg.boot.uefi.as_str()];
     if boot.iter().any(|b| Path::new(b) == rel) {
-        v.push((cfg.boot.ipxe_dir.clone(), cfg.boot.ipxe_dir.join(rel)));
+        // The admin named this file in [boot]; the distribution's iPXE folder may hold it
+        // as a symlink elsewhere (Debian: ipxe.efi -> /boot/ipxe.efi), so it is followed.
+        // It must still be a regular file, and only these two names ever get here.
+        v.push((PathBuf::from("/"), cfg.boot.ipxe_dir.join(rel)));
     }
     v
 }
@@ -242,6 +245,26 @@ mod tests {
         // Other names, even ones that exist in the iPXE folder, come only from the root.
         assert_eq!(candidates(&c, Path::new("ipxe.lkrn")).len(), 1);
         assert_eq!(candidates(&c, Path::new("x/undionly.kpxe")).len(), 1);
+    }
+
+    #[test]
+    fn configured_boot_file_may_be_a_symlink_out_of_the_ipxe_dir() {
+        // As Debian ships it: /usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi.
+        let dir = std::env::temp_dir().join(format!("vdd-paths-ln-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (root, ipxe, boot) = (dir.join("root"), dir.join("ipxe"), dir.join("boot"));
+        for d in [&root, &ipxe, &boot] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(boot.join("ipxe.efi"), b"efi").unwrap();
+        std::os::unix::fs::symlink(boot.join("ipxe.efi"), ipxe.join("ipxe.efi")).unwrap();
+        std::os::unix::fs::symlink(boot.join("ipxe.efi"), ipxe.join("other.efi")).unwrap();
+        let c = cfg(&root, &ipxe);
+        let o = open(&c, b"ipxe.efi").unwrap();
+        assert_eq!(o.size, 3);
+        // Only the configured names are looked up there at all.
+        assert_eq!(open(&c, b"other.efi").unwrap_err(), Refusal::NotFound);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

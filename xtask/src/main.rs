@@ -64,6 +64,8 @@ enum Bench {
     },
     /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential, random 4 KiB QD16, 16 clients).
     Nbd(xtask::bench::nbd::Args),
+    /// TFTP: vdd vs dnsmasq, tftpd-hpa and atftpd; 1 and N clients, lockstep and windowsize.
+    Tftp(xtask::bench::tftp::Args),
     /// DHCP: perfdhcp against vdd, kea-dhcp4 and dnsmasq at stepped rates (DORA/s, drops).
     Dhcp {
         /// Shorter steps (3 s instead of 10 s).
@@ -215,6 +217,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Bench::Nbd(a),
         } => xtask::bench::nbd::run(a),
+        Cmd::Bench {
+            which: Bench::Tftp(a),
+        } => xtask::bench::tftp::run(a),
         Cmd::Bench {
             which:
                 Bench::Dhcp {

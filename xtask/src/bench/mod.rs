@@ -5,6 +5,7 @@ pub mod bootmenu;
 pub mod dhcp;
 pub mod http;
 pub mod nbd;
+pub mod tftp;
 
 /// The median of some samples (the mean of the middle two for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
