@@ -540,7 +540,7 @@ fn keep_alive_pipelining_and_garbage() {
         "{r}"
     );
     let mut big = b"GET /files/small.bin HTTP/1.1\r\nX: ".to_vec();
-    big.extend(std::iter::repeat(b'a').take(20_000));
+    big.extend(std::iter::repeat_n(b'a', 20_000));
     big.extend(b"\r\n\r\n");
     let r = raw(s.addr, &big);
     assert!(r.starts_with("HTTP/1.1 431 "), "{r}");

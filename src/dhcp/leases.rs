@@ -164,7 +164,7 @@ impl LeaseTable {
         let start = self.cursor.wrapping_sub(first) % n;
         (0..n)
             .map(|i| Ipv4Addr::from(first + (start + i) % n))
-            .find(|ip| self.by_ip.get(ip).map_or(true, |l| !l.active(now)))
+            .find(|ip| self.by_ip.get(ip).is_none_or(|l| !l.active(now)))
     }
 
     pub fn apply(&mut self, c: &Change) {

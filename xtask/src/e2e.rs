@@ -95,6 +95,10 @@ name = "thin-client"
 path = "{out}/thin-client.squashfs"
 description = "thin-client root"
 
+[dispatch]
+# The demo guest ignores the ACPI power button; do not wait long for it.
+shutdown_timeout = "3s"
+
 [[guest]]
 name = "demo"
 label = "Demo guest"
@@ -260,7 +264,7 @@ pub fn boot(path: BootPath) -> Result<Vec<(String, Duration)>> {
     match follow_stages(&mut q, &boot_stages(path)) {
         Ok(t) => {
             drop(q);
-            let _ = std::fs::remove_dir_all(&s.dir);
+            remove_work(&s.dir);
             Ok(t)
         }
         Err(e) => {
@@ -324,7 +328,7 @@ pub fn demo() -> Result<()> {
         );
     }
     drop(q);
-    let _ = std::fs::remove_dir_all(&s.dir);
+    remove_work(&s.dir);
     Ok(())
 }
 
@@ -436,7 +440,7 @@ pub fn session() -> Result<SessionReport> {
         }
         eprintln!("xtask e2e: logs kept in {}", s.dir.display());
     } else {
-        let _ = std::fs::remove_dir_all(&s.dir);
+        remove_work(&s.dir);
     }
     result
 }
@@ -556,4 +560,16 @@ fn session_in(s: &mut Served) -> Result<SessionReport> {
         vm_start,
         idle_rss_mib: rss_kib / 1024.0,
     })
+}
+
+/// Removes a run's logs, unless `XTASK_KEEP_LOGS=1` asks to keep them.
+fn remove_work(dir: &Path) {
+    if std::env::var("XTASK_KEEP_LOGS").as_deref() == Ok("1") {
+        eprintln!(
+            "xtask e2e: logs kept in {} (XTASK_KEEP_LOGS=1)",
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -286,7 +286,19 @@ fn short(tag: &str) -> String {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // SIGTERM first: a server gets to stop what it started (vdd stops its guest VMs,
+        // which run in their own process group); SIGKILL whatever is left after 15 s.
         for (_, child) in &mut self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        for (_, child) in &mut self.children {
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
