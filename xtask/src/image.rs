@@ -17,6 +17,14 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where built images are kept across checkouts: `$XDG_CACHE_HOME/vdd` or `~/.cache/vdd`.
+fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("vdd"))
+}
+
 /// The machine's apt sources, handed to mmdebstrap as its "mirror" (it pastes a file's
 /// contents into the chroot's sources.list), and its release name.
 fn apt_sources() -> Result<(PathBuf, String)> {
@@ -71,6 +79,21 @@ pub fn thin_client(force: bool) -> Result<PathBuf> {
             "xtask: {} is up to date (recipe {})",
             image.display(),
             &hash[..12]
+        );
+        return Ok(image);
+    }
+    // A build of the same recipe kept by an earlier checkout on this machine (CI clones
+    // afresh each time): the image is a pure function of the recipe and the apt sources.
+    let cached = cache_dir().map(|d| d.join(format!("thin-client-{}.squashfs", &hash[..16])));
+    if let Some(c) = cached.as_ref().filter(|c| c.is_file() && !force) {
+        let tmp = out_dir.join("thin-client.squashfs.tmp");
+        std::fs::copy(c, &tmp).with_context(|| format!("copying {}", c.display()))?;
+        std::fs::rename(&tmp, &image)?;
+        std::fs::write(&stamp, &hash)?;
+        eprintln!(
+            "xtask: {} taken from the build cache {}",
+            image.display(),
+            c.display()
         );
         return Ok(image);
     }
@@ -134,6 +157,11 @@ pub fn thin_client(force: bool) -> Result<PathBuf> {
     // Rename last, so an interrupted build never leaves a half image under the real name.
     std::fs::rename(&tmp, &image)?;
     std::fs::write(&stamp, &hash)?;
+    if let Some(c) = &cached {
+        // Best effort: a full disk must not fail the build that just worked.
+        let _ = std::fs::create_dir_all(c.parent().expect("cache file has a folder"));
+        let _ = std::fs::copy(&image, c);
+    }
     let size = std::fs::metadata(&image)?.len();
     eprintln!(
         "xtask: {} is {:.1} MiB, built in {:.0} s",
