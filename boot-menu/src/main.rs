@@ -541,6 +541,16 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
             .with_context(|| format!("guest list from {server}"))?;
         con.say(&format!("menu: {} guests", list.len()));
         let mut menu = Menu::new(list);
+        // The seat's running sessions are marked; a server without the session API (or
+        // one that is failing) just gives a menu without marks.
+        let running = sessions::list(server, HTTP_TIMEOUT).unwrap_or_default();
+        menu.running = running.iter().map(|s| s.guest.clone()).collect();
+        if !running.is_empty() {
+            con.say(&format!(
+                "{} running session(s) of this seat",
+                running.len()
+            ));
+        }
         con.draw(&menu.render(&server.to_string()));
         let mut pending = autopick.take().and_then(|name| {
             let hit = menu.autopick(&name);
@@ -577,7 +587,30 @@ fn boot(con: &mut Console, args: &cmdline::BootArgs, autopick: &mut Option<Strin
                             None => con.say(&format!("no guest {name} in the menu")),
                         }
                         std::thread::sleep(Duration::from_secs(2));
-                        con.draw(&menu.render(&server.to_string()));
+                        // Fetch again: the session may have ended or still be running.
+                        break 'menu;
+                    }
+                    Action::End(ref name) | Action::Reset(ref name) => {
+                        let Some(s) = running.iter().find(|s| &s.guest == name) else {
+                            continue;
+                        };
+                        let r = if matches!(a, Action::End(_)) {
+                            sessions::end(server, &s.id, HTTP_TIMEOUT)
+                                .map(|()| format!("session {} of {name} ended", s.id))
+                        } else {
+                            sessions::reset(server, &s.id, HTTP_TIMEOUT).map(|n| {
+                                format!(
+                                    "{name} reset to a clean desktop (session {}); Enter connects",
+                                    n.id
+                                )
+                            })
+                        };
+                        match r {
+                            Ok(m) => con.say(&m),
+                            Err(e) => con.say(&format!("{name}: {}", chain(&e))),
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                        break 'menu;
                     }
                     Action::Refresh => break 'menu,
                     Action::Reboot => reboot(con),

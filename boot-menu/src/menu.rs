@@ -13,6 +13,10 @@ pub enum Key {
     /// Fetch the guest list again.
     Refresh,
     Reboot,
+    /// End the selected guest's running session.
+    End,
+    /// Throw the selected guest's session away and start it afresh.
+    Reset,
     Other,
 }
 
@@ -38,6 +42,8 @@ pub fn decode(bytes: &[u8]) -> Vec<Key> {
             b'j' => Key::Down,
             b'r' | b'R' => Key::Refresh,
             b'b' | b'B' => Key::Reboot,
+            b'e' | b'E' => Key::End,
+            b'x' | b'X' => Key::Reset,
             _ => Key::Other,
         });
         i += 1;
@@ -51,6 +57,10 @@ pub enum Action {
     /// Redraw: the selection or the typed number changed.
     Moved,
     Pick(String),
+    /// End the running session of this guest.
+    End(String),
+    /// Reset the running session of this guest (a clean desktop).
+    Reset(String),
     Refresh,
     Reboot,
     Nothing,
@@ -60,6 +70,8 @@ pub enum Action {
 pub struct Menu {
     pub guests: Vec<Guest>,
     pub selected: usize,
+    /// Guests (by name) this seat has a running session of.
+    pub running: Vec<String>,
     /// Digits typed so far, for lists longer than nine entries.
     typed: u32,
 }
@@ -69,16 +81,17 @@ impl Menu {
         Menu {
             guests,
             selected: 0,
+            running: Vec::new(),
             typed: 0,
         }
     }
 
-    /// The guest `vdd.autopick` names, by name, as the server spells it.
     /// The entry named `name`.
     pub fn guest(&self, name: &str) -> Option<&Guest> {
         self.guests.iter().find(|g| g.name == name)
     }
 
+    /// The guest `vdd.autopick` names, by name, as the server spells it.
     pub fn autopick(&self, name: &str) -> Option<String> {
         self.guests
             .iter()
@@ -121,6 +134,15 @@ impl Menu {
             }
             Key::Refresh => Action::Refresh,
             Key::Reboot => Action::Reboot,
+            // End and reset apply to a running session only.
+            Key::End | Key::Reset if n > 0 => {
+                let name = self.guests[self.selected].name.clone();
+                match (k, self.running.contains(&name)) {
+                    (_, false) => Action::Nothing,
+                    (Key::End, true) => Action::End(name),
+                    _ => Action::Reset(name),
+                }
+            }
             _ => Action::Nothing,
         }
     }
@@ -137,12 +159,20 @@ impl Menu {
         for (i, g) in self.guests.iter().enumerate() {
             let mark = if i == self.selected { ">" } else { " " };
             s.push_str(&format!("{mark} {:>2}. {}", i + 1, g.title()));
+            if self.running.contains(&g.name) {
+                s.push_str("  [running]");
+            }
             if !g.description.is_empty() {
                 s.push_str(&format!("  - {}", g.description));
             }
             s.push_str("\r\n");
         }
         s.push_str("\r\n  Up/Down + Enter, or a number.  r: refresh  b: reboot\r\n");
+        if !self.running.is_empty() {
+            s.push_str(
+                "  [running]: Enter returns to it, e ends it, x resets it to a clean desktop\r\n",
+            );
+        }
         s
     }
 }
@@ -165,6 +195,29 @@ mod tests {
     }
 
     #[test]
+    fn running_sessions_are_marked_and_can_be_ended_or_reset() {
+        let mut m = menu(3);
+        // Nothing runs: e and x do nothing.
+        assert_eq!(m.key(Key::End), Action::Nothing);
+        assert_eq!(m.key(Key::Reset), Action::Nothing);
+        m.running = vec!["g2".into()];
+        let screen = m.render("s");
+        assert!(screen.contains("2. Guest 2  [running]"), "{screen}");
+        assert!(!screen.contains("1. Guest 1  [running]"));
+        assert!(screen.contains("e ends it"));
+        assert_eq!(
+            m.key(Key::End),
+            Action::Nothing,
+            "g1 is selected and not running"
+        );
+        assert_eq!(m.key(Key::Down), Action::Moved);
+        assert_eq!(m.key(Key::End), Action::End("g2".into()));
+        assert_eq!(m.key(Key::Reset), Action::Reset("g2".into()));
+        assert_eq!(m.key(Key::Enter), Action::Pick("g2".into()));
+        assert_eq!(decode(b"eE"), [Key::End, Key::End]);
+    }
+
+    #[test]
     fn decodes_terminal_bytes() {
         assert_eq!(
             decode(b"\x1b[A\x1b[B\x1bOA\r\n7jkrbx\x1b[C"),
@@ -179,7 +232,7 @@ mod tests {
                 Key::Up,
                 Key::Refresh,
                 Key::Reboot,
-                Key::Other,
+                Key::Reset,
                 Key::Other
             ]
         );

@@ -52,6 +52,18 @@ pub fn end(server: SocketAddr, id: &str, timeout: Duration) -> Result<(), Error>
     .map(drop)
 }
 
+/// Throws a session's changes away and starts its guest afresh.
+pub fn reset(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, Error> {
+    let r = request(
+        server,
+        "POST",
+        &format!("/api/v1/sessions/{id}/reset"),
+        None,
+        timeout,
+    )?;
+    serde_json::from_slice(&r).map_err(Error::Json)
+}
+
 /// The command line of the VNC session in the thin-client root: an X server on the
 /// console with TigerVNC's viewer full screen, nothing else (no window manager). The
 /// viewer's exit code is kept in /tmp/vdd-viewer-exit: 0 means the user left with F8 ->
