@@ -92,6 +92,8 @@ struct State {
     pending_ports: Vec<u16>,
     pending_mib: u64,
     pending_seats: Vec<(Mac, String)>,
+    /// Set when vdd stops: VMs still starting are stopped as soon as they are up.
+    closing: bool,
 }
 
 /// Runs the sessions of one server.
@@ -265,6 +267,9 @@ impl Dispatcher {
                 info!(session = %rec.id, mac = %seat, guest = %rec.guest, "session reattached");
                 return Ok(self.info(&rec, Some(password)));
             }
+            if st.closing {
+                return Err(Error::Full("the server is shutting down".into()));
+            }
             if st.pending_seats.contains(&(seat, guest.name.clone())) {
                 return Err(Error::Full(format!(
                     "{} is already starting for this seat; try again in a moment",
@@ -313,7 +318,14 @@ impl Dispatcher {
         st.pending_mib -= guest.memory_mib;
         st.pending_seats
             .retain(|s| *s != (seat, guest.name.clone()));
-        let (session, password) = result?;
+        let (mut session, password) = result?;
+        if st.closing {
+            // vdd began to stop while this VM started: stop it too, or it would outlive us.
+            drop(st);
+            qemu::stop(&mut session.vm, self.cfg.dispatch.shutdown_timeout).await;
+            let _ = std::fs::remove_dir_all(self.dir.join(&id));
+            return Err(Error::Full("the server is shutting down".into()));
+        }
         let info = self.info(&session.rec, Some(password));
         info!(session = %id, mac = %seat, guest = %guest.name, port, accel = self.accel.as_str(), "VM started");
         st.sessions.insert(id, session);
@@ -518,6 +530,15 @@ impl Dispatcher {
                     self.finish(s, "ended (idle)").await;
                 }
             }
+        }
+        // VMs still starting finish starting (and stop themselves, seeing `closing`) before
+        // the running ones are collected: none may be left behind.
+        self.state.lock().await.closing = true;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !self.state.lock().await.pending_ports.is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let all: Vec<Session> = {
             let mut st = self.state.lock().await;

@@ -210,7 +210,18 @@ impl Api {
             .await
             .iter()
             .any(|s| s.guest == req.guest);
-        match d.create(seat, &req.guest).await {
+        // On its own task: a connection dropped mid-start (client gone, or vdd stopping
+        // and aborting connections) must not drop a half-started VM on the floor; the
+        // dispatcher sees the start through and stops the VM if nobody wants it.
+        let create = {
+            let (d, guest) = (d.clone(), req.guest.clone());
+            tokio::spawn(async move { d.create(seat, &guest).await })
+        };
+        let created = match create.await {
+            Ok(r) => r,
+            Err(e) => return error(500, format!("starting the session failed: {e}")),
+        };
+        match created {
             Ok(s) => {
                 info!(session = %s.id, mac = %seat, ip = %peer, guest = %s.guest, "session handed out");
                 reply(if running { 200 } else { 201 }, json!(s))

@@ -264,7 +264,10 @@ pub fn boot(path: BootPath) -> Result<Vec<(String, Duration)>> {
     match follow_stages(&mut q, &boot_stages(path)) {
         Ok(t) => {
             drop(q);
-            remove_work(&s.dir);
+            // The lab stops vdd (which stops its VMs) before the logs go.
+            let dir = s.dir.clone();
+            drop(s);
+            remove_work(&dir);
             Ok(t)
         }
         Err(e) => {
@@ -311,6 +314,8 @@ pub fn demo() -> Result<()> {
         memory_mib: 768,
         dir: s.dir.join("client"),
         interactive,
+        // With a desktop session, show the thin client's screen in a window.
+        display: std::env::var_os("DISPLAY").map(|_| "gtk".to_string()),
         ..Opts::default()
     };
     eprintln!("xtask demo: starting the thin client (QEMU, PXE boot from its iPXE ROM)");
@@ -321,14 +326,22 @@ pub fn demo() -> Result<()> {
     if interactive {
         q.wait()?;
     } else {
-        q.follow(Some("vdd-boot-menu: picked demo"), Duration::from_secs(600))?;
+        q.follow(
+            Some("vdd-boot-menu: viewer: connecting"),
+            Duration::from_secs(600),
+        )?;
         println!();
+        let (_, png) = wait_for_guest_screen(&q, &s.dir, "demo")?;
         eprintln!(
-            "xtask demo: the thin client booted from vdd and picked the demo guest; stopping"
+            "xtask demo: the thin client booted from vdd, picked the demo guest and shows its desktop: {}",
+            png.display()
         );
     }
     drop(q);
-    remove_work(&s.dir);
+    // vdd stops the guest's VM when the lab asks it to stop; its logs go after that.
+    let dir = s.dir.clone();
+    drop(s);
+    remove_work(&dir);
     Ok(())
 }
 
@@ -412,6 +425,40 @@ pub fn magenta_pixels(ppm: &[u8]) -> Result<usize> {
 /// the banner's letters.
 const GUEST_SCREEN_MAGENTA: usize = 720 * 400 * 3 / 4;
 
+/// Waits until the thin client's screen shows the demo guest (its magenta screen, through
+/// VNC), then saves a PNG of it as `target/e2e/NAME-screenshot.png`. Returns when it
+/// appeared (since QEMU started) and the PNG's path.
+pub fn wait_for_guest_screen(q: &Qemu, work: &Path, name: &str) -> Result<(Duration, PathBuf)> {
+    let out = repo_root().join("target/e2e");
+    std::fs::create_dir_all(&out)?;
+    let ppm = work.join("screen.ppm");
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let (frame_at, share) = loop {
+        q.screendump(&ppm)?;
+        let share = magenta_pixels(&std::fs::read(&ppm)?)?;
+        if share >= GUEST_SCREEN_MAGENTA {
+            break (q.elapsed(), share);
+        }
+        if std::time::Instant::now() > deadline {
+            let failed = out.join(format!("{name}-failed.png"));
+            let _ = q.screendump(&failed);
+            bail!(
+                "the guest's banner never showed on the thin client ({share} magenta pixels, want {GUEST_SCREEN_MAGENTA}); its screen: {}",
+                failed.display()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let screenshot = out.join(format!("{name}-screenshot.png"));
+    q.screendump(&screenshot)?;
+    eprintln!(
+        "xtask e2e: guest banner on the thin client at {:.1} s ({share} magenta pixels); screenshot {}",
+        frame_at.as_secs_f64(),
+        screenshot.display()
+    );
+    Ok((frame_at, screenshot))
+}
+
 /// What `cargo xtask e2e session` measured.
 pub struct SessionReport {
     pub stages: Vec<(String, Duration)>,
@@ -440,7 +487,10 @@ pub fn session() -> Result<SessionReport> {
         }
         eprintln!("xtask e2e: logs kept in {}", s.dir.display());
     } else {
-        remove_work(&s.dir);
+        // The lab stops vdd (which stops its VMs) before the logs go.
+        let dir = s.dir.clone();
+        drop(s);
+        remove_work(&dir);
     }
     result
 }
@@ -470,32 +520,7 @@ fn session_in(s: &mut Served) -> Result<SessionReport> {
         .unwrap_or_default();
 
     // The guest's banner on the thin client's own screen.
-    let out = repo_root().join("target/e2e");
-    std::fs::create_dir_all(&out)?;
-    let ppm = s.dir.join("screen.ppm");
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    let (frame_at, share) = loop {
-        q.screendump(&ppm)?;
-        let share = magenta_pixels(&std::fs::read(&ppm)?)?;
-        if share >= GUEST_SCREEN_MAGENTA {
-            break (q.elapsed(), share);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = q.screendump(&out.join("session-failed.png"));
-            bail!(
-                "the guest's banner never showed on the thin client ({share} magenta pixels, want {GUEST_SCREEN_MAGENTA}); its screen: {}",
-                out.join("session-failed.png").display()
-            );
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    let screenshot = out.join("session-screenshot.png");
-    q.screendump(&screenshot)?;
-    eprintln!(
-        "xtask e2e: guest banner on the thin client at {:.1} s ({share} magenta pixels); screenshot {}",
-        frame_at.as_secs_f64(),
-        screenshot.display()
-    );
+    let (frame_at, screenshot) = wait_for_guest_screen(&q, &s.dir, "session")?;
 
     // The session as the admin sees it, and its VNC port's answers to wrong passwords.
     let ns = s.lab.server_ns.clone();

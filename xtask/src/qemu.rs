@@ -92,6 +92,8 @@ pub struct Opts {
     /// Serial console on this terminal (keys reach the guest; Ctrl-A X quits QEMU)
     /// instead of a log file.
     pub interactive: bool,
+    /// QEMU's display: "none" (default), or e.g. "gtk" to watch the thin client's screen.
+    pub display: Option<String>,
 }
 
 pub struct Qemu {
@@ -115,22 +117,17 @@ impl Qemu {
             }
             None => Command::new("qemu-system-x86_64"),
         };
-        cmd.args([
-            "-accel",
-            accel(),
-            "-M",
-            "pc",
-            "-no-reboot",
-            "-display",
-            "none",
-            "-vga",
-            "std",
-        ])
-        .args(["-m", &o.memory_mib.max(256).to_string()])
-        .arg("-serial")
-        .arg(format!("file:{}", serial_log.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        cmd.args(["-accel", accel(), "-M", "pc", "-no-reboot", "-vga", "std"])
+            .args(["-display", o.display.as_deref().unwrap_or("none")])
+            .args(["-m", &o.memory_mib.max(256).to_string()])
+            .arg("-serial")
+            .arg(if o.interactive {
+                "mon:stdio".to_string()
+            } else {
+                format!("file:{}", serial_log.display())
+            })
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         match &o.firmware {
             Some(fw) => {
                 cmd.arg("-bios").arg(fw);
