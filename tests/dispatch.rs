@@ -198,3 +198,57 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A VM that dies ends its session (the watchdog sees it within seconds, logs it, and
+/// removes the session's folder and overlay); a graceful stop of the dispatcher stops
+/// every VM it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_vm_ends_its_session_and_shutdown_stops_the_rest() {
+    if let Some(why) = skip() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempdir("dispatch-dead");
+    let base = 5980 + (std::process::id() % 8) as u16 * 2;
+    let cfg = config(&dir, (base, base + 1), 2);
+    let d = Dispatcher::new(cfg).await.unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let watchdog = tokio::spawn(d.clone().run(token.clone()));
+
+    let a = d.create(seat(1), "demo").await.unwrap();
+    let b = d.create(seat(2), "demo").await.unwrap();
+    let pid_of = |id: &str| -> u32 {
+        let rec =
+            std::fs::read_to_string(dir.join("sessions").join(id).join("session.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&rec).unwrap()["pid"]
+            .as_u64()
+            .unwrap() as u32
+    };
+    let (pa, pb) = (pid_of(&a.id), pid_of(&b.id));
+    // The VM of `a` dies under us.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pa as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while d.list(None).await.iter().any(|s| s.id == a.id) {
+        assert!(
+            Instant::now() < end,
+            "the dead VM's session is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!dir.join("sessions").join(&a.id).exists());
+    assert_eq!(d.list(None).await.len(), 1);
+
+    // Shutdown stops `b`'s VM (the demo guest ignores ACPI; quit ends it).
+    token.cancel();
+    watchdog.await.unwrap();
+    let gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+    };
+    assert!(gone(pb), "the VM outlived the dispatcher's shutdown");
+    assert!(!dir.join("sessions").join(&b.id).exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
