@@ -2,7 +2,7 @@
 //! Pure request -> reply logic over the dispatcher; the HTTP driver only moves bytes.
 //!
 //! Who is asking: a seat is known by the address its request comes from, mapped to a MAC
-//! by the DHCP leases and the server's neighbour (ARP) table, never by what the request
+//! by the server's neighbour (ARP) table, never by what the request
 //! claims; the admin by `Authorization: Bearer <[http] admin_token>`.
 
 use std::net::IpAddr;
@@ -154,14 +154,9 @@ impl Api {
     }
 
     async fn list(&self, peer: IpAddr, auth: Option<&str>) -> Reply {
-        let d = match self.dispatcher() {
-            Ok(d) => d,
-            Err(r) => return r,
-        };
-        match self.caller(peer, auth) {
-            Caller::Admin => reply(200, json!(d.list(None).await)),
-            Caller::Seat(m) => reply(200, json!(d.list(Some(m)).await)),
-            Caller::Unknown => unknown_caller(peer),
+        match self.scope(peer, auth) {
+            Ok((d, seat)) => reply(200, json!(d.list(seat).await)),
+            Err(r) => r,
         }
     }
 
@@ -230,15 +225,25 @@ impl Api {
         }
     }
 
+    /// The dispatcher and the seat a session request is limited to (`None`: the admin,
+    /// any session), or the refusal.
+    fn scope(
+        &self,
+        peer: IpAddr,
+        auth: Option<&str>,
+    ) -> Result<(&Arc<Dispatcher>, Option<Mac>), Reply> {
+        let d = self.dispatcher()?;
+        match self.caller(peer, auth) {
+            Caller::Admin => Ok((d, None)),
+            Caller::Seat(m) => Ok((d, Some(m))),
+            Caller::Unknown => Err(unknown_caller(peer)),
+        }
+    }
+
     async fn end(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
-        let d = match self.dispatcher() {
-            Ok(d) => d,
+        let (d, seat) = match self.scope(peer, auth) {
+            Ok(x) => x,
             Err(r) => return r,
-        };
-        let seat = match self.caller(peer, auth) {
-            Caller::Admin => None,
-            Caller::Seat(m) => Some(m),
-            Caller::Unknown => return unknown_caller(peer),
         };
         match d.end(id, seat).await {
             Ok(()) => Reply {
@@ -250,14 +255,9 @@ impl Api {
     }
 
     async fn reset(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
-        let d = match self.dispatcher() {
-            Ok(d) => d,
+        let (d, seat) = match self.scope(peer, auth) {
+            Ok(x) => x,
             Err(r) => return r,
-        };
-        let seat = match self.caller(peer, auth) {
-            Caller::Admin => None,
-            Caller::Seat(m) => Some(m),
-            Caller::Unknown => return unknown_caller(peer),
         };
         match d.reset(id, seat).await {
             Ok(s) => reply(200, json!(s)),
@@ -271,7 +271,7 @@ fn unknown_caller(peer: IpAddr) -> Reply {
     error(
         403,
         format!(
-            "{peer} is not a known seat (no DHCP lease or neighbour entry) and gave no admin token"
+            "{peer} is not a known seat (not in the server's neighbour table) and gave no admin token"
         ),
     )
 }
