@@ -15,6 +15,7 @@
 
 use std::ffi::OsStr;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -75,6 +76,24 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// `ip netns exec NS` bind-mounts the files of `/etc/netns/NS/` over `/etc/`.
+const NETNS_ETC: &str = "/etc/netns";
+
+/// Adds namespace `ns` with its own (empty) resolv.conf. DHCP clients' default scripts
+/// (busybox udhcpc, dhclient) write /etc/resolv.conf; without this shield a client run in
+/// a lab namespace would overwrite the host's and take its DNS away.
+fn add_ns(ns: &str) -> Result<()> {
+    let etc = Path::new(NETNS_ETC).join(ns);
+    std::fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;
+    std::fs::write(etc.join("resolv.conf"), "")
+        .with_context(|| format!("writing {}/resolv.conf", etc.display()))?;
+    if let Err(e) = ip(["netns", "add", ns]) {
+        let _ = std::fs::remove_dir_all(&etc);
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Runs `ip ARGS...` and fails with its stderr.
 pub fn ip<I, S>(args: I) -> Result<()>
 where
@@ -129,7 +148,7 @@ impl Lab {
         // Namespace names end up in /run/netns; keep them short and unique per process.
         let name = format!("vdd{}-{}-{}", short(tag), std::process::id(), n);
         let server_ns = format!("{name}-s");
-        ip(["netns", "add", &server_ns])?;
+        add_ns(&server_ns)?;
         let lab = Lab {
             name,
             server_ns,
@@ -172,7 +191,7 @@ impl Lab {
     pub fn add_client(&mut self, mac: Option<&str>) -> Result<ClientNs> {
         let idx = self.clients.len();
         let ns = format!("{}-c{}", self.name, idx);
-        ip(["netns", "add", &ns])?;
+        add_ns(&ns)?;
         self.clients.push(ns.clone());
         let peer = format!("vc{idx}");
         ip([
@@ -307,6 +326,7 @@ impl Drop for Lab {
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
                 .status();
+            let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(ns));
         }
     }
 }

@@ -85,12 +85,14 @@ pub fn run(boots: usize, leases: usize) -> Result<()> {
                 "boot-menu dhcp",
             )?);
             let c = lab.add_client(None)?;
-            // -q: exit once bound; -n: fail instead of retrying forever; the default
-            // script configures the address, as boot-menu does.
+            // -q: exit once bound; -n: fail instead of retrying forever; the script
+            // configures the address, as boot-menu does.
             udhcpc.push(time(
-                Lab::cmd(&c.ns, "busybox").args([
-                    "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "3",
-                ]),
+                Lab::cmd(&c.ns, "busybox")
+                    .args([
+                        "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "3", "-s",
+                    ])
+                    .arg(&script),
                 "udhcpc",
             )?);
             // The same without configuring anything: separates the script's cost
