@@ -117,13 +117,16 @@ impl Root {
         Ok(r)
     }
 
-    /// A command that runs `sh -c script` with this root as `/`.
+    /// A command that runs `sh -c script` with this root as `/`, in a process group of
+    /// its own.
     pub fn command(&self, script: &str) -> std::process::Command {
         use std::os::unix::process::CommandExt;
         let mut c = std::process::Command::new("/bin/sh");
+        // Its own process group, so all of it (sh, Xorg, the viewer) can be stopped at once.
         c.args(["-c", script])
             .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .process_group(0);
         let dir = self.dir.clone();
         // SAFETY: chroot and chdir are async-signal-safe; nothing else runs between fork
         // and exec.

@@ -10,15 +10,50 @@ use serde::Deserialize;
 use crate::guests::{request, Error};
 
 /// How to reach a session's display; the password is only in the answer to a create.
+///
+/// `protocol` is "vnc" (host = the server, port = the VM's VNC port) or "xdmcp" (host =
+/// the guest's own address on the LAN, port 177). An X11 session is "starting" until the
+/// guest's display manager answers XDMCP, then "ready"; "failed" carries `error`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct Session {
     pub id: String,
     pub guest: String,
     pub protocol: String,
-    pub host: Ipv4Addr,
+    #[serde(default)]
+    pub host: Option<Ipv4Addr>,
     pub port: u16,
     #[serde(default)]
     pub password: Option<String>,
+    #[serde(default = "ready")]
+    pub state: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+fn ready() -> String {
+    "ready".into()
+}
+
+impl Session {
+    /// "host:port", or "?" for a host the server does not know yet.
+    pub fn target(&self) -> String {
+        match self.host {
+            Some(h) => format!("{h}:{}", self.port),
+            None => format!("?:{}", self.port),
+        }
+    }
+}
+
+/// One session of this seat, as the server sees it now.
+pub fn get(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, Error> {
+    let r = request(
+        server,
+        "GET",
+        &format!("/api/v1/sessions/{id}"),
+        None,
+        timeout,
+    )?;
+    serde_json::from_slice(&r).map_err(Error::Json)
 }
 
 /// The seat's session of `guest`: a new VM, or its running one with a fresh password.
@@ -69,14 +104,25 @@ pub fn reset(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session,
 /// viewer's exit code is kept in /tmp/vdd-viewer-exit: 0 means the user left with F8 ->
 /// "Exit viewer" (the session keeps running), anything else that the connection ended.
 pub fn vnc_script(s: &Session) -> String {
+    let host = s
+        .host
+        .map_or_else(|| "0.0.0.0".to_string(), |h| h.to_string());
     format!(
         "rm -f /tmp/vdd-viewer-exit; \
          xinit /bin/sh -c 'xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8 \
          -AlertOnFatalError=0 -ReconnectOnError=0 {host}::{port}; echo $? > /tmp/vdd-viewer-exit' \
          -- /usr/bin/Xorg :0 vt1 -nolisten tcp -noreset -keeptty 2>&1 | tail -n 20",
-        host = s.host,
         port = s.port
     )
+}
+
+/// The command line of an X11 session in the thin-client root: Xorg asks the guest's
+/// display manager for a login over XDMCP (`-query`, UDP 177) and must accept the
+/// guest's X clients on TCP 6000 (`-listen tcp`; Xorg listens on no TCP port by
+/// default). `-once` ends the server when the guest ends the session (logout), so the
+/// menu comes back. Xorg's stderr is chatty; the last lines are enough on a failure.
+pub fn x11_script(host: Ipv4Addr) -> String {
+    format!("/usr/bin/Xorg :0 vt1 -query {host} -listen tcp -once -keeptty 2>&1 | tail -n 20")
 }
 
 #[cfg(test)]
@@ -103,5 +149,24 @@ mod tests {
             !vnc_script(&s).contains("AbCd2345"),
             "the password must not be on a command line"
         );
+        assert_eq!(s.state, "ready", "a server without states means ready");
+    }
+
+    #[test]
+    fn x11_session_json() {
+        let s: Session = serde_json::from_str(
+            r#"{"id":"77aa","seat":"52:54:00:00:00:01","guest":"x11","protocol":"xdmcp","host":null,"port":177,"mac":"0a:56:44:01:02:03","state":"starting","started":1}"#,
+        )
+        .unwrap();
+        assert_eq!((s.host, s.state.as_str()), (None, "starting"));
+        assert_eq!(s.target(), "?:177");
+        let f: Session = serde_json::from_str(
+            r#"{"id":"77aa","seat":"x","guest":"x11","protocol":"xdmcp","host":"10.77.0.120","port":177,"state":"failed","error":"no answer","started":1}"#,
+        )
+        .unwrap();
+        assert_eq!(f.error.as_deref(), Some("no answer"));
+        assert_eq!(f.target(), "10.77.0.120:177");
+        let x = x11_script(Ipv4Addr::new(10, 77, 0, 120));
+        assert!(x.contains("-query 10.77.0.120 -listen tcp -once"), "{x}");
     }
 }

@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// The guest list the fake server hands out; `x` is what the command line autopicks.
-/// Both are X11 guests, so a pick needs no session from a server (this test has no vdd:
-/// `cargo xtask e2e boot` runs the real one).
+/// The guest list the test's HTTP server hands out; `x` is what the command line
+/// autopicks. Both are X11 guests. This test has no vdd (`cargo xtask e2e boot`,
+/// `session` and `x11` run the real one): its server answers the session API the way vdd
+/// does for an X11 guest, "starting" at first and "ready" on the second poll, so the
+/// client's polling runs; the test root has no Xorg, so the X session ends at once.
 pub const GUESTS: &str = r#"[{"name":"x","label":"Guest X","display":"x11","description":"the test guest"},{"name":"y","label":"Guest Y","display":"x11","description":""}]"#;
 
 /// Markers in the order they must appear, with a name for the timing table.
-const MARKERS: [(&str, &str); 14] = [
+const MARKERS: [(&str, &str); 15] = [
     ("Linux version", "kernel started"),
     ("vdd-boot-menu: started as PID 1", "boot-menu is PID 1"),
     ("vdd-boot-menu: loaded module e1000", "NIC driver loaded"),
@@ -36,6 +38,10 @@ const MARKERS: [(&str, &str); 14] = [
     ),
     ("vdd-boot-menu: check: overlay=ok", "overlay writable"),
     ("vdd-boot-menu: session check passed", "check passed"),
+    (
+        "vdd-boot-menu: x11: x is ready at 10.0.2.2:177",
+        "session ready (polled)",
+    ),
     ("vdd-boot-menu: nbd: detached", "NBD detached"),
     ("back to the menu", "back at the menu"),
     // Keys typed on the serial console (Down, Enter; see KEYS) pick the second guest.
@@ -48,7 +54,7 @@ const MARKERS: [(&str, &str); 14] = [
 
 /// What is typed on ttyS0 once the marker with this index was seen: cursor down (CSI B)
 /// and Enter, as a VT100 terminal sends them.
-const KEYS: (usize, &[u8]) = (11, b"\x1b[B\r");
+const KEYS: (usize, &[u8]) = (12, b"\x1b[B\r");
 
 /// The root image of the test: static busybox as /bin/sh and the marker file the real
 /// thin-client recipe writes. Built with mksquashfs (squashfs-tools).
@@ -120,6 +126,7 @@ impl Http {
         let stop = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(AtomicU32::new(0));
         let (s2, h2) = (stop.clone(), hits.clone());
+        let polls = AtomicU32::new(0);
         let thread = std::thread::spawn(move || {
             while !s2.load(Ordering::Relaxed) {
                 match l.accept() {
@@ -135,12 +142,7 @@ impl Http {
                             }
                         }
                         h2.fetch_add(1, Ordering::Relaxed);
-                        let ok = req.starts_with(b"GET /api/v1/guests ");
-                        let resp = if ok {
-                            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-                        } else {
-                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
-                        };
+                        let resp = answer(&req, body, &polls);
                         let _ = c.write_all(resp.as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -154,6 +156,44 @@ impl Http {
             thread: Some(thread),
         })
     }
+}
+
+/// The answer to one request: the guest list, and the session API as vdd answers it
+/// for an X11 guest (see [`GUESTS`]).
+fn answer(req: &[u8], guests: &str, polls: &AtomicU32) -> String {
+    let text = String::from_utf8_lossy(req);
+    // The pick is in a create's body, and in the session's id after that.
+    let guest = if text.contains(r#""guest":"y""#) || text.contains("/e2ey ") {
+        "y"
+    } else {
+        "x"
+    };
+    let session = |state: &str, host: &str| {
+        format!(
+            r#"{{"id":"e2e{guest}","seat":"52:54:00:12:34:56","guest":"{guest}","protocol":"xdmcp","host":{host},"port":177,"state":"{state}","started":1}}"#
+        )
+    };
+    let (status, body) = if text.starts_with("GET /api/v1/guests ") {
+        ("200 OK", guests.to_string())
+    } else if text.starts_with("GET /api/v1/sessions ") {
+        ("200 OK", "[]".to_string())
+    } else if text.starts_with("POST /api/v1/sessions ") {
+        polls.store(0, Ordering::Relaxed);
+        ("201 Created", session("starting", "null"))
+    } else if text.starts_with("GET /api/v1/sessions/e2e") {
+        let ready = polls.fetch_add(1, Ordering::Relaxed) >= 1;
+        let state = if ready { "ready" } else { "starting" };
+        ("200 OK", session(state, r#""10.0.2.2""#))
+    } else if text.starts_with("DELETE /api/v1/sessions/e2e") {
+        return "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string();
+    } else {
+        return "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            .to_string();
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 impl Drop for Http {
