@@ -147,6 +147,7 @@ struct WireBoot {
     kernel: Option<String>,
     initrd: Option<String>,
     cmdline: Option<String>,
+    ipv6_ra: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +316,9 @@ pub struct Boot {
     pub cmdline: String,
     /// The NBD export the thin clients mount as their root (an `[[nbd.export]]` name).
     pub root: Option<String>,
+    /// Answer IPv6 router solicitations with an advertisement that offers nothing, so
+    /// iPXE stops waiting for an IPv6 router (see src/ndp.rs).
+    pub ipv6_ra: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -755,6 +759,9 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         initrd: w.boot.initrd.as_deref().map(resolve),
         cmdline: w.boot.cmdline.unwrap_or_default(),
         root: w.boot.root,
+        // Where vdd runs the LAN's DHCP it may speak for the LAN's IPv6 too; beside
+        // another DHCP server there may be a real IPv6 router, so only when asked.
+        ipv6_ra: w.boot.ipv6_ra.unwrap_or(mode == DhcpMode::Full),
     };
 
     // [tftp]
@@ -1286,6 +1293,11 @@ uefi = "ipxe.efi"
         let c = parse(&s).unwrap();
         assert_eq!(c.dhcp.mode, DhcpMode::Proxy);
         assert!(c.dhcp.pool.is_none());
+        // Beside another DHCP server there may be a real IPv6 router: no RAs unless asked.
+        assert!(!c.boot.ipv6_ra);
+        assert!(parse(&GOOD).unwrap().boot.ipv6_ra, "full mode answers RS");
+        let off = parse(&GOOD.replace("[boot]\n", "[boot]\nipv6_ra = false\n")).unwrap();
+        assert!(!off.boot.ipv6_ra);
     }
 
     #[test]

@@ -13,5 +13,6 @@ pub mod dhcp;
 pub mod dispatch;
 pub mod http;
 pub mod nbd;
+pub mod ndp;
 pub mod netif;
 pub mod tftp;

@@ -247,6 +247,13 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("DHCP") });
     }
+    if cfg.boot.ipv6_ra {
+        let s = vdd::ndp::Service::bind(cfg.clone()).context(
+            "answering IPv6 router solicitations (set boot.ipv6_ra = false to turn it off)",
+        )?;
+        let t = shutdown.clone();
+        tasks.spawn(async move { s.run(t).await.context("IPv6 RA") });
+    }
     if cfg.tftp.enabled {
         let s = vdd::tftp::Service::bind(cfg.clone())
             .await

@@ -566,3 +566,75 @@ fn proxy_beside_dnsmasq() {
     assert_eq!(kv["proxy_ack_next_server"], "10.77.0.1");
     assert!(lab.is_running(vdd));
 }
+
+/// rdisc6 (ndisc6) sends router solicitations from a client on the lab bridge: vdd in
+/// full mode answers with an advertisement that offers nothing (router lifetime 0, no
+/// prefix, no DHCPv6), which ends iPXE's IPv6 configuration at once; with
+/// `boot.ipv6_ra = false` nothing answers.
+#[test]
+fn router_solicitations_get_an_empty_advertisement() {
+    if let Some(why) = lab::missing(&["rdisc6"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("ra");
+    let mut lab = Lab::new("ra").unwrap();
+    let c = lab.add_client(Some("52:54:00:00:00:61")).unwrap();
+    // The client's link-local address must finish duplicate address detection first:
+    // a solicitation from it (not from ::) carries its MAC.
+    let ll = wait_for(Duration::from_secs(20), || {
+        let out = Lab::cmd(&c.ns, "ip")
+            .args(["-6", "addr", "show", "dev", "eth0", "scope", "link"])
+            .output()
+            .unwrap();
+        let t = String::from_utf8_lossy(&out.stdout).to_string();
+        t.contains("fe80::") && !t.contains("tentative")
+    });
+    assert!(ll.is_some(), "no link-local address on the client");
+    let rdisc6 = |c: &ClientNs| {
+        let out = Lab::cmd(&c.ns, "rdisc6")
+            .args(["-1", "-r", "3", "-w", "1500", "eth0"])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    write_config(&dir.0, FULL);
+    let pid = start_vdd(&mut lab, &dir.0, 0);
+    let log = dir.0.join("vdd-0.log");
+    assert!(read(&log).contains("answering IPv6 router solicitations"));
+    // The server's own link-local address may still be tentative for a moment.
+    let out = wait_for(Duration::from_secs(30), || {
+        let o = rdisc6(&c);
+        o.contains("Router lifetime").then_some(o)
+    })
+    .flatten()
+    .unwrap_or_else(|| panic!("no advertisement:\n{}\n{}", rdisc6(&c), read(&log)));
+    let field = |name: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert!(field("Router lifetime").starts_with("0 "), "{out}");
+    assert_eq!(field("Stateful address conf."), "No", "{out}");
+    assert_eq!(field("Stateful other conf."), "No", "{out}");
+    assert!(!out.contains("Prefix"), "no prefix is advertised: {out}");
+    assert!(out.contains(" from fe80::"), "{out}");
+    let answered = read(&log)
+        .lines()
+        .any(|l| l.contains("router solicitation answered") && l.contains("fe80::5054:ff:fe00:61"));
+    assert!(answered, "{}", read(&log));
+    lab.kill(pid, "TERM").unwrap();
+    wait_for(Duration::from_secs(20), || !lab.is_running(pid)).expect("vdd stopped");
+
+    write_config(&dir.0, &format!("{FULL}\n[boot]\nipv6_ra = false\n"));
+    start_vdd(&mut lab, &dir.0, 1);
+    let out = rdisc6(&c);
+    assert!(out.contains("No response"), "{out}");
+}
