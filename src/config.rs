@@ -1295,7 +1295,7 @@ uefi = "ipxe.efi"
         assert!(c.dhcp.pool.is_none());
         // Beside another DHCP server there may be a real IPv6 router: no RAs unless asked.
         assert!(!c.boot.ipv6_ra);
-        assert!(parse(&GOOD).unwrap().boot.ipv6_ra, "full mode answers RS");
+        assert!(parse(GOOD).unwrap().boot.ipv6_ra, "full mode answers RS");
         let off = parse(&GOOD.replace("[boot]\n", "[boot]\nipv6_ra = false\n")).unwrap();
         assert!(!off.boot.ipv6_ra);
     }
