@@ -309,6 +309,7 @@ fn x11_session_tap_and_address_lifecycle() {
 
     // POST: 201 at once, starting, the guest's reserved address, XDMCP port, its MAC.
     let (st, s) = create(&ns);
+    eprintln!("POST -> {st} {s}");
     assert_eq!(st, 201, "{s}");
     let id = s["id"].as_str().unwrap().to_string();
     assert_eq!(s["protocol"], "xdmcp");
@@ -354,6 +355,7 @@ fn x11_session_tap_and_address_lifecycle() {
         "{failed}\n{}",
         read(&log)
     );
+    eprintln!("GET (failed) -> {failed}");
     let err = failed["error"].as_str().unwrap();
     assert_eq!(
         err,
