@@ -13,7 +13,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
 use tracing::{info, warn};
 
 use crate::config::{Config, Mac, DEFAULT_BRIDGE};
@@ -137,7 +138,7 @@ async fn ipv4_addresses(
 /// services then serve on it. See `server.bridge` in config.toml for the rules:
 /// the configured bridge; else the LAN interface itself when it is a bridge; else vdd
 /// creates [`DEFAULT_BRIDGE`] with the LAN interface's MAC, moves the interface's IPv4
-/// addresses onto it and enslaves the interface. Run before any service binds; on a
+/// addresses and gateway routes (a default route) onto it and enslaves the interface. Run before any service binds; on a
 /// restart every step finds its work done and changes nothing.
 pub async fn prepare_bridge(cfg: &Config) -> Result<String, Error> {
     let lan_name = cfg.server.interface.clone();
@@ -185,6 +186,25 @@ pub async fn prepare_bridge(cfg: &Config) -> Result<String, Error> {
         .execute()
         .await
         .map_err(link_err(format!("bringing bridge {name} up")))?;
+    // Routes through a gateway on the LAN interface (its default route), read before the
+    // addresses move: deleting an address can take them with it.
+    let routes: Vec<RouteMessage> = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(link_err("listing routes".into()))?;
+    let via_lan: Vec<RouteMessage> = routes
+        .into_iter()
+        .filter(|r| {
+            r.header.table == RouteHeader::RT_TABLE_MAIN
+                && r.attributes.contains(&RouteAttribute::Oif(lan.index))
+                && r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Gateway(_)))
+        })
+        .collect();
     // Addresses first, so the server is never without its address for long; the old ones
     // go only after the new ones are there.
     for (ip, prefix, msg) in ipv4_addresses(&h, lan.index).await? {
@@ -205,6 +225,21 @@ pub async fn prepare_bridge(cfg: &Config) -> Result<String, Error> {
             .await
             .map_err(link_err(format!("removing {ip}/{prefix} from {lan_name}")))?;
         info!(ip = %ip, prefix, from = %lan_name, to = %name, "address moved to the bridge");
+    }
+    for mut r in via_lan {
+        for a in r.attributes.iter_mut() {
+            if let RouteAttribute::Oif(i) = a {
+                *i = bridge.index;
+            }
+        }
+        // Replace: the same route through the LAN interface, if the kernel kept it, is
+        // swapped for the one through the bridge.
+        let mut req = h.route().add(r);
+        req = req.replace();
+        req.execute().await.map_err(link_err(format!(
+            "moving a gateway route from {lan_name} to {name}"
+        )))?;
+        info!(from = %lan_name, to = %name, "gateway route moved to the bridge");
     }
     if lan.master != Some(bridge.index) {
         h.link()

@@ -443,7 +443,7 @@ fn x11_session_tap_and_address_lifecycle() {
 }
 
 /// A LAN interface that is no bridge: vdd makes `vddbr0` with the interface's MAC, moves
-/// the address onto it, enslaves the interface, and serves DHCP on the bridge; a restart
+/// the address and the default route onto it, enslaves the interface, and serves DHCP on the bridge; a restart
 /// finds everything in place. A graceful stop with a running X11 session leaves no tap.
 #[test]
 fn plain_lan_interface_gets_a_bridge() {
@@ -459,6 +459,18 @@ fn plain_lan_interface_gets_a_bridge() {
     lab::ip(["-n", &ns, "link", "set", "vc0", "nomaster"]).unwrap();
     lab::ip(["-n", &ns, "addr", "flush", "dev", "br0"]).unwrap();
     lab::ip(["-n", &ns, "addr", "add", "10.77.0.1/24", "dev", "vc0"]).unwrap();
+    lab::ip([
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.77.0.254",
+        "dev",
+        "vc0",
+    ])
+    .unwrap();
     let vc0_mac = link_line(&ns, "vc0")
         .and_then(|l| {
             l.split_whitespace()
@@ -493,6 +505,19 @@ fn plain_lan_interface_gets_a_bridge() {
             "{addrs}"
         );
         assert!(!addrs.lines().any(|l| l.contains(" vc0 ")), "{addrs}");
+        let routes = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-n", &ns, "-4", "route", "show", "default"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string();
+        assert_eq!(
+            routes.trim(),
+            "default via 10.77.0.254 dev vddbr0",
+            "{routes}"
+        );
         assert!(
             read(&log)
                 .lines()
