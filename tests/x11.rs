@@ -4,7 +4,9 @@
 //! the guest's address is bound in vdd's DHCP before it asks (a client with the guest's
 //! MAC running udhcpc gets exactly it); an X11 guest that never answers XDMCP fails with
 //! a clear error; a plain LAN interface gets a bridge made by vdd. The demo guest is the
-//! X11 guest here: it never answers XDMCP, which is what the failure path needs.
+//! X11 guest here: it never answers XDMCP, which is what the failure path needs. For the
+//! way to "ready", a real xdm answers at the guest's address, from a namespace whose NIC
+//! has the guest's MAC and took the reserved address from vdd's DHCP.
 //!
 //! Every wait is a poll with a deadline; VMs left by a failing test are killed by pid.
 
@@ -14,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use xtask::lab::{self, ClientNs, Lab};
+
+#[path = "common/xdm.rs"]
+mod xdm;
 
 const TOKEN: &str = "x11-test-token-0123456789";
 const SEAT: &str = "52:54:00:00:cc:01";
@@ -538,4 +543,66 @@ fn plain_lan_interface_gets_a_bridge() {
         assert!(taps(&ns).is_empty(), "left behind: {:?}", taps(&ns));
         assert!(dir.vm_pids().is_empty());
     }
+}
+
+/// The way to "ready": vdd's XDMCP probe reaches a real display manager (Debian's xdm) at
+/// the address vdd reserved for the guest's MAC. The xdm runs in a namespace whose NIC has
+/// that MAC and got that address from vdd's DHCP (the demo VM itself has no XDMCP), so
+/// everything from the reservation to the probe is the real path.
+#[test]
+fn x11_session_is_ready_when_the_display_manager_answers() {
+    if let Some(why) = skip().or_else(xdm::skip) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let mut lab = Lab::new("x11rdy").unwrap();
+    let dir = Dir::new("ready");
+    let ns = lab.server_ns.clone();
+    config(&dir.0, "br0", "90s");
+    let (_vdd, log) = start_vdd(&mut lab, &dir.0, 0);
+    let (st, s) = create(&ns);
+    assert_eq!(st, 201, "{s}");
+    let id = s["id"].as_str().unwrap().to_string();
+    let (host, mac) = (s["host"].as_str().unwrap(), s["mac"].as_str().unwrap());
+
+    let guest = lab.add_client(Some(mac)).unwrap();
+    assert_eq!(udhcpc(&dir.0, &guest), host);
+    lab::ip([
+        "-n",
+        &guest.ns,
+        "addr",
+        "add",
+        &format!("{host}/24"),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    xdm::start(&mut lab, &guest.ns, &dir.0.join("xdm"), "*\n");
+
+    let mut ready = Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            ready = api(&ns, "GET", &format!("/api/v1/sessions/{id}"), None).1;
+            ready["state"] != "starting"
+        }),
+        "{ready}\n{}",
+        read(&log)
+    );
+    eprintln!("GET (ready) -> {ready}");
+    assert_eq!(ready["state"], "ready", "{ready}\n{}", read(&log));
+    assert!(ready.get("error").is_none());
+    assert_eq!((&ready["host"], &ready["port"]), (&s["host"], &s["port"]));
+    assert!(read(&log).contains("X11 guest ready"), "{}", read(&log));
+    // It stays ready (no timeout later), in the list too.
+    let (_, all) = api(&ns, "GET", "/api/v1/sessions", None);
+    assert_eq!(all[0]["state"], "ready", "{all}");
+    assert_eq!(
+        api(&ns, "DELETE", &format!("/api/v1/sessions/{id}"), None).0,
+        204
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || taps(&ns).is_empty()),
+        "left behind: {:?}",
+        taps(&ns)
+    );
 }
