@@ -799,6 +799,8 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let mut n: u64 = 0;
+        let refresh_ticks = (self.cfg.dhcp.lease_time.as_secs() / 4).max(1);
+        let mut refresh: Vec<(String, X11Rec)> = Vec::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -830,6 +832,30 @@ impl Dispatcher {
                     }
                 }
                 st.failed.retain(|_, f| f.since.elapsed() < FAILED_KEPT);
+                if n % refresh_ticks == 0 {
+                    refresh = st
+                        .sessions
+                        .values()
+                        .filter_map(|s| s.rec.x11.clone().map(|x| (s.rec.id.clone(), x)))
+                        .collect();
+                }
+            }
+            // An X11 guest's binding is renewed by vdd too, at half the lease time: a guest
+            // that does not ask DHCP again (or asks late) never loses its address while
+            // its session runs.
+            if let Some(l) = &self.lan {
+                for (id, x) in std::mem::take(&mut refresh) {
+                    match l.leases.reserve(x.mac, Some(x.ip)).await {
+                        Ok(ip) if ip == x.ip => {}
+                        Ok(ip) => {
+                            l.leases.release(x.mac, ip);
+                            error!(session = %id, guest_mac = %x.mac, ip = %x.ip, "the X11 guest's address was taken by another client");
+                        }
+                        Err(e) => {
+                            warn!(session = %id, guest_mac = %x.mac, ip = %x.ip, "renewing the X11 guest's address: {e}")
+                        }
+                    }
+                }
             }
             // Every 10 s: a connected VNC viewer means the seat is there.
             for (id, path) in probe {
