@@ -87,6 +87,7 @@ struct WireDispatch {
     accel: Option<String>,
     qemu: Option<String>,
     shutdown_timeout: Option<String>,
+    x11_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +109,7 @@ struct WireServer {
     interface: String,
     address: Option<String>,
     state_dir: Option<String>,
+    bridge: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,7 +286,14 @@ pub struct Server {
     /// The LAN subnet: from `address = "A/PREFIX"` or from the interface.
     pub subnet: Option<Ipv4Net>,
     pub state_dir: PathBuf,
+    /// The bridge the taps of X11 guests join (`server.bridge`). `None`: the LAN interface
+    /// itself when it is a bridge, else one vdd creates ([`DEFAULT_BRIDGE`]).
+    pub bridge: Option<String>,
 }
+
+/// The bridge vdd creates for X11 guests when the LAN interface is no bridge and
+/// `server.bridge` names none.
+pub const DEFAULT_BRIDGE: &str = "vddbr0";
 
 #[derive(Clone, Debug)]
 pub struct Dhcp {
@@ -426,6 +435,9 @@ pub struct Dispatch {
     pub qemu: String,
     /// How long each step of a VM's shutdown (powerdown, quit) may take.
     pub shutdown_timeout: Duration,
+    /// How long an X11 guest's display manager may take to answer XDMCP after its VM
+    /// starts (`dispatch.x11_timeout`).
+    pub x11_timeout: Duration,
 }
 
 /// The validated configuration. Built only by [`Config::load`] / [`Config::parse`].
@@ -545,6 +557,20 @@ impl Config {
     pub fn host(&self, mac: &Mac) -> Option<&Host> {
         self.dhcp.hosts.get(mac)
     }
+
+    /// Whether any guest runs on the LAN (X11 over XDMCP), so vdd needs a bridge and taps.
+    pub fn has_x11(&self) -> bool {
+        self.guests.iter().any(|g| g.display == Display::X11)
+    }
+}
+
+/// A Linux interface name: 1-15 bytes, no '/', no whitespace, not "." or "..".
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigError> {
@@ -558,10 +584,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
     };
 
     // [server]
-    if w.server.interface.is_empty()
-        || w.server.interface.len() > 15
-        || w.server.interface.contains('/')
-    {
+    if !valid_ifname(&w.server.interface) {
         return Err(invalid(
             "server.interface",
             &w.server.interface,
@@ -580,6 +603,18 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         }
     };
     let state_dir = resolve(w.server.state_dir.as_deref().unwrap_or("/var/lib/vdd"));
+    if let Some(b) = &w.server.bridge {
+        if !valid_ifname(b) || b.starts_with(crate::lan::TAP_PREFIX) {
+            return Err(invalid(
+                "server.bridge",
+                b,
+                format!(
+                    "a bridge name of 1-15 characters, such as \"br0\" (not starting with {:?}, which vdd's taps use), or leave the key out",
+                    crate::lan::TAP_PREFIX
+                ),
+            ));
+        }
+    }
 
     // [dhcp]
     let mode = match w.dhcp.mode.as_deref().unwrap_or("full") {
@@ -910,6 +945,18 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             "x11" => Display::X11,
             other => return Err(invalid(key("display"), other, "\"vnc\" or \"x11\"")),
         };
+        // vdd learns an X11 guest's address by handing it out itself; another DHCP
+        // server's leases are not ours to read.
+        if display == Display::X11 && mode != DhcpMode::Full {
+            return Err(invalid(
+                key("display"),
+                "x11",
+                format!(
+                    "X11 guests need dhcp.mode = \"full\" (vdd hands each guest its address and so knows where to find it); this config has dhcp.mode = {:?}; use display = \"vnc\" or full DHCP",
+                    w.dhcp.mode.as_deref().unwrap_or("full")
+                ),
+            ));
+        }
         let memory_mib = match &g.memory {
             None => 1024,
             Some(m) => parse_mib(m)
@@ -1001,6 +1048,17 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             .clone()
             .unwrap_or_else(|| "qemu-system-x86_64".into()),
         shutdown_timeout: dur("dispatch.shutdown_timeout", &wd.shutdown_timeout, 20)?,
+        x11_timeout: {
+            let d = dur("dispatch.x11_timeout", &wd.x11_timeout, 180)?;
+            if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+                return Err(invalid(
+                    "dispatch.x11_timeout",
+                    wd.x11_timeout.as_deref().unwrap_or_default(),
+                    "between \"1s\" and \"1h\"; \"3m\" gives a slow guest time to boot",
+                ));
+            }
+            d
+        },
     };
 
     Ok(Config {
@@ -1010,6 +1068,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             address,
             subnet,
             state_dir,
+            bridge: w.server.bridge,
         },
         dhcp,
         boot,
@@ -1362,6 +1421,59 @@ uefi = "ipxe.efi"
         assert_eq!(parse_mib("512M"), Some(512));
         assert_eq!(parse_mib("1024"), Some(1024));
         assert_eq!(parse_mib("1T"), Some(1 << 20));
+    }
+
+    #[test]
+    fn x11_keys() {
+        let x11 = "\n[[guest]]\nname = \"desk\"\ndisplay = \"x11\"\nimage = \"/srv/desk.qcow2\"\n";
+        let c = parse(&format!("{GOOD}{x11}")).unwrap();
+        assert!(c.has_x11());
+        assert_eq!(c.server.bridge, None);
+        assert_eq!(c.dispatch.x11_timeout, Duration::from_secs(180));
+        let with = GOOD.replace(
+            "state_dir = \"state\"",
+            "state_dir = \"state\"\nbridge = \"br0\"",
+        );
+        let c = parse(&format!("{with}{x11}\n[dispatch]\nx11_timeout = \"20s\"\n")).unwrap();
+        assert_eq!(c.server.bridge.as_deref(), Some("br0"));
+        assert_eq!(c.dispatch.x11_timeout, Duration::from_secs(20));
+        assert!(!parse(GOOD).unwrap().has_x11());
+
+        for (bridge, why) in [
+            ("a-name-longer-than-15", "1-15"),
+            ("", "1-15"),
+            ("br/0", "1-15"),
+            ("vdt-x", "taps"),
+        ] {
+            let e = err(&GOOD.replace(
+                "state_dir = \"state\"",
+                &format!("state_dir = \"state\"\nbridge = \"{bridge}\""),
+            ));
+            assert!(
+                e.starts_with(&format!("server.bridge = {bridge:?}")) && e.contains(why),
+                "{e}"
+            );
+        }
+        for t in ["0s", "2h", "soon"] {
+            let e = err(&format!("{GOOD}{x11}\n[dispatch]\nx11_timeout = \"{t}\"\n"));
+            assert!(
+                e.starts_with(&format!("dispatch.x11_timeout = {t:?}")),
+                "{e}"
+            );
+        }
+        // vdd must hand out the guest's address itself to know it.
+        for mode in ["proxy", "off"] {
+            let s = GOOD
+                .replace("mode = \"full\"", &format!("mode = \"{mode}\""))
+                .replace("pool = \"10.77.0.100-10.77.0.199\"\n", "");
+            let e = err(&format!("{s}{x11}"));
+            assert!(
+                e.starts_with("guest[0].display = \"x11\"")
+                    && e.contains("dhcp.mode = \"full\"")
+                    && e.contains(mode),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! vdd, the Virtual Distro Dispatcher: one server for diskless thin clients.
 //!
 //! `ls src` is the architecture: one folder per service (`dhcp`, `tftp`, `http`, `nbd`),
-//! `boot` for the policy they share, `config` for the admin's file.
+//! `boot` for the policy they share, `config` for the admin's file, `lan` for the bridge
+//! and taps of X11 guests, `xdmcp` for asking their display managers whether they are up.
 //!
 //! Every service has the same shape: `Service::bind(Arc<Config>)` takes its sockets (so a
 //! port in use stops `vdd serve` before anything is served) and `Service::run(shutdown)`
@@ -12,7 +13,9 @@ pub mod config;
 pub mod dhcp;
 pub mod dispatch;
 pub mod http;
+pub mod lan;
 pub mod nbd;
 pub mod ndp;
 pub mod netif;
 pub mod tftp;
+pub mod xdmcp;

@@ -62,10 +62,30 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => {
-            let cfg = load_bound(config.as_deref(), true)?;
+            let mut cfg = Config::load(&Config::locate(config.as_deref())?)?;
             tokio::runtime::Runtime::new()
                 .context("starting the tokio runtime")?
-                .block_on(serve(Arc::new(cfg)))
+                .block_on(async {
+                    // X11 guests' NICs join a bridge on the LAN, and every service serves
+                    // on that bridge: it is set up before anything binds.
+                    let bridge = if cfg.has_x11() {
+                        let b = vdd::lan::prepare_bridge(&cfg).await.with_context(|| {
+                            format!(
+                                "setting up the LAN bridge of the X11 guests on server.interface = {:?}",
+                                cfg.server.interface
+                            )
+                        })?;
+                        if b != cfg.server.interface {
+                            info!(interface = %cfg.server.interface, bridge = %b, "serving on the bridge of the LAN interface");
+                        }
+                        cfg.server.interface = b.clone();
+                        Some(b)
+                    } else {
+                        None
+                    };
+                    bind_interface(&mut cfg, true)?;
+                    serve(Arc::new(cfg), bridge).await
+                })
         }
         Cmd::Check { config } => {
             let cfg = load_bound(config.as_deref(), false)?;
@@ -85,6 +105,11 @@ fn run(cli: Cli) -> Result<()> {
 fn load_bound(given: Option<&Path>, serving: bool) -> Result<Config> {
     let path = Config::locate(given)?;
     let mut cfg = Config::load(&path)?;
+    bind_interface(&mut cfg, serving)?;
+    Ok(cfg)
+}
+
+fn bind_interface(cfg: &mut Config, serving: bool) -> Result<()> {
     let name = cfg.server.interface.clone();
     match vdd::netif::lookup(&name).with_context(|| format!("reading interface {name}"))? {
         Some(iface) => cfg.bind_interface(&iface)?,
@@ -96,7 +121,7 @@ fn load_bound(given: Option<&Path>, serving: bool) -> Result<Config> {
             "no such interface here: checked everything else; `vdd serve` needs it"
         ),
     }
-    Ok(cfg)
+    Ok(())
 }
 
 fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
@@ -207,6 +232,28 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
             e.path.display()
         )?;
     }
+    if cfg.has_x11() {
+        let lan = &cfg.server.interface;
+        let bridge = match &cfg.server.bridge {
+            Some(b) => format!("{b} (server.bridge)"),
+            None if Path::new("/sys/class/net")
+                .join(lan)
+                .join("bridge")
+                .exists() =>
+            {
+                format!("{lan} (the LAN interface is a bridge)")
+            }
+            None => format!(
+                "{} (vdd serve creates it and moves {lan}'s addresses onto it)",
+                vdd::config::DEFAULT_BRIDGE
+            ),
+        };
+        writeln!(
+            out,
+            "  x11        bridge {bridge}; XDMCP answer within {}",
+            humantime::format_duration(cfg.dispatch.x11_timeout)
+        )?;
+    }
     writeln!(out, "  guests     {}", cfg.guests.len())?;
     for g in &cfg.guests {
         let missing = if g.image.exists() {
@@ -230,7 +277,7 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
 
 /// Binds every enabled service first (a busy port stops start-up before anything is
 /// served), then runs them until a signal.
-async fn serve(cfg: Arc<Config>) -> Result<()> {
+async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
     std::fs::create_dir_all(&cfg.server.state_dir).with_context(|| {
         format!(
             "creating server.state_dir {}",
@@ -240,10 +287,12 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
+    let mut leases = None;
     if cfg.dhcp.mode != DhcpMode::Off {
         let s = vdd::dhcp::Service::bind(cfg.clone())
             .await
             .context("starting DHCP")?;
+        leases = Some(s.leases());
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("DHCP") });
     }
@@ -265,7 +314,11 @@ async fn serve(cfg: Arc<Config>) -> Result<()> {
     let dispatcher = if cfg.guests.is_empty() {
         None
     } else {
-        let d = vdd::dispatch::Dispatcher::new(cfg.clone())
+        // The config allows X11 guests only with full DHCP, so both are there together.
+        let lan = bridge
+            .zip(leases)
+            .map(|(bridge, leases)| vdd::dispatch::LanSide { bridge, leases });
+        let d = vdd::dispatch::Dispatcher::with_lan(cfg.clone(), lan)
             .await
             .context("starting the dispatcher")?;
         let t = shutdown.clone();

@@ -202,7 +202,29 @@ async fn every_answer_of_the_session_api() {
         (Some("vnc"), Some(SEAT1))
     );
     assert_eq!(s["password"].as_str().unwrap().len(), 8);
+    assert_eq!(s["state"], "ready", "a VNC session is ready at once: {s}");
+    assert_eq!(s["host"], "127.0.0.1");
+    assert!(s.get("mac").is_none() && s.get("error").is_none(), "{s}");
     let id = s["id"].as_str().unwrap().to_string();
+    // GET by id: the seat and the admin see it (without the password), another seat may
+    // not, an unknown id is 404, other methods 405.
+    let path = format!("/api/v1/sessions/{id}");
+    let (st, one) = call(&a, "GET", &path, ip(50), None, "").await;
+    assert_eq!(
+        (st, &one["id"], &one["state"]),
+        (200, &s["id"], &s["state"])
+    );
+    assert!(one.get("password").is_none(), "GET leaks the password");
+    assert_eq!(call(&a, "GET", &path, ip(99), admin, "").await.0, 200);
+    assert_eq!(call(&a, "GET", &path, ip(51), None, "").await.0, 403);
+    assert_eq!(call(&a, "GET", &path, ip(99), None, "").await.0, 403);
+    assert_eq!(
+        call(&a, "GET", "/api/v1/sessions/nope", ip(50), None, "")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(call(&a, "PUT", &path, ip(50), None, "").await.0, 405);
     let (st, again) = call(
         &a,
         "POST",

@@ -47,6 +47,8 @@ pub struct Driver {
     /// The journal (full mode only; proxy mode keeps no state).
     journal: Option<Journal>,
     table: LeaseTable,
+    /// Reservations and releases for guest VMs, from the dispatcher.
+    cmds: tokio::sync::mpsc::UnboundedReceiver<super::LeaseCmd>,
 }
 
 /// UDP 0.0.0.0:port with SO_REUSEADDR (a restart must not wait for anything), SO_BROADCAST
@@ -78,7 +80,10 @@ fn udp_socket(interface: &str, port: u16) -> Result<Socket, Error> {
 }
 
 impl Driver {
-    pub fn bind(cfg: Arc<Config>) -> Result<Driver, Error> {
+    pub(crate) fn bind(
+        cfg: Arc<Config>,
+        cmds: tokio::sync::mpsc::UnboundedReceiver<super::LeaseCmd>,
+    ) -> Result<Driver, Error> {
         let iface = cfg.server.interface.clone();
         let (Some(server), Some(subnet)) = (cfg.server_ip(), cfg.server.subnet) else {
             return Err(Error::NoAddress(iface));
@@ -105,6 +110,7 @@ impl Driver {
             proxy,
             journal,
             table,
+            cmds,
         })
     }
 
@@ -117,6 +123,7 @@ impl Driver {
             proxy,
             journal,
             mut table,
+            mut cmds,
         } = self;
         let to_tokio = |s: Socket| UdpSocket::from_std(std::net::UdpSocket::from(s));
         let recv_err = Error::Recv;
@@ -144,6 +151,15 @@ impl Driver {
         let result = loop {
             let (n, peer, port) = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                Some(cmd) = cmds.recv() => {
+                    let changes = lease_cmd(cmd, &cfg, &mut table);
+                    if let (Some(tx), false) = (&tx, changes.is_empty()) {
+                        if tx.send(Job { changes, reply: None }).is_err() {
+                            break Err(Error::WriterGone);
+                        }
+                    }
+                    continue;
+                }
                 r = main.recv_from(&mut buf) => match r {
                     Ok((n, peer)) => (n, peer, Port::Dhcp),
                     Err(e) if transient(&e) => continue,
@@ -218,6 +234,39 @@ impl Driver {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         result
+    }
+}
+
+/// Serves one request of the dispatcher; returns the changes to journal.
+fn lease_cmd(cmd: super::LeaseCmd, cfg: &Config, table: &mut LeaseTable) -> Vec<Change> {
+    match cmd {
+        super::LeaseCmd::Reserve { mac, want, reply } => {
+            match policy::reserve(mac, want, table, cfg, unix_now()) {
+                Ok(c) => {
+                    table.apply(&c);
+                    if let Change::Bind { ip, .. } = c {
+                        info!(%mac, %ip, "address reserved for a guest VM");
+                        let _ = reply.send(Ok(ip));
+                    }
+                    vec![c]
+                }
+                Err(why) => {
+                    warn!(%mac, "no address for a guest VM: {why}");
+                    let _ = reply.send(Err(why));
+                    vec![]
+                }
+            }
+        }
+        super::LeaseCmd::Release { mac, ip } => {
+            if table.get(ip).is_some_and(|l| l.mac == Some(mac)) {
+                let c = Change::Free { ip, mac };
+                table.apply(&c);
+                info!(%mac, %ip, "guest VM's address released");
+                vec![c]
+            } else {
+                vec![]
+            }
+        }
     }
 }
 

@@ -45,15 +45,77 @@ pub enum Error {
 /// The dhcp service with its sockets bound and its leases replayed.
 pub struct Service {
     driver: driver::Driver,
+    leases: Leases,
+}
+
+/// Why an address could not be reserved for a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    /// The pool is full, or this server hands out no addresses.
+    #[error("{0}")]
+    Refused(&'static str),
+    #[error("the DHCP service is not running")]
+    Stopped,
+}
+
+/// A request of the dispatcher to the DHCP driver, which alone owns the lease table.
+pub(crate) enum LeaseCmd {
+    Reserve {
+        mac: crate::config::Mac,
+        want: Option<std::net::Ipv4Addr>,
+        reply: tokio::sync::oneshot::Sender<Result<std::net::Ipv4Addr, &'static str>>,
+    },
+    Release {
+        mac: crate::config::Mac,
+        ip: std::net::Ipv4Addr,
+    },
+}
+
+/// The dispatcher's way into the lease table: it binds an address to a guest VM's MAC
+/// before the VM starts (so vdd knows where the guest will be) and frees it when the
+/// session ends. The table stays owned by the driver's task (no lock on the DHCP path);
+/// these requests are served there between packets and journaled like any lease.
+#[derive(Clone, Debug)]
+pub struct Leases {
+    tx: tokio::sync::mpsc::UnboundedSender<LeaseCmd>,
+}
+
+impl Leases {
+    /// Binds a pool address to `mac` (`want`, if still free for it) and returns it.
+    pub async fn reserve(
+        &self,
+        mac: crate::config::Mac,
+        want: Option<std::net::Ipv4Addr>,
+    ) -> Result<std::net::Ipv4Addr, ReserveError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(LeaseCmd::Reserve { mac, want, reply })
+            .map_err(|_| ReserveError::Stopped)?;
+        rx.await
+            .map_err(|_| ReserveError::Stopped)?
+            .map_err(ReserveError::Refused)
+    }
+
+    /// Frees the lease of `mac` on `ip` (a no-op if it is no longer theirs).
+    pub fn release(&self, mac: crate::config::Mac, ip: std::net::Ipv4Addr) {
+        let _ = self.tx.send(LeaseCmd::Release { mac, ip });
+    }
 }
 
 impl Service {
     /// Binds port 67 (and 4011 in proxy mode) on the configured interface and replays the
     /// lease journal, so a busy port or unreadable state stops `vdd serve` at start.
     pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Service {
-            driver: driver::Driver::bind(cfg)?,
+            driver: driver::Driver::bind(cfg, rx)?,
+            leases: Leases { tx },
         })
+    }
+
+    /// The handle the dispatcher reserves guest addresses through.
+    pub fn leases(&self) -> Leases {
+        self.leases.clone()
     }
 
     /// Serves until `shutdown` is cancelled.

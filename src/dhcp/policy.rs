@@ -348,6 +348,35 @@ fn proxy(p: &Packet, port: Port, ctx: &Ctx) -> Decision {
     }
 }
 
+/// An address for a guest VM's NIC, bound before the guest asks so the dispatcher knows
+/// it at once (the guest's DISCOVER then finds it as its own lease in [`pick`], and its
+/// REQUEST is ACKed like any renewal). `want` is the address a restarted vdd had given the
+/// same MAC; it is kept when still free for it. Refused when the pool has no free address.
+pub fn reserve(
+    mac: crate::config::Mac,
+    want: Option<Ipv4Addr>,
+    t: &LeaseTable,
+    cfg: &Config,
+    now: u64,
+) -> Result<Change, &'static str> {
+    let pool = cfg
+        .dhcp
+        .pool
+        .as_ref()
+        .ok_or("DHCP hands out no addresses (dhcp.mode is not \"full\")")?;
+    let usable = |ip: Ipv4Addr| pool.contains(ip) && t.available_to(ip, &mac, now);
+    let ip = want
+        .filter(|ip| usable(*ip))
+        .or_else(|| t.of_mac(&mac).map(|l| l.ip).filter(|ip| usable(*ip)))
+        .or_else(|| t.find_free(pool, now))
+        .ok_or("the DHCP pool has no free address; grow dhcp.pool")?;
+    Ok(Change::Bind {
+        ip,
+        mac,
+        until: now + cfg.dhcp.lease_time.as_secs(),
+    })
+}
+
 /// RFC 2131 section 4.1, for a reply whose yiaddr is `yiaddr`.
 pub fn dest(req: &Message, yiaddr: Ipv4Addr, nak: bool) -> Dest {
     let gi = req.giaddr();
@@ -523,6 +552,54 @@ hostname = "seat-01"
     fn opt54(ip: Ipv4Addr) -> Vec<u8> {
         let o = ip.octets();
         vec![54, 4, o[0], o[1], o[2], o[3]]
+    }
+
+    #[test]
+    fn guest_reservation_is_what_dhcp_then_gives() {
+        let c = cfg(CFG);
+        let x = ctx(&c);
+        let mut t = LeaseTable::default();
+        let guest = Mac([0x0a, 1, 2, 3, 4, 5]);
+        let ch = reserve(guest, None, &t, &c, x.now).unwrap();
+        let Change::Bind { ip: got, .. } = ch else {
+            panic!("{ch:?}")
+        };
+        assert!(c.dhcp.pool.unwrap().contains(got));
+        t.apply(&ch);
+        // The guest's own DISCOVER / REQUEST get exactly that address.
+        let d = run(&pkt(1, guest.0, &[]), &mut t, &x);
+        assert_eq!(d.reply.as_ref().unwrap().0.yiaddr(), got);
+        let mut o = opt50(got);
+        o.extend(opt54(ip(1)));
+        let d = run(&pkt(3, guest.0, &o), &mut t, &x);
+        assert_eq!(kind(&d), Some(MessageType::Ack));
+        assert_eq!(d.reply.as_ref().unwrap().0.yiaddr(), got);
+        // Nobody else gets it; a restart asking for it again keeps it.
+        let d = run(&pkt(1, M1, &[]), &mut t, &x);
+        assert_ne!(d.reply.as_ref().unwrap().0.yiaddr(), got);
+        assert_eq!(
+            reserve(guest, Some(got), &t, &c, x.now),
+            Ok(Change::Bind {
+                ip: got,
+                mac: guest,
+                until: x.now + 3600
+            })
+        );
+        // An address held by someone else is not taken over.
+        let other = Mac([0x0a, 9, 9, 9, 9, 9]);
+        let Ok(Change::Bind { ip: o_ip, .. }) = reserve(other, Some(got), &t, &c, x.now) else {
+            panic!()
+        };
+        assert_ne!(o_ip, got);
+        // The pool (3 addresses) runs out.
+        let mut full = LeaseTable::default();
+        for n in 0..3u8 {
+            let ch = reserve(Mac([0x0a, 0, 0, 0, 0, n]), None, &full, &c, x.now).unwrap();
+            full.apply(&ch);
+        }
+        assert!(reserve(Mac([0x0a, 0, 0, 0, 1, 0]), None, &full, &c, x.now)
+            .unwrap_err()
+            .contains("dhcp.pool"));
     }
 
     #[test]

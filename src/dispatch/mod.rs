@@ -5,6 +5,13 @@
 //! reported started, so a vdd killed at any moment finds its VMs again on restart and
 //! adopts them (pid still alive and still that VM) or cleans up after them. A graceful
 //! shutdown stops every VM: nothing outlives vdd but what a crash leaves for adoption.
+//!
+//! An X11 guest gets a NIC on the LAN instead of a VNC screen: a MAC made for the session,
+//! an address bound to that MAC in vdd's own DHCP before the VM starts, and a tap in the
+//! LAN bridge (see `lan.rs`). Its session is `starting` until the guest's display manager
+//! answers an XDMCP Query (`xdmcp.rs`), then `ready`; or `failed` after
+//! `dispatch.x11_timeout`, when its VM is stopped and the failure stays readable for
+//! [`FAILED_KEPT`].
 
 pub mod qemu;
 pub mod qmp;
@@ -12,7 +19,7 @@ pub mod qmp;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -20,8 +27,12 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{AccelChoice, Config, Mac};
-use qemu::{Accel, Vm, VmSpec};
+use crate::config::{AccelChoice, Config, Display, Mac};
+use crate::{dhcp, lan, xdmcp};
+use qemu::{Accel, Vm, VmDisplay, VmSpec};
+
+/// How long a failed X11 session stays visible to `GET /api/v1/sessions/ID`.
+pub const FAILED_KEPT: Duration = Duration::from_secs(300);
 
 /// Why a dispatcher request failed. The HTTP API maps each to a status and shows the
 /// message to the user on the thin client's menu.
@@ -46,6 +57,28 @@ pub enum Error {
     VmExited(String, String),
     #[error("QMP: {0}")]
     Qmp(String),
+    /// The guest's LAN side (bridge, tap, DHCP reservation) could not be set up.
+    #[error("the guest's network: {0}")]
+    Lan(String),
+}
+
+/// Where an X11 guest's NIC sits: the bridge its tap joins and vdd's DHCP leases.
+#[derive(Clone, Debug)]
+pub struct LanSide {
+    pub bridge: String,
+    pub leases: dhcp::Leases,
+}
+
+/// Whether a session can be used yet.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// The VM runs; an X11 guest's display manager has not answered XDMCP yet.
+    Starting,
+    /// Ready to connect to (a VNC session from the start).
+    Ready,
+    /// It did not come up; `error` says why; the VM is stopped.
+    Failed,
 }
 
 /// What a client learns about a session. The password is only in the answer to the
@@ -55,13 +88,22 @@ pub struct SessionInfo {
     pub id: String,
     pub seat: String,
     pub guest: String,
-    /// "vnc"
+    /// "vnc" (connect a VNC viewer to host:port with the password) or "xdmcp" (run
+    /// `X -query host`; the guest's display manager listens on host:177).
     pub protocol: String,
-    pub host: Ipv4Addr,
+    /// The server (VNC) or the guest's own address (XDMCP; `null` only if not yet known).
+    pub host: Option<Ipv4Addr>,
     pub port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     pub started: u64,
+    pub state: SessionState,
+    /// Why the session failed; only with `state: "failed"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The MAC of an X11 guest's NIC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// What is written to disk for each session, for adoption after a crash.
@@ -76,12 +118,33 @@ struct Record {
     overlay: PathBuf,
     persist: bool,
     memory_mib: u64,
+    /// The LAN side of an X11 guest; absent for VNC guests (and in records of older vdds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    x11: Option<X11Rec>,
+}
+
+/// An X11 guest's NIC, kept so a restarted vdd restores its DHCP binding and knows its tap.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct X11Rec {
+    mac: Mac,
+    ip: Ipv4Addr,
+    tap: String,
 }
 
 struct Session {
     rec: Record,
     vm: Vm,
     last_seen: Instant,
+    /// `Ready` for VNC; for X11 it follows the XDMCP probe.
+    state: SessionState,
+    /// The running XDMCP probe of a starting X11 session, stopped when the session ends.
+    probe: Option<tokio::task::AbortHandle>,
+}
+
+/// A failed session, kept for GET until [`FAILED_KEPT`] has passed or it is deleted.
+struct Failed {
+    info: SessionInfo,
+    since: Instant,
 }
 
 #[derive(Default)]
@@ -90,10 +153,13 @@ struct State {
     /// Ports and memory promised to VMs still starting, so concurrent creates never
     /// share a port or overrun the budget while the lock is not held.
     pending_ports: Vec<u16>,
+    /// VMs starting (of any display), so `max_vms` holds while the lock is not held.
+    pending_vms: usize,
     pending_mib: u64,
     pending_seats: Vec<(Mac, String)>,
     /// Set when vdd stops: VMs still starting are stopped as soon as they are up.
     closing: bool,
+    failed: BTreeMap<String, Failed>,
 }
 
 /// Runs the sessions of one server.
@@ -104,6 +170,11 @@ pub struct Dispatcher {
     budget_mib: u64,
     dir: PathBuf,
     state: Mutex<State>,
+    /// The bridge and leases X11 guests use; `None` when vdd serves no LAN (tests, or
+    /// DHCP not in full mode), and then X11 sessions are refused.
+    lan: Option<LanSide>,
+    /// Itself, for the XDMCP probes that outlive the request that started them.
+    me: Weak<Dispatcher>,
 }
 
 impl serde::Serialize for Mac {
@@ -158,7 +229,18 @@ fn machine_memory_mib() -> u64 {
 
 impl Dispatcher {
     /// Probes the accelerator and adopts (or cleans up after) the VMs a previous vdd left.
+    /// Without a LAN side: VNC guests only.
     pub async fn new(cfg: Arc<Config>) -> Result<Arc<Dispatcher>, Error> {
+        Self::with_lan(cfg, None).await
+    }
+
+    /// Like [`Dispatcher::new`]; X11 guests get their NIC on `lan`. Adopted X11 VMs get
+    /// their DHCP binding back and are probed again; `vdt-*` taps no adopted VM holds are
+    /// deleted.
+    pub async fn with_lan(
+        cfg: Arc<Config>,
+        lan: Option<LanSide>,
+    ) -> Result<Arc<Dispatcher>, Error> {
         let d = &cfg.dispatch;
         let accel = match d.accel {
             AccelChoice::Kvm => Accel::Kvm,
@@ -167,15 +249,30 @@ impl Dispatcher {
         };
         let dir = cfg.server.state_dir.join("sessions");
         std::fs::create_dir_all(&dir).map_err(|e| Error::State(dir.clone(), e))?;
-        let me = Arc::new(Dispatcher {
+        let budget_mib = d.memory_budget_mib.unwrap_or(machine_memory_mib() * 8 / 10);
+        let me = Arc::new_cyclic(|me| Dispatcher {
             accel,
             vnc_addr: cfg.server_ip().unwrap_or(Ipv4Addr::LOCALHOST),
-            budget_mib: d.memory_budget_mib.unwrap_or(machine_memory_mib() * 8 / 10),
+            budget_mib,
             dir,
             state: Mutex::new(State::default()),
             cfg,
+            lan,
+            me: me.clone(),
         });
         me.adopt().await;
+        if me.lan.is_some() {
+            let keep: Vec<String> = {
+                let st = me.state.lock().await;
+                st.sessions
+                    .values()
+                    .filter_map(|s| s.rec.x11.as_ref().map(|x| x.tap.clone()))
+                    .collect()
+            };
+            lan::sweep_taps(&keep)
+                .await
+                .map_err(|e| Error::Lan(format!("{e:#}")))?;
+        }
         Ok(me)
     }
 
@@ -196,17 +293,58 @@ impl Dispatcher {
             match rec {
                 Some(rec) if qemu::alive(rec.pid) && qemu::is_our_vm(rec.pid, &rec.id) => {
                     info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, pid = rec.pid, "adopted the VM of a previous run");
-                    let vm = Vm {
+                    let mut vm = Vm {
                         pid: rec.pid,
                         qmp: folder.join("qmp.sock"),
                         child: None,
                     };
+                    let mut state = SessionState::Ready;
+                    let mut probe = None;
+                    if let Some(x) = &rec.x11 {
+                        // Its DHCP binding back (the journal has it too, unless it expired),
+                        // then ask its display manager again: it may have been starting.
+                        let bound = match &self.lan {
+                            Some(l) => l
+                                .leases
+                                .reserve(x.mac, Some(x.ip))
+                                .await
+                                .map_err(|e| e.to_string()),
+                            None => Err("this vdd serves X11 guests no LAN".to_string()),
+                        };
+                        match bound {
+                            Ok(ip) if ip == x.ip => {
+                                info!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, "adopted X11 guest's address restored");
+                                state = SessionState::Starting;
+                                probe = Some(self.spawn_probe(&rec.id, x.ip, Instant::now()));
+                            }
+                            other => {
+                                let why = match other {
+                                    Ok(ip) => {
+                                        if let Some(l) = &self.lan {
+                                            l.leases.release(x.mac, ip);
+                                        }
+                                        format!("{} went to another client", x.ip)
+                                    }
+                                    Err(e) => e,
+                                };
+                                warn!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, "adopted X11 VM cannot keep its address ({why}); stopping it");
+                                qemu::stop(&mut vm, self.cfg.dispatch.shutdown_timeout).await;
+                                if !rec.persist {
+                                    let _ = std::fs::remove_file(&rec.overlay);
+                                }
+                                let _ = std::fs::remove_dir_all(&folder);
+                                continue;
+                            }
+                        }
+                    }
                     st.sessions.insert(
                         rec.id.clone(),
                         Session {
                             rec,
                             vm,
                             last_seen: Instant::now(),
+                            state,
+                            probe,
                         },
                     );
                 }
@@ -216,6 +354,10 @@ impl Dispatcher {
                         if !rec.persist {
                             let _ = std::fs::remove_file(&rec.overlay);
                         }
+                        // Its tap went with its QEMU; its address is free again.
+                        if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {
+                            l.leases.release(x.mac, x.ip);
+                        }
                     }
                     let _ = std::fs::remove_dir_all(&folder);
                 }
@@ -223,16 +365,70 @@ impl Dispatcher {
         }
     }
 
-    fn info(&self, rec: &Record, password: Option<String>) -> SessionInfo {
+    fn info(&self, s: &Session, password: Option<String>) -> SessionInfo {
+        let rec = &s.rec;
+        let (protocol, host, port, mac) = match &rec.x11 {
+            None => ("vnc", Some(self.vnc_addr), rec.port, None),
+            Some(x) => ("xdmcp", Some(x.ip), xdmcp::PORT, Some(x.mac.to_string())),
+        };
         SessionInfo {
             id: rec.id.clone(),
             seat: rec.seat.to_string(),
             guest: rec.guest.clone(),
-            protocol: "vnc".into(),
-            host: self.vnc_addr,
-            port: rec.port,
+            protocol: protocol.into(),
+            host,
+            port,
             password,
             started: rec.started,
+            state: s.state,
+            error: None,
+            mac,
+        }
+    }
+
+    /// Starts asking the X11 guest at `ip` for XDMCP; the session becomes ready or failed.
+    fn spawn_probe(&self, id: &str, ip: Ipv4Addr, since: Instant) -> tokio::task::AbortHandle {
+        let me = self.me.upgrade().expect("a dispatcher in use is alive");
+        let id = id.to_string();
+        tokio::spawn(async move { me.watch_x11(id, ip, since).await }).abort_handle()
+    }
+
+    async fn watch_x11(self: Arc<Self>, id: String, ip: Ipv4Addr, since: Instant) {
+        let limit = self.cfg.dispatch.x11_timeout;
+        let r = xdmcp::probe(ip, xdmcp::PORT, Duration::from_secs(1), limit).await;
+        let mut st = self.state.lock().await;
+        let Some(s) = st.sessions.get_mut(&id) else {
+            return;
+        };
+        // This task is ending: nothing may abort it from here on (finish below).
+        s.probe = None;
+        let guest_mac = s.rec.x11.as_ref().map(|x| x.mac);
+        let (seat, guest) = (s.rec.seat, s.rec.guest.clone());
+        match r {
+            Ok(reply) => {
+                s.state = SessionState::Ready;
+                let host = match reply {
+                    xdmcp::Reply::Willing { hostname, .. } => hostname,
+                    xdmcp::Reply::Unwilling { hostname, .. } => hostname,
+                };
+                info!(session = %id, mac = %seat, %guest, guest_mac = ?guest_mac, %ip, guest_host = %host, secs = since.elapsed().as_secs_f32(), "X11 guest ready: its display manager answered XDMCP");
+            }
+            Err(e) => {
+                let s = st.sessions.remove(&id).expect("just found");
+                let mut info = self.info(&s, None);
+                info.state = SessionState::Failed;
+                info.error = Some(e.to_string());
+                st.failed.insert(
+                    id.clone(),
+                    Failed {
+                        info,
+                        since: Instant::now(),
+                    },
+                );
+                drop(st);
+                warn!(session = %id, mac = %seat, %guest, guest_mac = ?guest_mac, %ip, "X11 session failed: {e}; stopping its VM");
+                self.finish(s, "failed").await;
+            }
         }
     }
 
@@ -256,8 +452,13 @@ impl Dispatcher {
                 .find(|s| s.rec.seat == seat && s.rec.guest == guest.name)
             {
                 s.last_seen = Instant::now();
+                if s.rec.x11.is_some() {
+                    info!(session = %s.rec.id, mac = %seat, guest = %s.rec.guest, "X11 session handed out again");
+                    return Ok(self.info(s, None));
+                }
                 let rec = s.rec.clone();
                 let qmp_path = s.vm.qmp.clone();
+                let reattached = self.info(s, None);
                 drop(st);
                 let password = new_password();
                 let mut q = qmp::Qmp::connect(&qmp_path, Duration::from_secs(5))
@@ -265,7 +466,10 @@ impl Dispatcher {
                     .map_err(|e| Error::Qmp(e.to_string()))?;
                 qemu::set_password(&mut q, &password).await?;
                 info!(session = %rec.id, mac = %seat, guest = %rec.guest, "session reattached");
-                return Ok(self.info(&rec, Some(password)));
+                return Ok(SessionInfo {
+                    password: Some(password),
+                    ..reattached
+                });
             }
             if st.closing {
                 return Err(Error::Full("the server is shutting down".into()));
@@ -276,7 +480,7 @@ impl Dispatcher {
                     guest.label
                 )));
             }
-            let running = st.sessions.len() + st.pending_ports.len();
+            let running = st.sessions.len() + st.pending_vms;
             if running >= self.cfg.dispatch.max_vms {
                 return Err(Error::Full(format!(
                     "{running} of {} VMs are running; end a session or ask the admin to raise dispatch.max_vms",
@@ -294,18 +498,35 @@ impl Dispatcher {
                     self.budget_mib
                 )));
             }
-            let (lo, hi) = self.cfg.dispatch.vnc_ports;
-            let port = (lo..=hi)
-                .find(|p| {
-                    !st.pending_ports.contains(p) && !st.sessions.values().any(|s| s.rec.port == *p)
-                })
-                .ok_or_else(|| {
-                    Error::Full(format!(
-                        "all VNC ports {lo}-{hi} are in use (dispatch.vnc_ports)"
-                    ))
-                })?;
-            st.pending_ports.push(port);
+            // X11 guests have no VNC server: port 0 in their record, none taken.
+            let port = if guest.display == Display::X11 {
+                if self.lan.is_none() {
+                    return Err(Error::Lan(format!(
+                        "{} is an X11 guest, and this vdd runs without its DHCP server and LAN bridge",
+                        guest.label
+                    )));
+                }
+                0
+            } else {
+                let (lo, hi) = self.cfg.dispatch.vnc_ports;
+                let port = (lo..=hi)
+                    .find(|p| {
+                        !st.pending_ports.contains(p)
+                            && !st.sessions.values().any(|s| s.rec.port == *p)
+                    })
+                    .ok_or_else(|| {
+                        Error::Full(format!(
+                            "all VNC ports {lo}-{hi} are in use (dispatch.vnc_ports)"
+                        ))
+                    })?;
+                st.pending_ports.push(port);
+                port
+            };
+            st.pending_vms += 1;
             st.pending_mib += guest.memory_mib;
+            // A new try of the same guest replaces the report of a failed one.
+            st.failed
+                .retain(|_, f| !(f.info.seat == seat.to_string() && f.info.guest == guest.name));
             st.pending_seats.push((seat, guest.name.clone()));
             let id: String = random::<6>().iter().map(|b| format!("{b:02x}")).collect();
             (id, port)
@@ -315,6 +536,7 @@ impl Dispatcher {
 
         let mut st = self.state.lock().await;
         st.pending_ports.retain(|p| *p != port);
+        st.pending_vms -= 1;
         st.pending_mib -= guest.memory_mib;
         st.pending_seats
             .retain(|s| *s != (seat, guest.name.clone()));
@@ -322,12 +544,16 @@ impl Dispatcher {
         if st.closing {
             // vdd began to stop while this VM started: stop it too, or it would outlive us.
             drop(st);
-            qemu::stop(&mut session.vm, self.cfg.dispatch.shutdown_timeout).await;
-            let _ = std::fs::remove_dir_all(self.dir.join(&id));
+            self.finish(session, "stopped (vdd stopping)").await;
             return Err(Error::Full("the server is shutting down".into()));
         }
-        let info = self.info(&session.rec, Some(password));
-        info!(session = %id, mac = %seat, guest = %guest.name, port, accel = self.accel.as_str(), "VM started");
+        if let Some(x) = &session.rec.x11 {
+            session.probe = Some(self.spawn_probe(&id, x.ip, Instant::now()));
+            info!(session = %id, mac = %seat, guest = %guest.name, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, accel = self.accel.as_str(), "X11 VM started; waiting for XDMCP");
+        } else {
+            info!(session = %id, mac = %seat, guest = %guest.name, port, accel = self.accel.as_str(), "VM started");
+        }
+        let info = self.info(&session, password);
         st.sessions.insert(id, session);
         Ok(info)
     }
@@ -338,7 +564,7 @@ impl Dispatcher {
         seat: Mac,
         guest: &crate::config::Guest,
         port: u16,
-    ) -> Result<(Session, String), Error> {
+    ) -> Result<(Session, Option<String>), Error> {
         if !guest.image.exists() {
             return Err(Error::MissingImage {
                 guest: guest.name.clone(),
@@ -357,21 +583,72 @@ impl Dispatcher {
         } else {
             folder.join("overlay.qcow2")
         };
+        // An X11 guest's NIC: its address first (so it is known before the guest asks),
+        // then its tap. The tap's fd is dropped at the end of this function whatever
+        // happens; after a successful spawn QEMU holds the only copy.
+        let mut x11 = None;
+        let mut tap = None;
+        if guest.display == Display::X11 {
+            let lan = self.lan.as_ref().expect("checked in create");
+            let mac = lan::guest_mac(random::<5>());
+            let ip = match lan.leases.reserve(mac, None).await {
+                Ok(ip) => ip,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&folder);
+                    return Err(match e {
+                        dhcp::ReserveError::Refused(why) => Error::Full(why.to_string()),
+                        e => Error::Lan(e.to_string()),
+                    });
+                }
+            };
+            info!(session = %id, mac = %seat, guest_mac = %mac, %ip, "address reserved for the X11 guest");
+            let name = lan::tap_name(id);
+            match lan::open_tap(&name, &lan.bridge).await {
+                Ok(t) => {
+                    info!(session = %id, mac = %seat, guest_mac = %mac, tap = %name, bridge = %lan.bridge, "tap created");
+                    tap = Some(t);
+                }
+                Err(e) => {
+                    lan.leases.release(mac, ip);
+                    let _ = std::fs::remove_dir_all(&folder);
+                    return Err(Error::Lan(format!("{e:#}")));
+                }
+            }
+            x11 = Some(X11Rec { mac, ip, tap: name });
+        }
+        let display = match (&x11, &tap) {
+            (Some(x), Some(t)) => VmDisplay::Lan {
+                tap_fd: std::os::fd::AsRawFd::as_raw_fd(&t.fd),
+                mac: x.mac,
+            },
+            _ => VmDisplay::Vnc {
+                addr: self.vnc_addr,
+                port,
+            },
+        };
         let spec = VmSpec {
             session: id.to_string(),
             guest: guest.clone(),
             dir: folder.clone(),
             overlay: overlay.clone(),
-            vnc_addr: self.vnc_addr,
-            vnc_port: port,
+            display,
             accel: self.accel,
             qemu: self.cfg.dispatch.qemu.clone(),
         };
-        let password = new_password();
-        let started = qemu::start(&spec, &password).await;
+        let password = x11.is_none().then(new_password);
+        let started = qemu::start(&spec, password.as_deref()).await;
+        // QEMU has its own copy now (or failed): vdd's goes, so the tap lives exactly as
+        // long as the VM.
+        drop(tap);
+        let release = |x: &Option<X11Rec>| {
+            if let (Some(x), Some(l)) = (x, &self.lan) {
+                l.leases.release(x.mac, x.ip);
+            }
+        };
         let vm = match started {
             Ok(vm) => vm,
             Err(e) => {
+                release(&x11);
                 let _ = std::fs::remove_dir_all(&folder);
                 return Err(e);
             }
@@ -386,18 +663,27 @@ impl Dispatcher {
             overlay,
             persist: guest.persist,
             memory_mib: guest.memory_mib,
+            x11,
         };
         let mut vm = vm;
         if let Err(e) = write_record(&folder, &rec) {
             qemu::stop(&mut vm, Duration::from_secs(1)).await;
+            release(&rec.x11);
             let _ = std::fs::remove_dir_all(&folder);
             return Err(e);
         }
+        let state = if rec.x11.is_some() {
+            SessionState::Starting
+        } else {
+            SessionState::Ready
+        };
         Ok((
             Session {
                 rec,
                 vm,
                 last_seen: Instant::now(),
+                state,
+                probe: None,
             },
             password,
         ))
@@ -414,15 +700,45 @@ impl Dispatcher {
                 if seat.is_some() {
                     s.last_seen = Instant::now();
                 }
-                self.info(&s.rec, None)
+                self.info(s, None)
             })
             .collect()
+    }
+
+    /// One session, running or recently failed; `seat: Some` only its own. A seat that
+    /// asks is present (an X11 session has no VNC viewer to show it).
+    pub async fn get(&self, id: &str, seat: Option<Mac>) -> Result<SessionInfo, Error> {
+        let mut st = self.state.lock().await;
+        if let Some(s) = st.sessions.get_mut(id) {
+            if seat.is_some_and(|m| m != s.rec.seat) {
+                return Err(Error::NotYours(id.to_string()));
+            }
+            if seat.is_some() {
+                s.last_seen = Instant::now();
+            }
+            return Ok(self.info(s, None));
+        }
+        match st.failed.get(id) {
+            Some(f) if seat.is_some_and(|m| m.to_string() != f.info.seat) => {
+                Err(Error::NotYours(id.to_string()))
+            }
+            Some(f) => Ok(f.info.clone()),
+            None => Err(Error::NotFound(id.to_string())),
+        }
     }
 
     /// Ends a session; `seat: Some` only its own.
     pub async fn end(&self, id: &str, seat: Option<Mac>) -> Result<(), Error> {
         let s = {
             let mut st = self.state.lock().await;
+            if let Some(f) = st.failed.get(id) {
+                // A failed session's VM is already stopped; DELETE only forgets it.
+                if seat.is_some_and(|m| m.to_string() != f.info.seat) {
+                    return Err(Error::NotYours(id.to_string()));
+                }
+                st.failed.remove(id);
+                return Ok(());
+            }
             let s = st
                 .sessions
                 .get(id)
@@ -456,12 +772,25 @@ impl Dispatcher {
     }
 
     async fn finish(&self, mut s: Session, why: &str) {
-        qemu::stop(&mut s.vm, self.cfg.dispatch.shutdown_timeout).await;
-        if !s.rec.persist {
-            let _ = std::fs::remove_file(&s.rec.overlay);
+        if let Some(p) = s.probe.take() {
+            p.abort();
         }
-        let _ = std::fs::remove_dir_all(self.dir.join(&s.rec.id));
+        qemu::stop(&mut s.vm, self.cfg.dispatch.shutdown_timeout).await;
+        self.cleanup(&s.rec);
         info!(session = %s.rec.id, mac = %s.rec.seat, guest = %s.rec.guest, "session {why}");
+    }
+
+    /// What a session leaves once its VM is gone: overlay, folder, DHCP binding. (Its tap
+    /// went with QEMU's last file descriptor.)
+    fn cleanup(&self, rec: &Record) {
+        if !rec.persist {
+            let _ = std::fs::remove_file(&rec.overlay);
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join(&rec.id));
+        if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {
+            l.leases.release(x.mac, x.ip);
+            info!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, "X11 guest's address released; its tap is gone with its VM");
+        }
     }
 
     /// Watches the VMs until shutdown: a VM that dies ends its session; a seat not seen
@@ -470,6 +799,8 @@ impl Dispatcher {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let mut n: u64 = 0;
+        let refresh_ticks = (self.cfg.dhcp.lease_time.as_secs() / 4).max(1);
+        let mut refresh: Vec<(String, X11Rec)> = Vec::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -492,12 +823,37 @@ impl Dispatcher {
                     }
                 }
                 for id in &dead {
-                    if let Some(s) = st.sessions.remove(id) {
+                    if let Some(mut s) = st.sessions.remove(id) {
                         error!(session = %id, mac = %s.rec.seat, guest = %s.rec.guest, "VM exited on its own; session ended");
-                        if !s.rec.persist {
-                            let _ = std::fs::remove_file(&s.rec.overlay);
+                        if let Some(p) = s.probe.take() {
+                            p.abort();
                         }
-                        let _ = std::fs::remove_dir_all(self.dir.join(id));
+                        self.cleanup(&s.rec);
+                    }
+                }
+                st.failed.retain(|_, f| f.since.elapsed() < FAILED_KEPT);
+                if n % refresh_ticks == 0 {
+                    refresh = st
+                        .sessions
+                        .values()
+                        .filter_map(|s| s.rec.x11.clone().map(|x| (s.rec.id.clone(), x)))
+                        .collect();
+                }
+            }
+            // An X11 guest's binding is renewed by vdd too, at half the lease time: a guest
+            // that does not ask DHCP again (or asks late) never loses its address while
+            // its session runs.
+            if let Some(l) = &self.lan {
+                for (id, x) in std::mem::take(&mut refresh) {
+                    match l.leases.reserve(x.mac, Some(x.ip)).await {
+                        Ok(ip) if ip == x.ip => {}
+                        Ok(ip) => {
+                            l.leases.release(x.mac, ip);
+                            error!(session = %id, guest_mac = %x.mac, ip = %x.ip, "the X11 guest's address was taken by another client");
+                        }
+                        Err(e) => {
+                            warn!(session = %id, guest_mac = %x.mac, ip = %x.ip, "renewing the X11 guest's address: {e}")
+                        }
                     }
                 }
             }
@@ -535,9 +891,7 @@ impl Dispatcher {
         // the running ones are collected: none may be left behind.
         self.state.lock().await.closing = true;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while !self.state.lock().await.pending_ports.is_empty()
-            && tokio::time::Instant::now() < deadline
-        {
+        while self.state.lock().await.pending_vms > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let all: Vec<Session> = {
@@ -595,6 +949,7 @@ mod tests {
             overlay: "/var/lib/vdd/sessions/x/overlay.qcow2".into(),
             persist: false,
             memory_mib: 256,
+            x11: None,
         };
         let j = serde_json::to_string(&rec).unwrap();
         assert!(j.contains("\"seat\":\"52:54:00:00:00:01\""), "{j}");

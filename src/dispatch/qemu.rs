@@ -2,6 +2,10 @@
 //! guest's base image, with its VNC server on the LAN address behind a per-session
 //! password set over QMP.
 //!
+//! A VNC guest has QEMU's user-mode NIC (NAT out, nothing in) and its screen on VNC; an X11
+//! guest has only a virtio NIC on a tap in the LAN bridge (its display manager must be
+//! reachable by the thin client) and no screen.
+//!
 //! VMs run in their own process group, so a Ctrl-C aimed at vdd does not reach them, and
 //! their pid and QMP socket live in the session's folder, so a restarted vdd adopts them.
 
@@ -117,10 +121,22 @@ pub struct VmSpec {
     pub dir: PathBuf,
     /// The qcow2 overlay to run on (created here if missing).
     pub overlay: PathBuf,
-    pub vnc_addr: std::net::Ipv4Addr,
-    pub vnc_port: u16,
+    pub display: VmDisplay,
     pub accel: Accel,
     pub qemu: String,
+}
+
+/// How the guest is seen and reached.
+#[derive(Clone, Debug)]
+pub enum VmDisplay {
+    /// QEMU's VNC server on `addr:port` behind a password; user-mode NAT networking.
+    Vnc { addr: std::net::Ipv4Addr, port: u16 },
+    /// A virtio NIC with `mac` on the open tap `tap_fd` (inherited by QEMU only; vdd
+    /// closes its copy after the spawn, so the tap dies with the VM). No screen.
+    Lan {
+        tap_fd: std::os::fd::RawFd,
+        mac: crate::config::Mac,
+    },
 }
 
 /// A running VM.
@@ -174,14 +190,13 @@ pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Starts the VM and sets its VNC password over QMP.
-pub async fn start(spec: &VmSpec, password: &str) -> Result<Vm, Error> {
+/// Starts the VM and, for a VNC guest, sets its password over QMP.
+pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
     if !spec.overlay.exists() {
         create_overlay(&spec.guest.image, &spec.overlay).await?;
     }
     let qmp = spec.dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp);
-    let display = spec.vnc_port - 5900;
     let log = std::fs::File::create(spec.dir.join("qemu.log"))
         .map_err(|e| Error::State(spec.dir.clone(), e))?;
     let mut cmd = Command::new(&spec.qemu);
@@ -195,12 +210,34 @@ pub async fn start(spec: &VmSpec, password: &str) -> Result<Vm, Error> {
             "file={},format=qcow2,if=ide",
             spec.overlay.display()
         ))
-        // The guest reaches out through the server (NAT); nothing reaches in.
-        .args(["-nic", "user,model=e1000"])
-        .args(["-vga", "std", "-no-user-config"])
-        .arg("-vnc")
-        .arg(format!("{}:{display},password=on", spec.vnc_addr))
-        .arg("-qmp")
+        .arg("-no-user-config");
+    match &spec.display {
+        VmDisplay::Vnc { addr, port } => {
+            // The guest reaches out through the server (NAT); nothing reaches in.
+            cmd.args(["-nic", "user,model=e1000", "-vga", "std"])
+                .arg("-vnc")
+                .arg(format!("{addr}:{},password=on", port - 5900));
+        }
+        &VmDisplay::Lan { tap_fd, mac } => {
+            cmd.arg("-netdev")
+                .arg(format!("tap,id=lan,fd={tap_fd}"))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=lan,mac={mac}"))
+                .args(["-vga", "std", "-display", "none"]);
+            // SAFETY: only fcntl(2), which is async-signal-safe, runs between fork and
+            // exec. It clears close-on-exec on the tap for this child alone; every other
+            // process vdd starts (even concurrently) never sees the descriptor.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if nix::libc::fcntl(tap_fd, nix::libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+    cmd.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .arg("-serial")
         .arg(format!("file:{}", spec.dir.join("serial.log").display()))
@@ -240,9 +277,11 @@ pub async fn start(spec: &VmSpec, password: &str) -> Result<Vm, Error> {
         stop(&mut vm, Duration::from_secs(1)).await;
         return Err(Error::Qmp("QMP socket never came up".into()));
     };
-    if let Err(e) = set_password(&mut q, password).await {
-        stop(&mut vm, Duration::from_secs(1)).await;
-        return Err(e);
+    if let Some(password) = password {
+        if let Err(e) = set_password(&mut q, password).await {
+            stop(&mut vm, Duration::from_secs(1)).await;
+            return Err(e);
+        }
     }
     Ok(vm)
 }

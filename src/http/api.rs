@@ -118,8 +118,9 @@ impl Api {
             ("GET" | "HEAD", ["sessions"]) => self.list(peer, authorization).await,
             ("POST", ["sessions"]) => self.create(peer, authorization, body).await,
             (_, ["sessions"]) => error(405, "use GET or POST"),
+            ("GET" | "HEAD", ["sessions", id]) => self.get(peer, authorization, id).await,
             ("DELETE", ["sessions", id]) => self.end(peer, authorization, id).await,
-            (_, ["sessions", _]) => error(405, "use DELETE"),
+            (_, ["sessions", _]) => error(405, "use GET or DELETE"),
             ("POST", ["sessions", id, "reset"]) => self.reset(peer, authorization, id).await,
             (_, ["sessions", _, "reset"]) => error(405, "use POST"),
             _ => error(404, format!("no API path /api/v1/{rest}")),
@@ -240,6 +241,20 @@ impl Api {
         }
     }
 
+    /// One session, as POST answered it (without a password): how a thin client sees an
+    /// X11 session go from "starting" to "ready" or "failed". A seat's GET also tells the
+    /// dispatcher the seat is still there.
+    async fn get(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
+        let (d, seat) = match self.scope(peer, auth) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        match d.get(id, seat).await {
+            Ok(s) => reply(200, json!(s)),
+            Err(e) => dispatch_error(e),
+        }
+    }
+
     async fn end(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
         let (d, seat) = match self.scope(peer, auth) {
             Ok(x) => x,
@@ -282,7 +297,12 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
         E::UnknownGuest(_) | E::NotFound(_) => 404,
         E::NotYours(_) => 403,
         E::Full(_) => 503,
-        E::MissingImage { .. } | E::Tool(..) | E::State(..) | E::VmExited(..) | E::Qmp(_) => 500,
+        E::MissingImage { .. }
+        | E::Tool(..)
+        | E::State(..)
+        | E::VmExited(..)
+        | E::Qmp(_)
+        | E::Lan(_) => 500,
     };
     if status == 500 {
         tracing::error!("{e}");
