@@ -18,9 +18,10 @@ enum Cmd {
     /// Create a lab network (server namespace, bridge, one client) and print how to enter it;
     /// removes it when you press Enter.
     Lab,
-    /// Build an image: `thin-client` (the NBD root of the thin clients), `guest-demo`.
+    /// Build an image: `thin-client` (the NBD root of the thin clients), `guest-demo`,
+    /// `guest-x11` (a Debian guest whose xdm serves the thin clients over XDMCP).
     Image {
-        /// Which image: thin-client
+        /// Which image: thin-client, guest-demo, guest-x11
         name: String,
         /// Rebuild even when the recipe has not changed
         #[arg(long)]
@@ -121,7 +122,8 @@ fn main() -> Result<()> {
         Cmd::Image { name, force } => match name.as_str() {
             "thin-client" => xtask::image::thin_client(force).map(drop),
             "guest-demo" => xtask::image::guest_demo(force).map(drop),
-            other => bail!("no image {other:?}; there are: thin-client, guest-demo"),
+            "guest-x11" => xtask::image::guest_x11(force).map(drop),
+            other => bail!("no image {other:?}; there are: thin-client, guest-demo, guest-x11"),
         },
         Cmd::Test => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
