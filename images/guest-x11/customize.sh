@@ -8,6 +8,11 @@ in_root() { chroot "$root" "$@"; }
 
 echo vdd-guest-x11 > "$root"/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tvdd-guest-x11\n' > "$root"/etc/hosts
+# No name server: mmdebstrap leaves the build host's resolv.conf behind, and xdm looks up
+# the name of every display that queries it, blocking its one loop (and every other
+# Query) for the resolver's timeouts when that server is out of reach, as it is on a lab
+# or seat LAN. Without one, the lookup fails at once and xdm names the display by address.
+: > "$root"/etc/resolv.conf
 # Root by label, no fsck, no swap: the disk is always a fresh qcow2 overlay of this image.
 printf 'LABEL=vdd-x11-root / ext4 rw,noatime 0 0\n' > "$root"/etc/fstab
 
@@ -16,6 +21,10 @@ for f in xdm-config Xaccess Xservers Xsetup; do
 	install -m 644 "$recipe/$f" "$root/etc/X11/xdm/$f"
 done
 chmod 755 "$root"/etc/X11/xdm/Xsetup
+# Debian's greeter takes 24-point fonts on screens wider than 800 pixels, and is then wider
+# than a 1024x768 screen (the logo is cut off); keep the small fonts up to 1100.
+sed -i 's/^#if WIDTH > 800$/#if WIDTH > 1100/' "$root"/etc/X11/xdm/Xresources
+grep -q '^#if WIDTH > 1100$' "$root"/etc/X11/xdm/Xresources
 echo /usr/bin/xdm > "$root"/etc/X11/default-display-manager
 install -m 644 "$recipe"/xdm.service "$root"/etc/systemd/system/xdm.service
 ln -sf /etc/systemd/system/xdm.service "$root"/etc/systemd/system/display-manager.service

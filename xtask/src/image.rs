@@ -371,7 +371,9 @@ pub fn guest_x11(force: bool) -> Result<PathBuf> {
     if let Some(c) = &cached_image {
         // Best effort: a full disk must not fail the build that just worked.
         let _ = std::fs::create_dir_all(c.parent().expect("cache file has a folder"));
-        let _ = std::fs::copy(&image, c);
+        if std::fs::copy(&image, c).is_ok() {
+            prune_cache(c, "guest-x11-");
+        }
     }
     eprintln!(
         "xtask: {} is {:.1} MiB, built in {:.0} s",
@@ -441,6 +443,7 @@ fn guest_x11_build(
             bail!("mmdebstrap failed ({st}); its output above says why");
         }
         std::fs::rename(&tmp, &tarball)?;
+        prune_cache(&tarball, "guest-x11-root-");
     }
     let tree = work.join("root");
     std::fs::create_dir_all(&tree)?;
@@ -548,6 +551,24 @@ fn guest_x11_build(
     // Rename last, so an interrupted build never leaves a half image under the real name.
     std::fs::rename(&tmp, image)?;
     Ok(())
+}
+
+/// Removes the cache's other files named `prefix*` with the extension of `keep`: each
+/// recipe change leaves a root tarball of about 450 MB, so only the newest is kept.
+fn prune_cache(keep: &Path, prefix: &str) {
+    let (Some(dir), Some(ext)) = (keep.parent(), keep.extension()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        // "guest-x11-" also starts "guest-x11-root-": the extension tells them apart.
+        if p != keep && name.starts_with(prefix) && p.extension() == Some(ext) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
 }
 
 /// Moves the one `boot/vmlinuz-*` and `boot/initrd.img-*` of the tree into `dir`, and
