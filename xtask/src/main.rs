@@ -103,6 +103,10 @@ enum E2e {
         #[arg(long, value_enum)]
         path: Option<xtask::e2e::BootPath>,
     },
+    /// Boot images/out/guest-x11.qcow2 as vdd runs guests (q35, AHCI, virtio-net on a lab
+    /// tap, DHCP by MAC), time its XDMCP Willing, and check that its greeter draws on
+    /// `Xvfb -query` (screenshot: target/guest-x11-greeter.png).
+    GuestX11,
     /// Boot the initramfs under QEMU TCG with user networking; wait for boot-menu's markers.
     Initramfs {
         /// Use the images already in images/out instead of building them.
@@ -184,6 +188,27 @@ fn main() -> Result<()> {
             println!(
                 "  memory of an idle session's VM (RSS): {:.0} MiB",
                 r.idle_rss_mib
+            );
+            println!("  screenshot: {}", r.screenshot.display());
+            Ok(())
+        }
+        Cmd::E2e {
+            what: E2e::GuestX11,
+        } => {
+            let r = xtask::e2e_guest_x11::run()?;
+            println!("e2e guest-x11: passed; times since QEMU start:");
+            println!(
+                "  {:>7.1} s  XDMCP Willing ({} bytes: {})",
+                r.willing_at.as_secs_f64(),
+                r.willing.len(),
+                r.willing
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
+            println!(
+                "  {:>7.1} s  greeter (#1e5aa0 root, login box) on Xvfb -query",
+                r.greeter_at.as_secs_f64()
             );
             println!("  screenshot: {}", r.screenshot.display());
             Ok(())
