@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod e2e;
+pub mod e2e_guest_x11;
 pub mod e2e_initramfs;
 pub mod image;
 pub mod initramfs;

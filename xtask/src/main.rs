@@ -18,9 +18,10 @@ enum Cmd {
     /// Create a lab network (server namespace, bridge, one client) and print how to enter it;
     /// removes it when you press Enter.
     Lab,
-    /// Build an image: `thin-client` (the NBD root of the thin clients), `guest-demo`.
+    /// Build an image: `thin-client` (the NBD root of the thin clients), `guest-demo`,
+    /// `guest-x11` (a Debian guest whose xdm serves the thin clients over XDMCP).
     Image {
-        /// Which image: thin-client
+        /// Which image: thin-client, guest-demo, guest-x11
         name: String,
         /// Rebuild even when the recipe has not changed
         #[arg(long)]
@@ -102,6 +103,10 @@ enum E2e {
         #[arg(long, value_enum)]
         path: Option<xtask::e2e::BootPath>,
     },
+    /// Boot images/out/guest-x11.qcow2 as vdd runs guests (q35, AHCI, virtio-net on a lab
+    /// tap, DHCP by MAC), time its XDMCP Willing, and check that its greeter draws on
+    /// `Xvfb -query` (screenshot: target/guest-x11-greeter.png).
+    GuestX11,
     /// Boot the initramfs under QEMU TCG with user networking; wait for boot-menu's markers.
     Initramfs {
         /// Use the images already in images/out instead of building them.
@@ -121,7 +126,8 @@ fn main() -> Result<()> {
         Cmd::Image { name, force } => match name.as_str() {
             "thin-client" => xtask::image::thin_client(force).map(drop),
             "guest-demo" => xtask::image::guest_demo(force).map(drop),
-            other => bail!("no image {other:?}; there are: thin-client, guest-demo"),
+            "guest-x11" => xtask::image::guest_x11(force).map(drop),
+            other => bail!("no image {other:?}; there are: thin-client, guest-demo, guest-x11"),
         },
         Cmd::Test => {
             run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -182,6 +188,27 @@ fn main() -> Result<()> {
             println!(
                 "  memory of an idle session's VM (RSS): {:.0} MiB",
                 r.idle_rss_mib
+            );
+            println!("  screenshot: {}", r.screenshot.display());
+            Ok(())
+        }
+        Cmd::E2e {
+            what: E2e::GuestX11,
+        } => {
+            let r = xtask::e2e_guest_x11::run()?;
+            println!("e2e guest-x11: passed; times since QEMU start:");
+            println!(
+                "  {:>7.1} s  XDMCP Willing ({} bytes: {})",
+                r.willing_at.as_secs_f64(),
+                r.willing.len(),
+                r.willing
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
+            println!(
+                "  {:>7.1} s  greeter (#1e5aa0 root, login box) on Xvfb -query",
+                r.greeter_at.as_secs_f64()
             );
             println!("  screenshot: {}", r.screenshot.display());
             Ok(())
