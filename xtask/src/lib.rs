@@ -4,6 +4,7 @@ pub mod bench;
 pub mod e2e;
 pub mod e2e_guest_x11;
 pub mod e2e_initramfs;
+pub mod e2e_x11;
 pub mod image;
 pub mod initramfs;
 pub mod lab;

@@ -96,6 +96,9 @@ enum E2e {
     /// PXE-boot a thin client, autopick the demo guest, and check that the thin client's
     /// screen shows the guest over VNC (and that wrong passwords are refused).
     Session,
+    /// PXE-boot a thin client, autopick the X11 guest, and check that the thin client's
+    /// screen shows the guest's xdm greeter (XDMCP); then end the session from the API.
+    X11,
     /// PXE-boot a QEMU thin client from vdd in a lab network to the check command in its
     /// NBD root, through the iPXE ROM and through OVMF's own UEFI PXE (TFTP chain).
     Boot {
@@ -167,10 +170,37 @@ fn main() -> Result<()> {
                 r.pick_to_frame.as_secs_f64(),
                 r.screenshot.display()
             );
+            let r = once_more("e2e x11", xtask::e2e_x11::x11)?;
+            println!(
+                "e2e x11: passed; the guest's greeter on the thin client's screen {:.1} s after the pick; screenshot {}",
+                r.pick_to_greeter.as_secs_f64(),
+                r.screenshot.display()
+            );
             Ok(())
         }
         Cmd::Demo => xtask::e2e::demo(),
         Cmd::Initramfs { kver } => initramfs(kver.as_deref()).map(drop),
+        Cmd::E2e { what: E2e::X11 } => {
+            let r = xtask::e2e_x11::x11()?;
+            println!("e2e x11: passed; times since QEMU start:");
+            for (name, at) in &r.stages {
+                println!("  {:>7.1} s  {name}", at.as_secs_f64());
+            }
+            println!(
+                "  pick to the guest's display manager answering XDMCP: {:.1} s",
+                r.pick_to_ready.as_secs_f64()
+            );
+            println!(
+                "  pick to the greeter on the thin client's screen: {:.1} s",
+                r.pick_to_greeter.as_secs_f64()
+            );
+            println!(
+                "  session ended by the admin to the menu on the thin client: {:.1} s",
+                r.end_to_menu.as_secs_f64()
+            );
+            println!("  screenshot: {}", r.screenshot.display());
+            Ok(())
+        }
         Cmd::E2e { what: E2e::Session } => {
             let r = xtask::e2e::session()?;
             println!("e2e session: passed; times since QEMU start:");
