@@ -2,9 +2,12 @@
 //! one run, on one image on loopback (127.0.0.1, ports chosen free, never 10809).
 //!
 //! Three figures per server: sequential read (`nbdcopy URI null:`, which uses multi-conn
-//! and 64 requests in flight), random 4 KiB reads at queue depth 16 (fio's nbd engine),
-//! and the same with 16 clients at once. Every run is bounded in time; every server is
-//! killed (by its pid) and the temp dir removed on every path.
+//! with one connection per core up to 4, 64 requests of 256 KiB in flight on each),
+//! random 4 KiB reads at queue depth 16 (fio's nbd engine), and the same with 16 clients
+//! at once. Every server must first deliver the image with the right sha256; the page
+//! cache is warmed again before each server's turn; the order of servers rotates per
+//! round. Every run is bounded in time; every server is killed (by its pid) and the temp
+//! dir removed on every path.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -282,6 +285,41 @@ fn size_of(uri: &str) -> Result<u64> {
         })
 }
 
+/// sha256 (hex) of what `cmd` writes to stdout, by the system's sha256sum (SHA-NI fast;
+/// this xtask is a debug build).
+fn sha256_of_stdout(cmd: &mut Command) -> Result<String> {
+    let mut src = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    let out = Command::new("sha256sum")
+        .stdin(src.stdout.take().context("no stdout")?)
+        .output()
+        .context("sha256sum")?;
+    let st = src.wait()?;
+    if !st.success() || !out.status.success() {
+        bail!("{cmd:?} | sha256sum failed: {st}");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Reads the image through the page cache so it is all there before a server is measured
+/// (the machine is shared: something else may have pushed pages out since last time).
+fn warm(image: &Path) -> Result<()> {
+    std::io::copy(&mut std::fs::File::open(image)?, &mut std::io::sink())?;
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// Seconds for one `nbdcopy URI null:`.
 fn seq_once(uri: &str) -> Result<f64> {
     let t = Instant::now();
@@ -344,7 +382,7 @@ struct Row {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    for tool in ["nbdcopy", "nbdinfo", "fio", "timeout"] {
+    for tool in ["nbdcopy", "nbdinfo", "fio", "timeout", "sha256sum"] {
         if crate::lab::which(tool).is_none() {
             bail!("{tool} is not installed (apt-get install libnbd-bin fio)");
         }
@@ -355,8 +393,8 @@ pub fn run(args: Args) -> Result<()> {
     let image = dir.join("bench.img");
     eprintln!("bench nbd: writing a {} MiB image", args.size_mib);
     make_image(&image, args.size_mib)?;
-    // Warm the page cache once, so every server reads from memory.
-    std::io::copy(&mut std::fs::File::open(&image)?, &mut std::io::sink())?;
+    let want_sha = sha256_of_stdout(Command::new("cat").arg(&image))?;
+    warm(&image)?;
     let size = args.size_mib << 20;
     let want = |n: &str| match args.only.as_deref() {
         None => true,
@@ -390,14 +428,53 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         match size_of(&t.uri) {
-            Ok(s) if s == size => targets.push(t),
-            Ok(s) => eprintln!("bench nbd: {name} announces {s} bytes instead of {size}; skipped"),
+            Ok(s) if s == size => {}
+            Ok(s) => {
+                eprintln!("bench nbd: {name} announces {s} bytes instead of {size}; skipped");
+                continue;
+            }
+            Err(e) => {
+                eprintln!("bench nbd: {name}: {e:#}; skipped");
+                continue;
+            }
+        }
+        // Fast is worth nothing if the bytes are wrong: every server must deliver the
+        // image exactly (checked once, untimed; the timed copies go to null:).
+        match sha256_of_stdout(
+            Command::new("timeout")
+                .args(["300", "nbdcopy", &t.uri, "-"])
+                .stdin(Stdio::null()),
+        ) {
+            Ok(h) if h == want_sha => targets.push(t),
+            Ok(h) => {
+                eprintln!("bench nbd: {name} serves data with sha256 {h}, not {want_sha}; skipped")
+            }
             Err(e) => eprintln!("bench nbd: {name}: {e:#}; skipped"),
         }
     }
+    if let Some(t) = targets.first() {
+        // What nbdcopy chose (connections follow the cores and CAN_MULTI_CONN), so the
+        // numbers can be compared with a run on another machine.
+        if let Ok(o) = Command::new("nbdcopy")
+            .args(["--verbose", &t.uri, "null:"])
+            .output()
+        {
+            for l in String::from_utf8_lossy(&o.stderr).lines() {
+                if l.starts_with("nbdcopy: connections=") {
+                    eprintln!("bench nbd: {l}, request size 256 KiB (nbdcopy's default)");
+                }
+            }
+        }
+    }
+    let load_before = loadavg();
     let mut samples: Vec<[Vec<f64>; 3]> = targets.iter().map(|_| Default::default()).collect();
     for round in 0..args.runs.max(1) {
-        for (t, s) in targets.iter().zip(samples.iter_mut()) {
+        // Each round starts with a different server, so none is always measured first
+        // or always right after the same neighbour's 16-client run.
+        let n = targets.len();
+        for i in (0..n).map(|i| (i + round) % n) {
+            let (t, s) = (&targets[i], &mut samples[i]);
+            warm(&image)?;
             let seq = size as f64 / 1e6 / seq_once(&t.uri)?;
             let rand = fio_iops(&t.uri, 1, args.seconds)?;
             let multi = fio_iops(&t.uri, 16, args.seconds)?;
@@ -425,8 +502,8 @@ pub fn run(args: Args) -> Result<()> {
 
     let base = rows.iter().find(|r| r.name == "nbdkit");
     println!(
-        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null:, rand = fio nbd 4 KiB QD16 for {} s, 16cl = the same with 16 connections",
-        args.size_mib, args.runs, args.seconds
+        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null:, rand = fio nbd 4 KiB QD16 for {} s, 16cl = the same with 16 connections; every server's data checked by sha256; load average {} before, {} after",
+        args.size_mib, args.runs, args.seconds, load_before, loadavg()
     );
     println!(
         "{:<11} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
