@@ -2,9 +2,15 @@
 //! one run, on one image on loopback (127.0.0.1, ports chosen free, never 10809).
 //!
 //! Three figures per server: sequential read (`nbdcopy URI null:`, which uses multi-conn
-//! and 64 requests in flight), random 4 KiB reads at queue depth 16 (fio's nbd engine),
-//! and the same with 16 clients at once. Every run is bounded in time; every server is
-//! killed (by its pid) and the temp dir removed on every path.
+//! with one connection per core up to 4, 64 requests of 256 KiB in flight on each),
+//! random 4 KiB reads at queue depth 16 (fio's nbd engine), and the same with 16 clients
+//! at once. Every server must first deliver the image with the right sha256; the page
+//! cache is warmed again before each server's turn; the order of servers rotates per
+//! round. Beside the rates, CPU seconds per GB of the sequential copy, of the server
+//! (/proc/PID/stat) and of nbdcopy (rusage), which a busy shared machine disturbs far
+//! less than wall time.
+//! Every run is bounded in time; every server is killed (by its pid) and the temp
+//! dir removed on every path.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -133,6 +139,8 @@ fn vdd_binary() -> Result<PathBuf> {
 struct Target {
     name: &'static str,
     uri: String,
+    /// The serving process, for its CPU time (`None`: unknown).
+    pid: Option<u32>,
     _guard: Box<dyn std::any::Any>,
 }
 
@@ -174,6 +182,7 @@ fn start_vdd(dir: &Path, image: &Path) -> Result<Target> {
     Ok(Target {
         name: "vdd",
         uri: format!("nbd://127.0.0.1:{port}/bench"),
+        pid: Some(p.child.id()),
         _guard: Box::new(p),
     })
 }
@@ -199,6 +208,7 @@ fn start_nbdkit(dir: &Path, image: &Path) -> Result<Target> {
     Ok(Target {
         name: "nbdkit",
         uri: format!("nbd://127.0.0.1:{port}/"),
+        pid: Some(p.child.id()),
         _guard: Box::new(p),
     })
 }
@@ -226,6 +236,7 @@ fn start_qemu_nbd(dir: &Path, image: &Path) -> Result<Target> {
     Ok(Target {
         name: "qemu-nbd",
         uri: format!("nbd://127.0.0.1:{port}/bench"),
+        pid: Some(p.child.id()),
         _guard: Box::new(p),
     })
 }
@@ -258,9 +269,13 @@ fn start_nbd_server(dir: &Path, image: &Path) -> Result<Target> {
         bail!("nbd-server exited with {st}");
     }
     wait_port(port)?;
+    let pid = std::fs::read_to_string(&pid)
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
     Ok(Target {
         name: "nbd-server",
         uri: format!("nbd://127.0.0.1:{port}/bench"),
+        pid,
         _guard: Box::new(guard),
     })
 }
@@ -280,6 +295,69 @@ fn size_of(uri: &str) -> Result<u64> {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+}
+
+/// sha256 (hex) of what `cmd` writes to stdout, by the system's sha256sum (SHA-NI fast;
+/// this xtask is a debug build).
+fn sha256_of_stdout(cmd: &mut Command) -> Result<String> {
+    let mut src = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    let out = Command::new("sha256sum")
+        .stdin(src.stdout.take().context("no stdout")?)
+        .output()
+        .context("sha256sum")?;
+    let st = src.wait()?;
+    if !st.success() || !out.status.success() {
+        bail!("{cmd:?} | sha256sum failed: {st}");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Reads the image through the page cache so it is all there before a server is measured
+/// (the machine is shared: something else may have pushed pages out since last time).
+fn warm(image: &Path) -> Result<()> {
+    std::io::copy(&mut std::fs::File::open(image)?, &mut std::io::sink())?;
+    Ok(())
+}
+
+/// CPU seconds a server has used so far, its reaped children included (nbd-server forks
+/// one per connection): a measure the other engineers' load on this machine hardly moves.
+fn cpu_secs(pid: u32, tick: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command: state ppid ... utime(11) stime(12) cutime(13) cstime(14).
+    let t: Option<Vec<f64>> = f.get(11..15)?.iter().map(|x| x.parse().ok()).collect();
+    Some(t?.iter().sum::<f64>() / tick)
+}
+
+/// CPU seconds of every child this process has reaped so far (nbdcopy via `timeout`).
+fn children_cpu_secs() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
+        let (a, b) = (u.user_time(), u.system_time());
+        (a.tv_sec() + b.tv_sec()) as f64 + (a.tv_usec() + b.tv_usec()) as f64 / 1e6
+    })
+}
+
+fn clock_tick() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Seconds for one `nbdcopy URI null:`.
@@ -339,12 +417,14 @@ fn fio_iops(uri: &str, jobs: u32, seconds: u64) -> Result<f64> {
 struct Row {
     name: &'static str,
     seq_mbs: f64,
+    seq_cpu: Option<f64>,
+    seq_client_cpu: f64,
     rand_iops: f64,
     multi_iops: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    for tool in ["nbdcopy", "nbdinfo", "fio", "timeout"] {
+    for tool in ["nbdcopy", "nbdinfo", "fio", "timeout", "sha256sum"] {
         if crate::lab::which(tool).is_none() {
             bail!("{tool} is not installed (apt-get install libnbd-bin fio)");
         }
@@ -355,8 +435,8 @@ pub fn run(args: Args) -> Result<()> {
     let image = dir.join("bench.img");
     eprintln!("bench nbd: writing a {} MiB image", args.size_mib);
     make_image(&image, args.size_mib)?;
-    // Warm the page cache once, so every server reads from memory.
-    std::io::copy(&mut std::fs::File::open(&image)?, &mut std::io::sink())?;
+    let want_sha = sha256_of_stdout(Command::new("cat").arg(&image))?;
+    warm(&image)?;
     let size = args.size_mib << 20;
     let want = |n: &str| match args.only.as_deref() {
         None => true,
@@ -390,32 +470,85 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         match size_of(&t.uri) {
-            Ok(s) if s == size => targets.push(t),
-            Ok(s) => eprintln!("bench nbd: {name} announces {s} bytes instead of {size}; skipped"),
+            Ok(s) if s == size => {}
+            Ok(s) => {
+                eprintln!("bench nbd: {name} announces {s} bytes instead of {size}; skipped");
+                continue;
+            }
+            Err(e) => {
+                eprintln!("bench nbd: {name}: {e:#}; skipped");
+                continue;
+            }
+        }
+        // Fast is worth nothing if the bytes are wrong: every server must deliver the
+        // image exactly (checked once, untimed; the timed copies go to null:).
+        match sha256_of_stdout(
+            Command::new("timeout")
+                .args(["300", "nbdcopy", &t.uri, "-"])
+                .stdin(Stdio::null()),
+        ) {
+            Ok(h) if h == want_sha => targets.push(t),
+            Ok(h) => {
+                eprintln!("bench nbd: {name} serves data with sha256 {h}, not {want_sha}; skipped")
+            }
             Err(e) => eprintln!("bench nbd: {name}: {e:#}; skipped"),
         }
     }
-    let mut samples: Vec<[Vec<f64>; 3]> = targets.iter().map(|_| Default::default()).collect();
+    if let Some(t) = targets.first() {
+        // What nbdcopy chose (connections follow the cores and CAN_MULTI_CONN), so the
+        // numbers can be compared with a run on another machine.
+        if let Ok(o) = Command::new("nbdcopy")
+            .args(["--verbose", &t.uri, "null:"])
+            .output()
+        {
+            for l in String::from_utf8_lossy(&o.stderr).lines() {
+                if l.starts_with("nbdcopy: connections=") {
+                    eprintln!("bench nbd: {l}, request size 256 KiB (nbdcopy's default)");
+                }
+            }
+        }
+    }
+    let load_before = loadavg();
+    let mut samples: Vec<[Vec<f64>; 5]> = targets.iter().map(|_| Default::default()).collect();
+    let tick = clock_tick();
     for round in 0..args.runs.max(1) {
-        for (t, s) in targets.iter().zip(samples.iter_mut()) {
+        // Each round starts with a different server, so none is always measured first
+        // or always right after the same neighbour's 16-client run.
+        let n = targets.len();
+        for i in (0..n).map(|i| (i + round) % n) {
+            let (t, s) = (&targets[i], &mut samples[i]);
+            warm(&image)?;
+            let cpu0 = t.pid.and_then(|p| cpu_secs(p, tick));
+            let client0 = children_cpu_secs();
             let seq = size as f64 / 1e6 / seq_once(&t.uri)?;
+            let client = (children_cpu_secs() - client0) / (size as f64 / 1e9);
+            // A forking server reaps its connection's child a moment after it ends.
+            std::thread::sleep(Duration::from_millis(100));
+            let cpu = cpu0
+                .zip(t.pid.and_then(|p| cpu_secs(p, tick)))
+                .map(|(a, b)| (b - a) / (size as f64 / 1e9));
             let rand = fio_iops(&t.uri, 1, args.seconds)?;
             let multi = fio_iops(&t.uri, 16, args.seconds)?;
             eprintln!(
-                "bench nbd: round {round} {:<10} seq {seq:>7.0} MB/s  rand {rand:>8.0} IOPS  16 clients {multi:>8.0} IOPS",
-                t.name
+                "bench nbd: round {round} {:<10} seq {seq:>7.0} MB/s (CPU s/GB: server {}, nbdcopy {client:.3})  rand {rand:>8.0} IOPS  16 clients {multi:>8.0} IOPS",
+                t.name,
+                cpu.map_or("?".into(), |c| format!("{c:.3}")),
             );
             s[0].push(seq);
             s[1].push(rand);
             s[2].push(multi);
+            s[3].extend(cpu);
+            s[4].push(client);
         }
     }
     let rows: Vec<Row> = targets
         .iter()
         .zip(samples)
-        .map(|(t, [a, b, c])| Row {
+        .map(|(t, [a, b, c, d, e])| Row {
             name: t.name,
             seq_mbs: median(a),
+            seq_cpu: (!d.is_empty()).then(|| median(d)),
+            seq_client_cpu: median(e),
             rand_iops: median(b),
             multi_iops: median(c),
         })
@@ -425,18 +558,26 @@ pub fn run(args: Args) -> Result<()> {
 
     let base = rows.iter().find(|r| r.name == "nbdkit");
     println!(
-        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null:, rand = fio nbd 4 KiB QD16 for {} s, 16cl = the same with 16 connections",
-        args.size_mib, args.runs, args.seconds
+        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null: (CPU/GB = CPU seconds per GB of it, of the server process and of nbdcopy: on loopback TCP work lands on either side, so read them together), rand = fio nbd 4 KiB QD16 for {} s, 16cl = the same with 16 connections; every server's data checked by sha256; load average {} before, {} after",
+        args.size_mib, args.runs, args.seconds, load_before, loadavg()
     );
     println!(
-        "{:<11} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
-        "server", "seq MB/s", "rand IOPS", "16cl IOPS", "seq/kit", "rand/kit", "16cl/kit"
+        "{:<11} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9} {:>11} {:>12}",
+        "server",
+        "seq MB/s",
+        "rand IOPS",
+        "16cl IOPS",
+        "seq/kit",
+        "rand/kit",
+        "16cl/kit",
+        "srv CPU/GB",
+        "nbdcopy CPU"
     );
     for r in &rows {
         let ratio =
             |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", a / b));
         println!(
-            "{:<11} {:>9.0} {:>10.0} {:>12.0} {:>9} {:>9} {:>9}",
+            "{:<11} {:>9.0} {:>10.0} {:>12.0} {:>9} {:>9} {:>9} {:>11} {:>12.3}",
             r.name,
             r.seq_mbs,
             r.rand_iops,
@@ -444,6 +585,8 @@ pub fn run(args: Args) -> Result<()> {
             ratio(r.seq_mbs, base.map(|b| b.seq_mbs)),
             ratio(r.rand_iops, base.map(|b| b.rand_iops)),
             ratio(r.multi_iops, base.map(|b| b.multi_iops)),
+            r.seq_cpu.map_or("-".into(), |c| format!("{c:.3}")),
+            r.seq_client_cpu,
         );
     }
     Ok(())
