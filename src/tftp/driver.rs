@@ -1,24 +1,22 @@
-//! The tokio side of one read transfer: its own UDP socket (a new TID, RFC 1350 section 4),
+//! The I/O side of one read transfer: its own UDP socket (a new TID, RFC 1350 section 4),
 //! file reads into the packet buffer, and the [`Session`] state machine fed with ACKs,
-//! ERRORs and timeouts.
+//! ERRORs and timeouts. It runs on the transfer's own thread with blocking calls (see
+//! [`transfer`] for why).
 //!
 //! RFC 1350 (TIDs, ERROR 5 to strangers), RFC 2347/2348/2349/7440 through `session`, and
 //! netascii (RFC 764 end-of-line: LF -> CR LF, CR -> CR NUL) converted on the fly.
 //!
-//! File reads use `pread`/`preadv` straight from the task. They are page-cache hits for the boot
-//! files and images served here, and a `spawn_blocking` hop per 512-byte block would cost
-//! more than the read; each transfer runs on its own thread (see `spawn_transfer` in
-//! mod.rs), so a slow disk stalls that transfer only.
+//! File reads use `preadv` straight from the transfer's thread, many blocks at a time
+//! (see [`Ahead`]); a slow disk stalls that transfer only.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -194,40 +192,101 @@ impl Netascii {
     }
 }
 
-/// The DATA packets of (part of) a window, back to back, each `seg` bytes but the last.
+/// DATA packets read ahead of the window, back to back in one buffer, each `seg` bytes
+/// (4-byte header, then the block) but the file's last one.
 ///
-/// With UDP GSO (`UDP_SEGMENT`, Linux 4.18) one `sendmsg` carries up to 64 packets and
-/// the kernel cuts them: a window of 16 costs one syscall instead of 16. GSO needs every
-/// packet but the last to be exactly `seg` bytes and each to fit the path MTU; when the
-/// kernel refuses (EINVAL for a block size above the MTU, EIO without checksum offload),
-/// the transfer falls back to one `sendto` per packet for good.
-struct Batch {
+/// One `preadv` fills many packets, and the buffer is refilled right after a window
+/// leaves, while the client is busy with it, so the time from an ACK to the next DATA
+/// holds no file read. A window that sits in the buffer leaves in one GSO `sendmsg`
+/// (`UDP_SEGMENT`, Linux 4.18): the kernel cuts it into packets, one syscall instead of
+/// one per packet.
+struct Ahead {
     buf: Vec<u8>,
-    /// Packets per batch: what one GSO send can carry, at most a window.
+    seg: usize,
+    /// Blocks per refill: a multiple of `per`, so windows do not straddle refills.
+    cap: usize,
+    /// Packets per send: what one GSO send can carry, at most a window.
     per: usize,
     gso: bool,
+    /// Index of the first block held (0: none).
+    first: u64,
+    /// Blocks held.
+    count: usize,
+    /// Payload length of the last block held.
+    last_len: usize,
 }
 
 /// The kernel's bounds for one GSO send: 64 segments, one IP datagram of payload.
 const GSO_MAX_SEGMENTS: usize = 64;
 const GSO_MAX_BYTES: usize = 65000;
+/// How much one refill reads. 64 KiB is 44 blocks of 1468 bytes: the read costs a
+/// fraction of a syscall per block, and the buffer stays within L2.
+const AHEAD_BYTES: usize = 64 * 1024;
 
-impl Batch {
-    fn new(window: usize, seg: usize) -> Batch {
+impl Ahead {
+    fn new(window: usize, seg: usize) -> Ahead {
         let per = (GSO_MAX_BYTES / seg)
             .clamp(1, GSO_MAX_SEGMENTS)
             .min(window.max(1));
-        Batch {
-            buf: Vec::with_capacity(per * seg),
+        let cap = ((AHEAD_BYTES / seg) / per * per).max(per);
+        Ahead {
+            buf: Vec::with_capacity(cap * seg),
+            seg,
+            cap,
             per,
-            // One packet per batch gains nothing from GSO.
+            // One packet per send gains nothing from GSO.
             gso: per > 1,
+            first: 0,
+            count: 0,
+            last_len: 0,
         }
     }
 
-    async fn send(&mut self, sock: &UdpSocket, seg: usize, peer: SocketAddr) -> io::Result<()> {
-        if self.gso && self.buf.len() > seg {
-            match send_gso(sock, &self.buf, seg, peer).await {
+    fn holds(&self, i: u64) -> bool {
+        self.count > 0 && i >= self.first && i < self.first + self.count as u64
+    }
+
+    /// Index of the last block held.
+    fn end(&self) -> u64 {
+        self.first + self.count as u64 - 1
+    }
+
+    /// The last block held is short: it is the file's last.
+    fn at_eof(&self) -> bool {
+        self.count > 0 && self.last_len < self.seg - 4
+    }
+
+    /// Reads blocks `first`, `first + 1`, ... as far as the buffer goes or the file ends.
+    fn fill(&mut self, src: &mut Source, first: u64) -> io::Result<()> {
+        self.count = 0;
+        self.buf.resize(self.cap * self.seg, 0);
+        let (count, last_len) = src.blocks(first, &mut self.buf, self.seg)?;
+        for k in 0..count {
+            codec::data_header(&mut self.buf[k * self.seg..], (first + k as u64) as u16);
+        }
+        self.first = first;
+        self.count = count;
+        self.last_len = last_len;
+        Ok(())
+    }
+
+    /// The packets of blocks `i..=j`, all held.
+    fn packets(&self, i: u64, j: u64) -> &[u8] {
+        let a = (i - self.first) as usize * self.seg;
+        let k = (j - self.first) as usize;
+        let b = if k + 1 == self.count {
+            k * self.seg + 4 + self.last_len
+        } else {
+            (k + 1) * self.seg
+        };
+        &self.buf[a..b]
+    }
+
+    fn send(&mut self, sock: &UdpSocket, i: u64, j: u64, peer: SocketAddr) -> io::Result<()> {
+        let seg = self.seg;
+        let p = self.packets(i, j);
+        if self.gso && p.len() > seg {
+            match send_gso(sock, p, seg, peer) {
                 Ok(()) => return Ok(()),
                 Err(e)
                     if matches!(
@@ -246,35 +305,30 @@ impl Batch {
                 Err(e) => return Err(e),
             }
         }
-        for p in self.buf.chunks(seg) {
-            sock.send_to(p, peer).await?;
+        for c in self.packets(i, j).chunks(seg) {
+            sock.send_to(c, peer)?;
         }
         Ok(())
     }
 }
 
-async fn send_gso(sock: &UdpSocket, buf: &[u8], seg: usize, peer: SocketAddr) -> io::Result<()> {
+fn send_gso(sock: &UdpSocket, buf: &[u8], seg: usize, peer: SocketAddr) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
     use std::os::unix::io::AsRawFd;
     let addr = SockaddrStorage::from(peer);
     let seg = seg as u16;
     let iov = [io::IoSlice::new(buf)];
     loop {
-        sock.writable().await?;
-        let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
-            sendmsg(
-                sock.as_raw_fd(),
-                &iov,
-                &[ControlMessage::UdpGsoSegments(&seg)],
-                MsgFlags::empty(),
-                Some(&addr),
-            )
-            .map_err(io::Error::from)
-        });
-        match r {
+        match sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            &[ControlMessage::UdpGsoSegments(&seg)],
+            MsgFlags::empty(),
+            Some(&addr),
+        ) {
             Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -293,9 +347,44 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Longest a transfer blocks in `recv` before it looks at the shutdown token again.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+/// Longest a send may block on a full socket buffer; then the retransmission timer
+/// takes over, as after a lost packet.
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The receive timeout of the socket, changed only when the wait must end sooner than
+/// it would, or would end far too soon: a `setsockopt` per ACK would cost as much as
+/// the ACK itself. The deadline may pass by up to `RCV_SLACK` before we notice.
+struct RecvTimeout {
+    set: Duration,
+}
+
+const RCV_SLACK: Duration = Duration::from_millis(2);
+
+impl RecvTimeout {
+    fn arm(&mut self, sock: &UdpSocket, want: Duration) -> io::Result<()> {
+        // Zero would mean "block forever" to SO_RCVTIMEO.
+        let want = want.clamp(Duration::from_millis(1), SHUTDOWN_POLL);
+        if self.set > want + RCV_SLACK || self.set < want / 2 {
+            sock.set_read_timeout(Some(want))?;
+            self.set = want;
+        }
+        Ok(())
+    }
+}
+
 /// Serves one RRQ to `peer` from a new socket bound to `local` (the address the request
 /// came to, so the reply leaves from the address the client talked to).
-pub async fn transfer(
+///
+/// This runs on the transfer's own thread with blocking socket calls (STYLE's driver is
+/// tokio; here we chose otherwise). A lockstep transfer is one round trip per block, so
+/// its speed is the time from the ACK's arrival to the next DATA's departure. A blocking
+/// `recvfrom` is woken by the ACK itself and goes straight to one `sendto`: two
+/// syscalls per block, where the tokio loop made four to five (a `recvfrom` that found
+/// nothing, `epoll_wait`, `recvfrom`, `preadv`, `sendto`) plus its timer and task
+/// bookkeeping. Threads are bounded by `max_transfers`; the permit lives in here.
+pub fn transfer(
     cfg: Arc<Config>,
     local: IpAddr,
     peer: SocketAddr,
@@ -306,38 +395,34 @@ pub async fn transfer(
 ) {
     let _guard = ActiveGuard(metrics.clone(), Some(permit));
     let file = codec::printable(&req.filename);
-    let sock = match UdpSocket::bind(SocketAddr::new(local, 0)).await {
+    let sock = match UdpSocket::bind(SocketAddr::new(local, 0)) {
         Ok(s) => s,
         Err(e) => {
             error!(%peer, %file, error = %e, "cannot open a socket for a transfer");
             return;
         }
     };
+    let mut rto = RecvTimeout { set: SHUTDOWN_POLL };
+    if let Err(e) = sock
+        .set_read_timeout(Some(rto.set))
+        .and_then(|()| sock.set_write_timeout(Some(SEND_TIMEOUT)))
+    {
+        error!(%peer, %file, error = %e, "cannot set socket timeouts for a transfer");
+        return;
+    }
     let mut out = Vec::with_capacity(512);
     if req.mode == Mode::Other {
         metrics.warn(|| warn!(%peer, %file, mode = %req.mode_text, "refused: unsupported mode"));
         codec::encode_error(&mut out, ERR_ILLEGAL_OP, "Only octet and netascii modes");
-        let _ = sock.send_to(&out, peer).await;
+        let _ = sock.send_to(&out, peer);
         return;
     }
-    let opened = {
-        let cfg = cfg.clone();
-        let name = req.filename.clone();
-        // Path resolution stats and canonicalizes: off the async workers.
-        match tokio::task::spawn_blocking(move || paths::open(&cfg, &name)).await {
-            Ok(r) => r,
-            Err(e) => {
-                error!(%peer, %file, error = %e, "path lookup task failed");
-                return;
-            }
-        }
-    };
-    let opened = match opened {
+    let opened = match paths::open(&cfg, &req.filename) {
         Ok(o) => o,
         Err(r) => {
             metrics.warn(|| warn!(%peer, %file, reason = r.reason(), "refused file"));
             codec::encode_error(&mut out, r.code(), r.message());
-            let _ = sock.send_to(&out, peer).await;
+            let _ = sock.send_to(&out, peer);
             return;
         }
     };
@@ -356,68 +441,71 @@ pub async fn transfer(
 
     let started = Instant::now();
     let (mut s, mut step) = Session::new(&n, blocks, started);
-    let mut batch = Batch::new(usize::from(n.windowsize), 4 + usize::from(blksize));
+    let mut now = started;
+    let bs = usize::from(blksize);
+    let mut ahead = Ahead::new(usize::from(n.windowsize), 4 + bs);
     let mut rbuf = vec![0u8; 2048];
-    let mut highest_read = 0u64;
+    let mut highest_sent = 0u64;
     let mut bytes = 0u64;
     let mut retransmitted = 0u64;
-    let sleep = tokio::time::sleep_until(s.deadline().into());
-    tokio::pin!(sleep);
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
     loop {
         match step.send {
             Send::Nothing => {}
             Send::Oack => {
                 codec::encode_oack(&mut out, &n.oack);
-                if let Err(e) = sock.send_to(&out, peer).await {
+                if let Err(e) = sock.send_to(&out, peer) {
                     debug!(%peer, error = %e, "send failed");
                 }
             }
             Send::Blocks { first, last } => {
                 source.release(s.acked());
-                // The window is read into `batch`, packets back to back, with one preadv
-                // per batch, and leaves in as few syscalls as GSO allows (see `Batch`).
-                let bs = usize::from(blksize);
-                let seg = 4 + bs;
                 let mut i = first;
                 while i <= last {
-                    let want = (last - i + 1).min(batch.per as u64) as usize;
-                    batch.buf.clear();
-                    batch.buf.resize(want * seg, 0);
-                    let (count, last_len) = match source.blocks(i, &mut batch.buf, seg) {
-                        Ok(x) => x,
-                        Err(e) => {
+                    if !ahead.holds(i) {
+                        if let Err(e) = ahead.fill(&mut source, i) {
                             error!(%peer, %file, error = %e, "read failed; transfer aborted");
                             codec::encode_error(&mut out, ERR_UNDEFINED, "Read error");
-                            let _ = sock.send_to(&out, peer).await;
+                            let _ = sock.send_to(&out, peer);
                             return;
                         }
-                    };
-                    batch.buf.truncate((count - 1) * seg + 4 + last_len);
-                    for k in 0..count {
-                        let index = i + k as u64;
-                        codec::data_header(&mut batch.buf[k * seg..], index as u16);
-                        let len = if k + 1 == count { last_len } else { bs };
-                        if index > highest_read {
-                            highest_read = index;
-                            bytes += len as u64;
+                        if ahead.at_eof() {
+                            s.set_last(ahead.end());
+                        }
+                    }
+                    let j = last.min(ahead.end()).min(i + ahead.per as u64 - 1);
+                    for index in i..=j {
+                        if index > highest_sent {
+                            highest_sent = index;
+                            bytes += if index == ahead.end() {
+                                ahead.last_len
+                            } else {
+                                bs
+                            } as u64;
                         } else {
                             retransmitted += 1;
                         }
                     }
-                    let short = last_len < bs;
-                    if short {
-                        s.set_last(i + count as u64 - 1);
-                    }
-                    if let Err(e) = batch.send(&sock, seg, peer).await {
+                    if let Err(e) = ahead.send(&sock, i, j, peer) {
                         // A full socket buffer or an ICMP error: the timeout resends.
                         debug!(%peer, error = %e, "send failed");
                     }
-                    if short {
+                    if ahead.at_eof() && j == ahead.end() {
                         break;
                     }
-                    i += count as u64;
+                    i = j + 1;
+                }
+                // Read the next window now, while the client works on this one; there is
+                // nothing to read past the file's last block.
+                let next = last + 1;
+                let past_end = ahead.at_eof() && next > ahead.end();
+                if !past_end && !ahead.holds(next) {
+                    if let Err(e) = ahead.fill(&mut source, next) {
+                        // Not fatal yet: the read is tried again when the window is due.
+                        debug!(%peer, error = %e, "read ahead failed");
+                        ahead.count = 0;
+                    } else if ahead.at_eof() {
+                        s.set_last(ahead.end());
+                    }
                 }
             }
         }
@@ -446,58 +534,61 @@ pub async fn transfer(
                 return;
             }
         };
-        // One timer and one cancellation future for the whole transfer: re-arming a
-        // timer per ACK showed up in lockstep profiles.
-        let deadline = tokio::time::Instant::from_std(deadline);
-        if sleep.deadline() != deadline {
-            sleep.as_mut().reset(deadline);
+        if shutdown.is_cancelled() {
+            codec::encode_error(&mut out, ERR_UNDEFINED, "Server shutting down");
+            let _ = sock.send_to(&out, peer);
+            return;
         }
-        tokio::select! {
-            biased;
-            r = sock.recv_from(&mut rbuf) => {
-                let now = Instant::now();
-                let (len, from) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // ICMP port unreachable from an earlier send shows up here on
-                        // Linux; the client may still come back, the timeout decides.
-                        debug!(%peer, error = %e, "receive failed");
-                        step = s.waiting();
-                        continue;
-                    }
-                };
-                if from != peer {
-                    // RFC 1350 section 4: a stranger gets ERROR 5, the transfer goes on.
-                    codec::encode_error(&mut out, ERR_UNKNOWN_TID, "Unknown transfer ID");
-                    let _ = sock.send_to(&out, from).await;
-                    step = s.waiting();
-                    continue;
+        // `now` is the time of the last event, a few microseconds old: the wait may end
+        // that much late, which a timer of seconds does not notice.
+        if let Err(e) = rto.arm(&sock, deadline.saturating_duration_since(now)) {
+            debug!(%peer, error = %e, "cannot set the receive timeout");
+        }
+        let r = sock.recv_from(&mut rbuf);
+        now = Instant::now();
+        step = match r {
+            Ok((len, from)) if from != peer => {
+                // RFC 1350 section 4: a stranger gets ERROR 5, the transfer goes on.
+                codec::encode_error(&mut out, ERR_UNKNOWN_TID, "Unknown transfer ID");
+                let _ = sock.send_to(&out, from);
+                let _ = len;
+                s.waiting()
+            }
+            Ok((len, _)) => match Packet::parse(&rbuf[..len]) {
+                Ok(Packet::Ack(b)) => s.on_ack(b, now),
+                Ok(Packet::Error { code, message }) => {
+                    debug!(%peer, code, %message, "client error");
+                    s.on_error(code)
                 }
-                step = match Packet::parse(&rbuf[..len]) {
-                    Ok(Packet::Ack(b)) => s.on_ack(b, now),
-                    Ok(Packet::Error { code, message }) => {
-                        debug!(%peer, code, %message, "client error");
-                        s.on_error(code)
-                    }
-                    Ok(p) => {
-                        debug!(%peer, packet = %p, "unexpected packet during a read; ignored");
-                        s.waiting()
-                    }
-                    Err(e) => {
-                        debug!(%peer, error = %e, "malformed packet; ignored");
-                        s.waiting()
-                    }
-                };
+                Ok(p) => {
+                    debug!(%peer, packet = %p, "unexpected packet during a read; ignored");
+                    s.waiting()
+                }
+                Err(e) => {
+                    debug!(%peer, error = %e, "malformed packet; ignored");
+                    s.waiting()
+                }
+            },
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                // The receive timeout: the deadline, or only a look at the shutdown token.
+                if now >= s.deadline() {
+                    s.on_timeout(now)
+                } else {
+                    s.waiting()
+                }
             }
-            _ = &mut sleep => {
-                step = s.on_timeout(Instant::now());
+            Err(e) => {
+                // ICMP port unreachable from an earlier send shows up here on Linux; the
+                // client may still come back, the timeout decides.
+                debug!(%peer, error = %e, "receive failed");
+                s.waiting()
             }
-            _ = &mut cancelled => {
-                codec::encode_error(&mut out, ERR_UNDEFINED, "Server shutting down");
-                let _ = sock.send_to(&out, peer).await;
-                return;
-            }
-        }
+        };
     }
 }
 
@@ -557,6 +648,34 @@ mod tests {
         s.release(2);
         assert!(s.blocks(2, &mut a, 20).is_err());
         assert_eq!(s.blocks(3, &mut a, 20).unwrap(), (1, 16));
+    }
+
+    #[test]
+    fn read_ahead_holds_whole_windows_and_finds_the_end() {
+        let p = std::env::temp_dir().join(format!("vdd-ahead-{}", std::process::id()));
+        // 10 blocks of 4 bytes and a short one of 2.
+        let data: Vec<u8> = (0..42u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let mut src = Source::Octet {
+            file: File::open(&p).unwrap(),
+            blksize: 4,
+        };
+        let _ = std::fs::remove_file(&p);
+        let mut a = Ahead::new(3, 8);
+        // Refills are whole windows: 64 KiB / 8 bytes, rounded down to a multiple of 3.
+        assert_eq!(a.cap % 3, 0);
+        a.cap = 6;
+        a.fill(&mut src, 1).unwrap();
+        assert!(a.holds(1) && a.holds(6) && !a.holds(7) && !a.at_eof());
+        // Blocks 2..=3: two packets back to back, headers in place.
+        assert_eq!(
+            a.packets(2, 3),
+            &[0, 3, 0, 2, 4, 5, 6, 7, 0, 3, 0, 3, 8, 9, 10, 11]
+        );
+        a.fill(&mut src, 7).unwrap();
+        assert_eq!((a.first, a.end(), a.last_len), (7, 11, 2));
+        assert!(a.at_eof());
+        assert_eq!(a.packets(11, 11), &[0, 3, 0, 11, 40, 41]);
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! rollover and duplicate-ACK rules we need. The protocol is small enough to own.
 //!
 //! Layers: [`codec`] (bytes <-> packets), [`session`] (pure state machine of one read
-//! transfer), [`paths`] (which names may be served), [`driver`] (one UDP socket and one
-//! single-threaded tokio runtime on its own thread per transfer, see `spawn_transfer`).
+//! transfer), [`paths`] (which names may be served), [`driver`] (one UDP socket with
+//! blocking calls on its own thread per transfer, see `spawn_transfer`).
 //! This file is the listener: it takes requests on `[tftp] port`, caps concurrent
 //! transfers at `[tftp] max_transfers`, and hands each RRQ to a transfer.
 
@@ -198,7 +198,9 @@ impl Service {
                             // Counted here, not in the task, so the cap and the counter
                             // agree even before the task first runs.
                             m.active.fetch_add(1, Ordering::SeqCst);
-                            spawn_transfer(driver::transfer(cfg, local, peer, req, m, permit, t));
+                            spawn_transfer(move || {
+                                driver::transfer(cfg, local, peer, req, m, permit, t)
+                            });
                             None
                         }
                         Err(_) => {
@@ -240,42 +242,31 @@ impl Service {
     }
 }
 
-/// Runs one transfer on its own thread with a single-threaded runtime.
+/// Runs one transfer on its own thread; its socket calls block (see `driver::transfer`).
 ///
 /// A lockstep transfer is one round trip per block, so its speed is the latency from
 /// the ACK's arrival to the next DATA. On the shared multi-threaded runtime every ACK
 /// went through the one I/O driver and a worker hand-off; measured with 20 concurrent
-/// lockstep clients that was ~0.7x of the fork/thread-per-transfer peers. With its own
-/// thread and epoll, the kernel wakes exactly the thread whose client answered, as it
-/// does for tftpd-hpa and atftpd. Threads are bounded by `max_transfers` (the permit is
-/// held inside). If a thread cannot be started, the shared runtime takes the transfer.
-fn spawn_transfer(fut: impl std::future::Future<Output = ()> + Send + 'static) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            debug!(error = %e, "no runtime for a transfer thread; using the shared one");
-            tokio::spawn(fut);
-            return;
-        }
-    };
-    // The future must survive a failed thread start, so it travels in a slot.
-    let slot = Arc::new(Mutex::new(Some(fut)));
+/// lockstep clients that was ~0.7x of the fork/thread-per-transfer peers. On its own
+/// thread, the kernel wakes exactly the thread whose client answered, as it does for
+/// tftpd-hpa and atftpd. Threads are bounded by `max_transfers` (the permit is held
+/// inside). If a thread cannot be started, tokio's blocking pool takes the transfer.
+fn spawn_transfer(f: impl FnOnce() + Send + 'static) {
+    // The closure must survive a failed thread start, so it travels in a slot.
+    let slot = Arc::new(Mutex::new(Some(f)));
     let theirs = slot.clone();
     let started = std::thread::Builder::new()
         .name("vdd-tftp".into())
         .spawn(move || {
-            let fut = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(f) = fut {
-                rt.block_on(f);
+            let f = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(f) = f {
+                f();
             }
         });
     if let Err(e) = started {
-        debug!(error = %e, "no thread for a transfer; using the shared runtime");
+        debug!(error = %e, "no thread for a transfer; using the blocking pool");
         if let Some(f) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            tokio::spawn(f);
+            tokio::task::spawn_blocking(f);
         }
     }
 }

@@ -10,6 +10,12 @@
 //! by sha256. Scenarios: one client lockstep, one client windowsize 16, N concurrent
 //! clients lockstep, N concurrent clients windowsize 16 (peers without windowsize fall
 //! back to lockstep, as a real client would). MB/s is 10^6 bytes per second of wall time, the median of `--runs`.
+//!
+//! Wall time on a shared machine says little, so each run also measures CPU time per GB
+//! served, which load barely moves: the server's (a cgroup of its own, which also sees
+//! tftpd-hpa's per-transfer children; /proc/PID/stat where no cgroup can be made) and
+//! the clients' (`getrusage(RUSAGE_CHILDREN)` across the run). The servers take turns
+//! in a rotating order, so none always runs first after a scenario change.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -66,6 +72,129 @@ struct Peer {
     port: u16,
     /// Whether it implements RFC 7440 windowsize.
     windowsize: bool,
+    cpu: CpuMeter,
+}
+
+/// One run's figures.
+#[derive(Clone, Copy)]
+struct RunResult {
+    mbps: f64,
+    /// CPU seconds per GB (10^9 bytes) delivered, of the server and of all clients.
+    server_s_per_gb: f64,
+    client_s_per_gb: f64,
+}
+
+/// CPU time of one server with all its threads and children.
+///
+/// A cgroup of its own where the machine lets us make one (cgroup v1 `cpuacct` or v2):
+/// tftpd-hpa forks a child per transfer and ignores SIGCHLD, so its children's time
+/// never reaches /proc/PID/stat. Without a cgroup, /proc/PID/stat (utime, stime and
+/// waited-for children) is read, and tftpd-hpa shows as n/a.
+struct CpuMeter {
+    pid: u32,
+    cg: Option<Cgroup>,
+}
+
+impl CpuMeter {
+    fn new(name: &str, pid: u32) -> CpuMeter {
+        let cg = Cgroup::create(&format!("vdd-bench-tftp-{}-{name}", std::process::id()))
+            .filter(|c| c.add(pid));
+        CpuMeter { pid, cg }
+    }
+
+    /// CPU seconds so far; None when it cannot be known.
+    fn seconds(&self) -> Option<f64> {
+        if let Some(c) = &self.cg {
+            return c.usage();
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        // Fields after the command name (which may hold spaces), from field 3 on.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // utime, stime, cutime, cstime are fields 14..=17, i.e. 11..=14 here (0-based
+        // from field 3).
+        let ticks: f64 = f.get(11..15)?.iter().sum();
+        // USER_HZ: the unit of /proc times, 100 on every Linux architecture we run on.
+        Some(ticks / 100.0)
+    }
+}
+
+/// A cgroup made for the benchmark, emptied into its parent and removed on Drop.
+struct Cgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl Cgroup {
+    fn create(name: &str) -> Option<Cgroup> {
+        let v1 = Path::new("/sys/fs/cgroup/cpuacct");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let (dir, is_v2) = if v1.join("cpuacct.usage").is_file() {
+            (v1.join(name), false)
+        } else if v2.join("cgroup.controllers").is_file() {
+            (v2.join(name), true)
+        } else {
+            return None;
+        };
+        std::fs::create_dir(&dir).ok()?;
+        let c = Cgroup { dir, v2: is_v2 };
+        c.usage().is_some().then_some(c)
+    }
+
+    fn add(&self, pid: u32) -> bool {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).is_ok()
+    }
+
+    fn usage(&self) -> Option<f64> {
+        if self.v2 {
+            let s = std::fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+            let us: f64 = s
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(us / 1e6)
+        } else {
+            let s = std::fs::read_to_string(self.dir.join("cpuacct.usage")).ok()?;
+            Some(s.trim().parse::<f64>().ok()? / 1e9)
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let (Ok(procs), Some(parent)) = (
+            std::fs::read_to_string(self.dir.join("cgroup.procs")),
+            self.dir.parent(),
+        ) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// CPU seconds of this process's waited-for children (the clients) so far.
+fn children_cpu() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_CHILDREN) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        }
+        Err(_) => f64::NAN,
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -160,11 +289,12 @@ pub fn run(a: Args) -> Result<()> {
     c.env("RUST_LOG", "info")
         .stdout(log("vdd")?)
         .stderr(log("vdd-err")?);
-    lab.spawn("vdd", c)?;
+    let pid = lab.spawn("vdd", c)?;
     peers.push(Peer {
         name: "vdd",
         port: 6901,
         windowsize: true,
+        cpu: CpuMeter::new("vdd", pid),
     });
 
     let mut c = Lab::cmd(&ns, lab::which("dnsmasq").context("dnsmasq")?);
@@ -182,11 +312,12 @@ pub fn run(a: Args) -> Result<()> {
     .arg(format!("--tftp-root={}", root.display()))
     .stdout(log("dnsmasq")?)
     .stderr(log("dnsmasq-err")?);
-    lab.spawn("dnsmasq", c)?;
+    let pid = lab.spawn("dnsmasq", c)?;
     peers.push(Peer {
         name: "dnsmasq",
         port: 69,
         windowsize: false,
+        cpu: CpuMeter::new("dnsmasq", pid),
     });
 
     let mut c = Lab::cmd(&ns, lab::which("in.tftpd").context("in.tftpd")?);
@@ -195,11 +326,12 @@ pub fn run(a: Args) -> Result<()> {
         .args(["-a", "127.0.0.1:6902"])
         .stdout(log("tftpd-hpa")?)
         .stderr(log("tftpd-hpa-err")?);
-    lab.spawn("tftpd-hpa", c)?;
+    let pid = lab.spawn("tftpd-hpa", c)?;
     peers.push(Peer {
         name: "tftpd-hpa",
         port: 6902,
         windowsize: false,
+        cpu: CpuMeter::new("tftpd-hpa", pid),
     });
 
     let mut c = Lab::cmd(&ns, &atftpd);
@@ -220,11 +352,12 @@ pub fn run(a: Args) -> Result<()> {
     .arg(&root)
     .stdout(log("atftpd-out")?)
     .stderr(log("atftpd-err")?);
-    lab.spawn("atftpd", c)?;
+    let pid = lab.spawn("atftpd", c)?;
     peers.push(Peer {
         name: "atftpd",
         port: 6903,
         windowsize: true,
+        cpu: CpuMeter::new("atftpd", pid),
     });
 
     for p in &peers {
@@ -236,8 +369,9 @@ pub fn run(a: Args) -> Result<()> {
             )
         })?;
     }
+    let load_start = loadavg();
     eprintln!(
-        "bench: {} MiB file, {} runs per cell, servers in namespace {ns}",
+        "bench: {} MiB file, {} runs per cell, servers in namespace {ns}, load average {load_start}",
         a.size_mib, a.runs
     );
 
@@ -247,25 +381,31 @@ pub fn run(a: Args) -> Result<()> {
         Scenario::ConcurrentLockstep,
         Scenario::Concurrent,
     ];
-    // results[scenario][peer] = MB/s of each run
-    let mut results = vec![vec![Vec::new(); peers.len()]; scenarios.len()];
+    // results[scenario][peer] = figures of each run
+    let mut results: Vec<Vec<Vec<RunResult>>> =
+        vec![vec![Vec::new(); peers.len()]; scenarios.len()];
     for (si, &s) in scenarios.iter().enumerate() {
         let clients = match s {
             Scenario::Concurrent | Scenario::ConcurrentLockstep => a.clients,
             _ => 1,
         };
         // Interleave the servers run by run, so a noisy moment on the shared machine
-        // hits all of them alike.
+        // hits all of them alike, and rotate who goes first.
         for r in 0..a.runs {
-            for (pi, p) in peers.iter().enumerate() {
-                let mbps = one_run(&ns, p, s, clients, &out, size, &want)
+            for k in 0..peers.len() {
+                let pi = (r + k) % peers.len();
+                let p = &peers[pi];
+                let res = one_run(&ns, p, s, clients, &out, size, &want)
                     .with_context(|| format!("{} / {} / run {r}", p.name, s.label(clients)))?;
                 eprintln!(
-                    "bench: {:<28} {:<10} run {r}: {mbps:8.1} MB/s",
+                    "bench: {:<28} {:<10} run {r}: {:8.1} MB/s, CPU s/GB server {:5.2} clients {:5.2}",
                     s.label(clients),
-                    p.name
+                    p.name,
+                    res.mbps,
+                    res.server_s_per_gb,
+                    res.client_s_per_gb
                 );
-                results[si][pi].push(mbps);
+                results[si][pi].push(res);
             }
         }
     }
@@ -283,7 +423,7 @@ pub fn run(a: Args) -> Result<()> {
     for (si, &s) in scenarios.iter().enumerate() {
         let med: Vec<f64> = results[si]
             .iter()
-            .map(|v| super::median(v.clone()))
+            .map(|v| super::median(v.iter().map(|r| r.mbps).collect()))
             .collect();
         print!("{:<42}", s.label(a.clients));
         for (pi, m) in med.iter().enumerate() {
@@ -300,6 +440,31 @@ pub fn run(a: Args) -> Result<()> {
         println!("{:>15.2}x{:>13.2}x", med[0] / best_peer, med[0] / atftpd);
     }
     println!("* no windowsize support: the client fell back to lockstep");
+    println!();
+    println!(
+        "CPU seconds per GB delivered, median of {} runs: server / clients",
+        a.runs
+    );
+    print!("{:<42}", "scenario");
+    for p in &peers {
+        print!("{:>14}", p.name);
+    }
+    println!();
+    for (si, &s) in scenarios.iter().enumerate() {
+        print!("{:<42}", s.label(a.clients));
+        for v in &results[si] {
+            let sv = super::median(v.iter().map(|r| r.server_s_per_gb).collect());
+            let cl = super::median(v.iter().map(|r| r.client_s_per_gb).collect());
+            let cell = if sv.is_nan() {
+                format!("n/a / {cl:.2}")
+            } else {
+                format!("{sv:.2} / {cl:.2}")
+            };
+            print!("{cell:>14}");
+        }
+        println!();
+    }
+    println!("load average at start {load_start}, at end {}", loadavg());
     drop(lab);
     if std::env::var_os("VDD_BENCH_KEEP").is_some() {
         // Kept for a look at the servers' logs; the caller removes it.
@@ -429,11 +594,13 @@ fn one_run(
     out: &Path,
     size: usize,
     want: &str,
-) -> Result<f64> {
+) -> Result<RunResult> {
     let window = matches!(s, Scenario::Window16 | Scenario::Concurrent);
     let files: Vec<PathBuf> = (0..clients)
         .map(|i| out.join(format!("{}-{i}", p.name)))
         .collect();
+    let server0 = p.cpu.seconds();
+    let clients0 = children_cpu();
     let start = Instant::now();
     let mut procs = Vec::new();
     for f in &files {
@@ -447,6 +614,12 @@ fn one_run(
     }
     let secs = start.elapsed().as_secs_f64();
     drop(procs);
+    // Every client is reaped now (Drop waits), and sha256sum has not run yet.
+    let client_cpu = children_cpu() - clients0;
+    let server_cpu = match (server0, p.cpu.seconds()) {
+        (Some(a), Some(b)) => b - a,
+        _ => f64::NAN,
+    };
     if !ok {
         bail!("a client failed or timed out");
     }
@@ -457,5 +630,10 @@ fn one_run(
             bail!("{} differs from the source (sha256 {got})", f.display());
         }
     }
-    Ok((size * clients) as f64 / 1e6 / secs)
+    let bytes = (size * clients) as f64;
+    Ok(RunResult {
+        mbps: bytes / 1e6 / secs,
+        server_s_per_gb: server_cpu / (bytes / 1e9),
+        client_s_per_gb: client_cpu / (bytes / 1e9),
+    })
 }
