@@ -29,7 +29,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 /// The stable prefix end-to-end tests match on the serial console.
 const PREFIX: &str = "vdd-boot-menu:";
 /// Modules every session needs besides the NIC driver.
-const BASE_MODULES: [&str; 3] = ["nbd", "squashfs", "overlay"];
+/// Loaded on every client: the session's root (NBD, squashfs, overlay), and evdev, through
+/// which the X server reads every keyboard and mouse (it has no modalias of its own).
+const BASE_MODULES: [&str; 4] = ["nbd", "squashfs", "overlay", "evdev"];
 const DHCP_LIMIT: Duration = Duration::from_secs(90);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 /// With nobody at the keyboard, a failed boot retries by itself after this long, so a
@@ -306,6 +308,9 @@ fn session(
     server: SocketAddr,
     guest: &guests::Guest,
 ) -> Result<()> {
+    // USB keyboards and mice enumerate only after their host controller's driver loaded
+    // at boot: load the drivers of devices that turned up since then.
+    load_modules(con)?;
     let s = sessions::create(server, &guest.name, HTTP_TIMEOUT)
         .with_context(|| format!("starting {} on the server", guest.title()))?;
     con.say(&format!(
@@ -579,8 +584,10 @@ fn load_modules(con: &mut Console) -> Result<()> {
     for m in BASE_MODULES {
         match l.load(m) {
             Ok(done) => {
-                for (name, _) in done {
-                    con.say(&format!("loaded module {name}"));
+                for (name, how) in done {
+                    if how == modules::Loaded::New {
+                        con.say(&format!("loaded module {name}"));
+                    }
                 }
             }
             Err(e) => con.say(&format!("module {m}: {}", chain(&e))),
@@ -598,8 +605,10 @@ fn load_modules(con: &mut Console) -> Result<()> {
                 new = true;
                 match l.load(&m) {
                     Ok(done) => {
-                        for (name, _) in done {
-                            con.say(&format!("loaded module {name}"));
+                        for (name, how) in done {
+                            if how == modules::Loaded::New {
+                                con.say(&format!("loaded module {name}"));
+                            }
                         }
                     }
                     Err(e) => con.say(&format!("module {m}: {}", chain(&e))),

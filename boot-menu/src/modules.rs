@@ -268,7 +268,8 @@ impl Loader {
 /// appear only after virtio_pci is loaded, so callers scan again after each round.
 pub fn device_modaliases(sys: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    for bus in ["pci", "virtio", "usb"] {
+    // serio: the PS/2 mouse (psmouse); hid: USB keyboards and mice behind usbhid.
+    for bus in ["pci", "virtio", "usb", "serio", "hid"] {
         let Ok(rd) = std::fs::read_dir(sys.join("bus").join(bus).join("devices")) else {
             continue;
         };

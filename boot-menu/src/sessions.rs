@@ -108,13 +108,34 @@ pub fn vnc_script(s: &Session) -> String {
         .host
         .map_or_else(|| "0.0.0.0".to_string(), |h| h.to_string());
     format!(
-        "rm -f /tmp/vdd-viewer-exit; \
+        "{INPUT}rm -f /tmp/vdd-viewer-exit; \
          xinit /bin/sh -c 'xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8 \
          -AlertOnFatalError=0 -ReconnectOnError=0 {host}::{port}; echo $? > /tmp/vdd-viewer-exit' \
-         -- /usr/bin/Xorg :0 vt1 -nolisten tcp -noreset -keeptty 2>&1 | tail -n 20",
+         -- /usr/bin/Xorg :0 vt1 -nolisten tcp -noreset -keeptty 2>&1 | tail -n 20; {INPUT_END}",
         port = s.port
     )
 }
+
+/// Starts udevd in the root before the X server: Xorg finds keyboards and mice through
+/// udev's database (ID_INPUT_KEYBOARD and friends), which only a running udevd fills. It
+/// runs in the session's process group, so a stop of the session stops it too.
+/// udevd must be listening before the replayed "add" events go out, or they are lost:
+/// `udevadm control --ping` waits for it. udevadm ignores every request in a chroot
+/// ("Running in chroot, ignoring request") unless SYSTEMD_IGNORE_CHROOT is set. The line
+/// it prints tells the admin what the X server got.
+const INPUT: &str = "export SYSTEMD_IGNORE_CHROOT=1; \
+/usr/lib/systemd/systemd-udevd >/tmp/vdd-udevd.log 2>&1 & udevd=$!; \
+i=0; until udevadm control --ping >/dev/null 2>&1; do \
+i=$((i+1)); [ $i -ge 60 ] && break; sleep 0.5; done; \
+udevadm trigger --action=add --subsystem-match=input >/dev/null 2>&1; \
+udevadm settle --timeout=30 >/dev/null 2>&1; \
+k=0; m=0; for d in /dev/input/event*; do p=$(udevadm info -q property -n \"$d\" 2>/dev/null); \
+case \"$p\" in *ID_INPUT_KEYBOARD=1*) k=$((k+1));; esac; \
+case \"$p\" in *ID_INPUT_MOUSE=1*) m=$((m+1));; esac; done; \
+echo \"input: $k keyboard(s), $m mouse/mice\"; \
+[ $k -gt 0 ] || { ls /dev/input; tail -n 5 /tmp/vdd-udevd.log; }; ";
+/// Stops the udevd of [`INPUT`] once the X server has ended.
+const INPUT_END: &str = "kill $udevd 2>/dev/null; true";
 
 /// The command line of an X11 session in the thin-client root: Xorg asks the guest's
 /// display manager for a login over XDMCP (`-query`, UDP 177) and must accept the
@@ -122,7 +143,10 @@ pub fn vnc_script(s: &Session) -> String {
 /// default). `-once` ends the server when the guest ends the session (logout), so the
 /// menu comes back. Xorg's stderr is chatty; the last lines are enough on a failure.
 pub fn x11_script(host: Ipv4Addr) -> String {
-    format!("/usr/bin/Xorg :0 vt1 -query {host} -listen tcp -once -keeptty 2>&1 | tail -n 20")
+    format!(
+        "{INPUT}/usr/bin/Xorg :0 vt1 -query {host} -listen tcp -once -keeptty 2>&1 | tail -n 20; \
+         {INPUT_END}"
+    )
 }
 
 #[cfg(test)]

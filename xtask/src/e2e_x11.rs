@@ -4,8 +4,9 @@
 //! boot-menu then runs `Xorg -query GUEST` in its NBD root. The test's screenshot of the
 //! thin client's own screen must show xdm's greeter, drawn by the guest: the guest's
 //! Xsetup paints the root window #1e5aa0 (images/guest-x11/README.md) with the login
-//! box in the middle. Then the admin ends the session: the thin client's X server stops,
-//! the menu comes back, and the guest's tap is gone.
+//! box in the middle. Then the test logs in as `guest` on the thin client's keyboard, sees
+//! the guest's xterm, types `exit`: the X server ends with the session, the thin client
+//! ends the session on vdd, the menu comes back, and the guest's tap is gone.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -79,8 +80,12 @@ pub struct X11Report {
     /// From the pick to vdd's "ready" (XDMCP Willing), as boot-menu saw it.
     pub pick_to_ready: Duration,
     pub screenshot: PathBuf,
-    /// From the admin's DELETE to the menu on the thin client again.
-    pub end_to_menu: Duration,
+    /// The guest's desktop after the login, on the thin client's screen.
+    pub desktop: PathBuf,
+    /// From typing the user name to the xterm on the thin client's screen.
+    pub login_to_desktop: Duration,
+    /// From typing `exit` to the menu on the thin client again.
+    pub logout_to_menu: Duration,
 }
 
 /// Names of the lab bridge's `vdt-*` ports (the X11 guests' taps) in namespace `ns`.
@@ -173,21 +178,44 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
 
     let (greeter_at, screenshot) = wait_for_greeter(&q, &s.dir)?;
 
-    // The admin ends the session: the guest goes, the thin client's X server with it,
-    // and the menu comes back; the tap is gone.
+    // Log in on the thin client's own keyboard: the guest's session (twm and an xterm)
+    // draws on the thin client's screen.
     let t0 = Instant::now();
-    let (code, _) = admin_api(&ns, "DELETE", &format!("/api/v1/sessions/{id}"), None)?;
-    if code != 204 {
-        bail!("ending the session answered {code}");
+    q.type_text("guest\n")?;
+    std::thread::sleep(Duration::from_secs(1));
+    q.type_text("guest\n")?;
+    let desktop = wait_for_desktop(&q, &s.dir)?;
+    let login_to_desktop = t0.elapsed();
+
+    // Log out: `exit` in the xterm ends the session (twm focuses the window under the
+    // pointer, which X put in the middle of the screen, inside the xterm). The X server
+    // (-once) ends with the session, the thin client ends the session on vdd, and the
+    // menu is back.
+    let t0 = Instant::now();
+    q.type_text("exit\n")?;
+    if let Err(e) = q.wait_for(
+        "vdd-boot-menu: x11: X server ended",
+        Duration::from_secs(90),
+    ) {
+        let failed = repo_root().join("target/e2e/x11-logout-failed.png");
+        let _ = q.screendump(&failed);
+        return Err(e).context(format!(
+            "the thin client's X server did not end after the logout; its screen: {}",
+            failed.display()
+        ));
     }
     q.wait_for(
-        "vdd-boot-menu: x11: X server ended",
-        Duration::from_secs(60),
+        &format!("vdd-boot-menu: session {id} ended"),
+        Duration::from_secs(30),
     )
-    .context("the thin client's X server did not stop after the session ended")?;
-    q.wait_for("back to the menu", Duration::from_secs(60))
+    .context("the thin client did not end its session")?;
+    q.wait_for("back to the menu", Duration::from_secs(30))
         .context("the menu did not come back")?;
-    let end_to_menu = t0.elapsed();
+    let logout_to_menu = t0.elapsed();
+    let (code, list) = admin_api(&ns, "GET", "/api/v1/sessions", None)?;
+    if code != 200 || list.as_array().is_none_or(|a| !a.is_empty()) {
+        bail!("sessions left after the logout ({code}): {list}");
+    }
     let left = taps(&ns)?;
     if !left.is_empty() {
         bail!("taps left on the bridge after the session ended: {left:?}");
@@ -198,7 +226,9 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
         pick_to_greeter: greeter_at.saturating_sub(picked),
         pick_to_ready: ready.saturating_sub(picked),
         screenshot,
-        end_to_menu,
+        desktop,
+        login_to_desktop,
+        logout_to_menu,
     })
 }
 
@@ -236,6 +266,49 @@ fn wait_for_greeter(q: &Qemu, work: &std::path::Path) -> Result<(Duration, PathB
         screenshot.display()
     );
     Ok((at, screenshot))
+}
+
+/// The share of a screenshot in black: the xterm of the guest's session (white on
+/// black), which the greeter and the blue root have none of.
+pub fn black_share(ppm: &[u8]) -> Result<f64> {
+    let (w, h, px) = parse_ppm(ppm)?;
+    let black = px
+        .chunks_exact(3)
+        .filter(|p| p.iter().all(|c| *c <= 16))
+        .count();
+    Ok(black as f64 / (w * h).max(1) as f64)
+}
+
+/// Waits until the guest's session shows on the thin client (its xterm: at least 10% of
+/// the screen black); saves `target/e2e/x11-desktop.png`.
+fn wait_for_desktop(q: &Qemu, work: &std::path::Path) -> Result<PathBuf> {
+    let out = repo_root().join("target/e2e");
+    let ppm = work.join("screen.ppm");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        q.screendump(&ppm)?;
+        let dark = black_share(&std::fs::read(&ppm)?)?;
+        if dark >= 0.10 {
+            let png = out.join("x11-desktop.png");
+            q.screendump(&png)?;
+            eprintln!(
+                "xtask e2e: the guest's desktop (xterm) on the thin client at {:.1} s; screenshot {}",
+                q.elapsed().as_secs_f64(),
+                png.display()
+            );
+            return Ok(png);
+        }
+        if Instant::now() > deadline {
+            let failed = out.join("x11-login-failed.png");
+            let _ = q.screendump(&failed);
+            bail!(
+                "no desktop after the login ({:.1}% of the screen black); the screen: {}",
+                dark * 100.0,
+                failed.display()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 #[cfg(test)]

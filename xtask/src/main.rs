@@ -195,10 +195,18 @@ fn main() -> Result<()> {
                 r.pick_to_greeter.as_secs_f64()
             );
             println!(
-                "  session ended by the admin to the menu on the thin client: {:.1} s",
-                r.end_to_menu.as_secs_f64()
+                "  login typed to the guest's xterm on the thin client: {:.1} s",
+                r.login_to_desktop.as_secs_f64()
             );
-            println!("  screenshot: {}", r.screenshot.display());
+            println!(
+                "  `exit` typed to the menu on the thin client: {:.1} s",
+                r.logout_to_menu.as_secs_f64()
+            );
+            println!(
+                "  screenshots: {} {}",
+                r.screenshot.display(),
+                r.desktop.display()
+            );
             Ok(())
         }
         Cmd::E2e { what: E2e::Session } => {

@@ -276,6 +276,28 @@ impl Qemu {
         }
     }
 
+    /// Types `text` on the VM's keyboard (QMP send-key): lower-case letters, digits,
+    /// space and `\n` (Return).
+    pub fn type_text(&self, text: &str) -> Result<()> {
+        for c in text.chars() {
+            let key = match c {
+                'a'..='z' | '0'..='9' => c.to_string(),
+                ' ' => "spc".into(),
+                '\n' => "ret".into(),
+                other => bail!("cannot type {other:?}"),
+            };
+            let reply = self.qmp(&format!(
+                "{{\"execute\":\"send-key\",\"arguments\":{{\"keys\":[{{\"type\":\"qcode\",\"data\":\"{key}\"}}]}}}}"
+            ))?;
+            if reply.contains("\"error\"") {
+                bail!("send-key {key}: {reply}");
+            }
+            // A key press per 50 ms: a guest under TCG must not miss one.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Saves a screenshot of the VGA screen (PPM, or PNG where QEMU supports it).
     pub fn screendump(&self, path: &Path) -> Result<()> {
         // PNG when the name says so (QEMU 7.1+), PPM otherwise.
