@@ -304,7 +304,8 @@ const MIB: u64 = 1 << 20;
 /// ext4 root made by `mkfs.ext4 -d` from the mmdebstrap tree. Returns the image path.
 ///
 /// The mmdebstrap tarball is cached per recipe in `~/.cache/vdd` (it is the slow step);
-/// the finished image too, per recipe and layout.
+/// the finished image too, per recipe and layout. Other recipes' files there go after a
+/// day.
 pub fn guest_x11(force: bool) -> Result<PathBuf> {
     let root = repo_root();
     let recipe = root.join("images/guest-x11");
@@ -562,9 +563,12 @@ fn guest_x11_build(
     Ok(())
 }
 
-/// Removes the cache's other files named `prefix*` with the extension of `keep`: each
-/// recipe change leaves a root tarball of about 450 MB, so only the newest is kept.
+/// Removes the cache's other files named `prefix*` with the extension of `keep` that
+/// are older than a day: each recipe change leaves a root tarball of about 450 MB. Other
+/// checkouts share the cache and may be building or reading another recipe's files right
+/// now (seen: main's e2e while this branch built), so recent files stay.
 fn prune_cache(keep: &Path, prefix: &str) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
     let (Some(dir), Some(ext)) = (keep.parent(), keep.extension()) else {
         return;
     };
@@ -574,7 +578,10 @@ fn prune_cache(keep: &Path, prefix: &str) {
     for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
         let name = p.file_name().unwrap_or_default().to_string_lossy();
         // "guest-x11-" also starts "guest-x11-root-": the extension tells them apart.
-        if p != keep && name.starts_with(prefix) && p.extension() == Some(ext) {
+        let stale = std::fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE));
+        if p != keep && name.starts_with(prefix) && p.extension() == Some(ext) && stale {
             let _ = std::fs::remove_file(&p);
         }
     }
