@@ -241,6 +241,9 @@ fn run_in(image: &Path, work: &Path) -> Result<Report> {
     xvfb.arg(format!(":{display}"))
         .args(["-query", &GUEST_IP.to_string(), "-listen", "tcp", "-ac"])
         .args(["-screen", "0", "1024x768x24", "-once"])
+        // Only the server's built-in fonts, as on the thin client (its root has no X core
+        // fonts): the greeter and the xterm draw client-side with Xft, twm with "fixed".
+        .args(["-fp", "built-ins"])
         .stdin(Stdio::null());
     let f = log("xvfb.log")?;
     xvfb.stdout(f.try_clone()?).stderr(f);
