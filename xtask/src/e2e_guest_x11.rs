@@ -2,7 +2,8 @@
 //! runs guests (q35, its disk on AHCI, a virtio-net NIC on a tap of a lab bridge, its
 //! address from a DHCP reservation by MAC), answered over XDMCP (X Display Manager
 //! Control Protocol 1.1, section 10: Query, Willing), and its xdm greeter drawn on a real
-//! X server that asked for it (`Xvfb -query`), checked by the greeter's colour #1e5aa0.
+//! X server that asked for it (`Xvfb -query`), checked by the greeter's colour #1e5aa0,
+//! and a login as guest/guest (keystrokes through xdotool) that brings up its session.
 //!
 //! Only the guest is under test here: dnsmasq stands in for vdd's DHCP and Xvfb for the
 //! thin client's Xorg.
@@ -96,6 +97,9 @@ pub struct Report {
     /// From QEMU's start to the greeter on Xvfb's screen.
     pub greeter_at: Duration,
     pub screenshot: PathBuf,
+    /// From the password's Return to the session (an xterm) on the screen.
+    pub login_to_session: Duration,
+    pub session_shot: PathBuf,
 }
 
 /// Boots the guest, waits for its Willing and its greeter, and saves the screen as
@@ -109,8 +113,9 @@ pub fn run() -> Result<Report> {
         "xwd",
         "xwdtopnm",
         "pnmtopng",
+        "xdotool",
     ]) {
-        bail!("cannot run: {why} (apt-get install -y qemu-system-x86 qemu-utils dnsmasq-base xvfb x11-apps netpbm)");
+        bail!("cannot run: {why} (apt-get install -y qemu-system-x86 qemu-utils dnsmasq-base xvfb x11-apps netpbm xdotool)");
     }
     let image = crate::image::guest_x11(false)?;
     let work = repo_root().join(format!("target/e2e/guest-x11-{}", std::process::id()));
@@ -236,6 +241,9 @@ fn run_in(image: &Path, work: &Path) -> Result<Report> {
     xvfb.arg(format!(":{display}"))
         .args(["-query", &GUEST_IP.to_string(), "-listen", "tcp", "-ac"])
         .args(["-screen", "0", "1024x768x24", "-once"])
+        // Only the server's built-in fonts, as on the thin client (its root has no X core
+        // fonts): the greeter and the xterm draw client-side with Xft, twm with "fixed".
+        .args(["-fp", "built-ins"])
         .stdin(Stdio::null());
     let f = log("xvfb.log")?;
     xvfb.stdout(f.try_clone()?).stderr(f);
@@ -267,26 +275,86 @@ fn run_in(image: &Path, work: &Path) -> Result<Report> {
     std::thread::sleep(Duration::from_secs(2));
     screenshot_ppm(&ns, display, &ppm)?;
     let screenshot = repo_root().join("target/guest-x11-greeter.png");
-    let png = Command::new("pnmtopng")
-        .arg(&ppm)
-        .stderr(Stdio::null())
-        .output()
-        .context("running pnmtopng")?;
-    if !png.status.success() {
-        bail!("pnmtopng failed");
-    }
-    std::fs::write(&screenshot, png.stdout)?;
+    to_png(&ppm, &screenshot)?;
     eprintln!(
         "xtask e2e guest-x11: greeter on Xvfb at {:.1} s; screenshot {}",
         greeter_at.as_secs_f64(),
         screenshot.display()
+    );
+
+    // Log in as guest/guest with keystrokes (XTEST) on the display; the session is twm
+    // and an xterm, and the grey login box is gone.
+    for keys in [
+        &["type", "--delay", "150", "guest"][..],
+        &["key", "Return"],
+        &["type", "--delay", "150", "guest"],
+        &["key", "Return"],
+    ] {
+        let st = Lab::cmd(&ns, "xdotool")
+            .env("DISPLAY", format!(":{display}"))
+            .args(keys)
+            .status()
+            .context("running xdotool")?;
+        if !st.success() {
+            bail!("xdotool {keys:?} failed");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let typed = Instant::now();
+    let deadline = typed + Duration::from_secs(120);
+    let login_to_session = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if screenshot_ppm(&ns, display, &ppm).is_ok() {
+            let px = std::fs::read(&ppm)?;
+            let all = 1024 * 768;
+            let (root, boxed) = (
+                count_rgb(&px, GREETER_ROOT_RGB)?,
+                count_rgb(&px, GREETER_BOX_RGB)?,
+            );
+            // Still this guest's display (the blue root around), the grey box gone, and a
+            // big window (the xterm, about 900x600) over the root.
+            if root * 10 >= all && boxed * 100 < all && (all - root) * 10 >= all * 4 {
+                break typed.elapsed();
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no session (an xterm, the login box gone) within 120 s of logging in as guest; last screen in {}",
+                ppm.display()
+            );
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    screenshot_ppm(&ns, display, &ppm)?;
+    let session_shot = repo_root().join("target/guest-x11-session.png");
+    to_png(&ppm, &session_shot)?;
+    eprintln!(
+        "xtask e2e guest-x11: guest's session (twm + xterm) {:.1} s after the password; screenshot {}",
+        login_to_session.as_secs_f64(),
+        session_shot.display()
     );
     Ok(Report {
         willing_at,
         willing,
         greeter_at,
         screenshot,
+        login_to_session,
+        session_shot,
     })
+}
+
+/// Converts a PPM to PNG with netpbm's pnmtopng.
+fn to_png(ppm: &Path, png: &Path) -> Result<()> {
+    let out = Command::new("pnmtopng")
+        .arg(ppm)
+        .stderr(Stdio::null())
+        .output()
+        .context("running pnmtopng")?;
+    if !out.status.success() {
+        bail!("pnmtopng failed");
+    }
+    std::fs::write(png, out.stdout)?;
+    Ok(())
 }
 
 /// A display number no X server on this machine holds (their lock files are in /tmp,

@@ -48,9 +48,16 @@ fn apt_sources() -> Result<(PathBuf, String)> {
 
 /// sha256 over the recipe's files (name and content), so a change to any rebuilds.
 fn recipe_hash(dir: &Path) -> Result<String> {
+    recipe_hash_skipping(dir, &[])
+}
+
+/// [`recipe_hash`] without the files named in `skip` (a README edit need not cost a
+/// four-minute mmdebstrap).
+fn recipe_hash_skipping(dir: &Path, skip: &[&str]) -> Result<String> {
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
+        .filter(|p| !skip.iter().any(|s| p.file_name() == Some(s.as_ref())))
         .collect();
     files.sort();
     let mut h = Sha256::new();
@@ -297,7 +304,8 @@ const MIB: u64 = 1 << 20;
 /// ext4 root made by `mkfs.ext4 -d` from the mmdebstrap tree. Returns the image path.
 ///
 /// The mmdebstrap tarball is cached per recipe in `~/.cache/vdd` (it is the slow step);
-/// the finished image too, per recipe and layout.
+/// the finished image too, per recipe and layout. Other recipes' files there go after a
+/// day.
 pub fn guest_x11(force: bool) -> Result<PathBuf> {
     let root = repo_root();
     let recipe = root.join("images/guest-x11");
@@ -305,7 +313,7 @@ pub fn guest_x11(force: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(&out_dir)?;
     let image = out_dir.join("guest-x11.qcow2");
     let stamp = out_dir.join("guest-x11.recipe-sha256");
-    let recipe_sha = recipe_hash(&recipe)?;
+    let recipe_sha = recipe_hash_skipping(&recipe, &["README.md"])?;
     let hash = {
         let mut h = Sha256::new();
         h.update(recipe_sha.as_bytes());
@@ -364,7 +372,7 @@ pub fn guest_x11(force: bool) -> Result<PathBuf> {
     let work = out_dir.join("guest-x11.work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = guest_x11_build(&recipe, &recipe_sha, &work, mbr_bin, &image, t0);
+    let result = guest_x11_build(&recipe, &recipe_sha, &work, mbr_bin, &image, force, t0);
     let _ = std::fs::remove_dir_all(&work);
     result?;
     std::fs::write(&stamp, &hash)?;
@@ -392,6 +400,7 @@ fn guest_x11_build(
     work: &Path,
     mbr_bin: &Path,
     image: &Path,
+    force: bool,
     t0: Instant,
 ) -> Result<()> {
     let since = || t0.elapsed().as_secs_f64();
@@ -400,7 +409,8 @@ fn guest_x11_build(
         Some(d) => d.join(format!("guest-x11-root-{}.tar", &recipe_sha[..16])),
         None => work.join("root.tar"),
     };
-    if tarball.is_file() {
+    // --force means from scratch: the tarball is the apt sources' state of its day.
+    if tarball.is_file() && !force {
         eprintln!(
             "xtask: [1/4] root tree from the cached {}",
             tarball.display()
@@ -553,9 +563,12 @@ fn guest_x11_build(
     Ok(())
 }
 
-/// Removes the cache's other files named `prefix*` with the extension of `keep`: each
-/// recipe change leaves a root tarball of about 450 MB, so only the newest is kept.
+/// Removes the cache's other files named `prefix*` with the extension of `keep` that
+/// are older than a day: each recipe change leaves a root tarball of about 450 MB. Other
+/// checkouts share the cache and may be building or reading another recipe's files right
+/// now (seen: main's e2e while this branch built), so recent files stay.
 fn prune_cache(keep: &Path, prefix: &str) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
     let (Some(dir), Some(ext)) = (keep.parent(), keep.extension()) else {
         return;
     };
@@ -565,7 +578,10 @@ fn prune_cache(keep: &Path, prefix: &str) {
     for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
         let name = p.file_name().unwrap_or_default().to_string_lossy();
         // "guest-x11-" also starts "guest-x11-root-": the extension tells them apart.
-        if p != keep && name.starts_with(prefix) && p.extension() == Some(ext) {
+        let stale = std::fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE));
+        if p != keep && name.starts_with(prefix) && p.extension() == Some(ext) && stale {
             let _ = std::fs::remove_file(&p);
         }
     }

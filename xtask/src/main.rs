@@ -108,7 +108,7 @@ enum E2e {
     },
     /// Boot images/out/guest-x11.qcow2 as vdd runs guests (q35, AHCI, virtio-net on a lab
     /// tap, DHCP by MAC), time its XDMCP Willing, and check that its greeter draws on
-    /// `Xvfb -query` (screenshot: target/guest-x11-greeter.png).
+    /// `Xvfb -query` (screenshot: target/guest-x11-greeter.png), then log in as guest.
     GuestX11,
     /// Boot the initramfs under QEMU TCG with user networking; wait for boot-menu's markers.
     Initramfs {
@@ -248,7 +248,12 @@ fn main() -> Result<()> {
                 "  {:>7.1} s  greeter (#1e5aa0 root, login box) on Xvfb -query",
                 r.greeter_at.as_secs_f64()
             );
-            println!("  screenshot: {}", r.screenshot.display());
+            println!(
+                "  {:>7.1} s  from the password's Return to the session (twm + xterm)",
+                r.login_to_session.as_secs_f64()
+            );
+            println!("  screenshots: {}", r.screenshot.display());
+            println!("               {}", r.session_shot.display());
             Ok(())
         }
         Cmd::E2e {
