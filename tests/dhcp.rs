@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use xtask::lab::{self, ClientNs, Lab};
 
+#[path = "common/udhcpc.rs"]
+mod udhcpc;
+
 /// A scratch folder removed on Drop.
 struct Dir(PathBuf);
 
@@ -117,46 +120,13 @@ esac
 exit 0
 "#;
 
-fn env_file(p: &Path) -> Option<HashMap<String, String>> {
-    let s = std::fs::read_to_string(p).ok()?;
-    Some(
-        s.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
-}
-
 fn script(dir: &Path) -> PathBuf {
-    let p = dir.join("udhcpc.sh");
-    if !p.exists() {
-        std::fs::write(&p, UDHCPC_SCRIPT).unwrap();
-        Command::new("chmod").arg("755").arg(&p).status().unwrap();
-    }
-    p
+    udhcpc::script(dir, UDHCPC_SCRIPT)
 }
 
 /// Runs one udhcpc DORA in `c` (quit after the lease) and returns the `bound` environment.
 fn udhcpc_once(dir: &Path, c: &ClientNs, extra: &[&str]) -> HashMap<String, String> {
-    let out = dir.join(format!("out-{}", c.ns));
-    std::fs::create_dir_all(&out).unwrap();
-    let st = Lab::cmd(&c.ns, "udhcpc")
-        .args([
-            "-f", "-q", "-n", "-t", "6", "-T", "2", "-A", "1", "-i", "eth0", "-s",
-        ])
-        .arg(script(dir))
-        .args(extra)
-        .env("OUT", &out)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    env_file(&out.join("bound")).unwrap_or_else(|| {
-        panic!(
-            "udhcpc got no lease: {}\n{}",
-            String::from_utf8_lossy(&st.stdout),
-            String::from_utf8_lossy(&st.stderr)
-        )
-    })
+    udhcpc::once(dir, c, &script(dir), extra)
 }
 
 fn in_pool(ip: &str) -> bool {
@@ -233,16 +203,20 @@ fn udhcpc_and_dhclient_get_leases_renew_and_pxe_files() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let pid = lab.spawn("udhcpc", cmd).unwrap();
-    let bound = wait_for(Duration::from_secs(30), || env_file(&out.join("bound")))
-        .flatten()
-        .expect("udhcpc bound");
+    let bound = wait_for(Duration::from_secs(30), || {
+        udhcpc::env_file(&out.join("bound"))
+    })
+    .flatten()
+    .expect("udhcpc bound");
     Command::new("kill")
         .args(["-USR1", &pid.to_string()])
         .status()
         .unwrap();
-    let renew = wait_for(Duration::from_secs(30), || env_file(&out.join("renew")))
-        .flatten()
-        .expect("udhcpc renewed");
+    let renew = wait_for(Duration::from_secs(30), || {
+        udhcpc::env_file(&out.join("renew"))
+    })
+    .flatten()
+    .expect("udhcpc renewed");
     assert_eq!(renew["ip"], bound["ip"]);
     lab.kill(pid, "TERM").unwrap();
 
@@ -281,9 +255,11 @@ fn udhcpc_and_dhclient_get_leases_renew_and_pxe_files() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let dpid = lab.spawn("dhclient", cmd).unwrap();
-    let e = wait_for(Duration::from_secs(60), || env_file(&dout.join("BOUND")))
-        .flatten()
-        .expect("dhclient bound");
+    let e = wait_for(Duration::from_secs(60), || {
+        udhcpc::env_file(&dout.join("BOUND"))
+    })
+    .flatten()
+    .expect("dhclient bound");
     lab.kill(dpid, "KILL").unwrap();
     assert!(in_pool(&e["new_ip_address"]), "{e:?}");
     assert_eq!(e["new_routers"], "10.77.0.1");

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use xtask::lab::{self, ClientNs, Lab};
 
+#[path = "common/udhcpc.rs"]
+mod udhcpc;
 #[path = "common/xdm.rs"]
 mod xdm;
 
@@ -247,36 +249,8 @@ exit 0
 
 /// One udhcpc DORA in `c`; the address it was given.
 fn udhcpc(dir: &Path, c: &ClientNs) -> String {
-    let out = dir.join(format!("out-{}", c.ns));
-    std::fs::create_dir_all(&out).unwrap();
-    let script = dir.join("udhcpc.sh");
-    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
-    Command::new("chmod")
-        .arg("755")
-        .arg(&script)
-        .status()
-        .unwrap();
-    let st = Lab::cmd(&c.ns, "udhcpc")
-        .args([
-            "-f", "-q", "-n", "-t", "6", "-T", "2", "-A", "1", "-i", "eth0", "-s",
-        ])
-        .arg(&script)
-        .env("OUT", &out)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let bound = read(&out.join("bound"));
-    bound
-        .lines()
-        .find_map(|l| l.strip_prefix("ip="))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            panic!(
-                "udhcpc got no lease: {}\n{}",
-                String::from_utf8_lossy(&st.stdout),
-                String::from_utf8_lossy(&st.stderr)
-            )
-        })
+    let script = udhcpc::script(dir, UDHCPC_SCRIPT);
+    udhcpc::once(dir, c, &script, &[])["ip"].clone()
 }
 
 fn in_pool(ip: &str) -> bool {

@@ -39,6 +39,27 @@ pub struct Served {
     pub vdd_pid: u32,
 }
 
+impl Served {
+    /// Ends a run: on failure prints the end of vdd's log and keeps the logs; on success
+    /// stops the lab (vdd stops its VMs) and then removes them (see [`remove_work`]).
+    pub fn finish<T>(self, result: Result<T>) -> Result<T> {
+        if result.is_err() {
+            let vdd_log = std::fs::read_to_string(self.dir.join("vdd.log")).unwrap_or_default();
+            let tail: Vec<&str> = vdd_log.lines().rev().take(40).collect();
+            eprintln!("xtask e2e: vdd log (last lines):");
+            for l in tail.into_iter().rev() {
+                eprintln!("  {l}");
+            }
+            eprintln!("xtask e2e: logs kept in {}", self.dir.display());
+        } else {
+            let dir = self.dir.clone();
+            drop(self);
+            remove_work(&dir);
+        }
+        result
+    }
+}
+
 /// Builds the `vdd` binary (debug profile: the build is the slow part here, not the serving).
 pub fn build_vdd() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -273,26 +294,9 @@ pub fn boot(path: BootPath) -> Result<Vec<(String, Duration)>> {
         "xtask e2e: {path:?} boot started; serial console in {}",
         q.serial_log.display()
     );
-    match follow_stages(&mut q, &boot_stages(path)) {
-        Ok(t) => {
-            drop(q);
-            // The lab stops vdd (which stops its VMs) before the logs go.
-            let dir = s.dir.clone();
-            drop(s);
-            remove_work(&dir);
-            Ok(t)
-        }
-        Err(e) => {
-            let vdd_log = std::fs::read_to_string(s.dir.join("vdd.log")).unwrap_or_default();
-            let tail: Vec<&str> = vdd_log.lines().rev().take(40).collect();
-            eprintln!("xtask e2e: vdd log (last lines):");
-            for l in tail.into_iter().rev() {
-                eprintln!("  {l}");
-            }
-            eprintln!("xtask e2e: logs kept in {}", s.dir.display());
-            Err(e)
-        }
-    }
+    let result = follow_stages(&mut q, &boot_stages(path));
+    drop(q);
+    s.finish(result)
 }
 
 /// `cargo xtask demo`: the whole thing on one machine. Builds what is missing, starts the
@@ -490,21 +494,7 @@ pub fn session() -> Result<SessionReport> {
     crate::image::guest_demo(false)?;
     let mut s = serve("e2es", "console=ttyS0 vdd.autopick=demo")?;
     let result = session_in(&mut s);
-    if result.is_err() {
-        let vdd_log = std::fs::read_to_string(s.dir.join("vdd.log")).unwrap_or_default();
-        let tail: Vec<&str> = vdd_log.lines().rev().take(40).collect();
-        eprintln!("xtask e2e: vdd log (last lines):");
-        for l in tail.into_iter().rev() {
-            eprintln!("  {l}");
-        }
-        eprintln!("xtask e2e: logs kept in {}", s.dir.display());
-    } else {
-        // The lab stops vdd (which stops its VMs) before the logs go.
-        let dir = s.dir.clone();
-        drop(s);
-        remove_work(&dir);
-    }
-    result
+    s.finish(result)
 }
 
 fn session_in(s: &mut Served) -> Result<SessionReport> {
@@ -600,7 +590,7 @@ fn session_in(s: &mut Served) -> Result<SessionReport> {
 }
 
 /// Removes a run's logs, unless `XTASK_KEEP_LOGS=1` asks to keep them.
-pub fn remove_work(dir: &Path) {
+fn remove_work(dir: &Path) {
     if std::env::var("XTASK_KEEP_LOGS").as_deref() == Ok("1") {
         eprintln!(
             "xtask e2e: logs kept in {} (XTASK_KEEP_LOGS=1)",

@@ -108,20 +108,7 @@ pub fn x11() -> Result<X11Report> {
     crate::image::guest_x11(false)?;
     let mut s = serve("e2ex", "console=ttyS0 vdd.autopick=x11")?;
     let result = x11_in(&mut s);
-    if result.is_err() {
-        let vdd_log = std::fs::read_to_string(s.dir.join("vdd.log")).unwrap_or_default();
-        let tail: Vec<&str> = vdd_log.lines().rev().take(40).collect();
-        eprintln!("xtask e2e: vdd log (last lines):");
-        for l in tail.into_iter().rev() {
-            eprintln!("  {l}");
-        }
-        eprintln!("xtask e2e: logs kept in {}", s.dir.display());
-    } else {
-        let dir = s.dir.clone();
-        drop(s);
-        crate::e2e::remove_work(&dir);
-    }
-    result
+    s.finish(result)
 }
 
 fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
