@@ -37,7 +37,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// install step.
 pub fn missing(tools: &[&str]) -> Option<String> {
     let mut why = Vec::new();
-    if !nix_is_root() {
+    if !is_root() {
         why.push("not root".to_string());
     }
     for t in ["ip"].iter().chain(tools) {
@@ -64,7 +64,8 @@ pub fn which(prog: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn nix_is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     // Read from /proc so this helper needs no libc crate.
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -1,6 +1,7 @@
 //! Shared pieces of `cargo xtask` that the integration tests use too.
 
 pub mod bench;
+pub mod deps;
 pub mod e2e;
 pub mod e2e_guest_x11;
 pub mod e2e_initramfs;

@@ -38,6 +38,12 @@ enum Cmd {
     },
     /// The README's demo: a lab network, vdd, and a QEMU thin client that PXE-boots from it.
     Demo,
+    /// Install the Debian packages (xtask/debian-packages.txt) that a command needs and this
+    /// machine lacks; not as root, print the command that would.
+    Deps {
+        #[arg(value_enum, default_value = "test")]
+        purpose: xtask::deps::Purpose,
+    },
     /// End-to-end boots in QEMU.
     E2e {
         #[command(subcommand)]
@@ -125,7 +131,22 @@ enum E2e {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    use xtask::deps::{ensure, Purpose};
+    let cli = Cli::parse();
+    // What each command needs from Debian comes first, so that a fresh machine needs no
+    // set-up beyond the command itself.
+    match &cli.cmd {
+        Cmd::Test => ensure(Purpose::Test)?,
+        Cmd::Demo | Cmd::Image { .. } | Cmd::Initramfs { .. } | Cmd::Lab => ensure(Purpose::Demo)?,
+        Cmd::E2e {
+            what: E2e::GuestX11,
+        } => ensure(Purpose::GuestX11)?,
+        Cmd::E2e { .. } => ensure(Purpose::Demo)?,
+        Cmd::Bench { .. } => ensure(Purpose::Bench)?,
+        Cmd::Deps { .. } => {}
+    }
+    match cli.cmd {
+        Cmd::Deps { purpose } => ensure(purpose),
         Cmd::Image { name, force } => match name.as_str() {
             "thin-client" => xtask::image::thin_client(force).map(drop),
             "guest-demo" => xtask::image::guest_demo(force).map(drop),
