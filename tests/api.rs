@@ -244,6 +244,34 @@ async fn every_answer_of_the_session_api() {
     let (_, theirs) = call(&a, "GET", "/api/v1/sessions", ip(51), None, "").await;
     assert_eq!(theirs, serde_json::json!([]));
 
+    // A fresh one-time password, right before the viewer: the seat's own, or the admin's.
+    let pw_path = format!("/api/v1/sessions/{id}/password");
+    let (st, fresh) = call(&a, "POST", &pw_path, ip(50), None, "").await;
+    assert_eq!(
+        (st, fresh["id"].as_str()),
+        (200, Some(id.as_str())),
+        "{fresh}"
+    );
+    assert_eq!(fresh["password"].as_str().unwrap().len(), 8);
+    assert_ne!(fresh["password"], again["password"]);
+    assert_eq!(call(&a, "POST", &pw_path, ip(99), admin, "").await.0, 200);
+    assert_eq!(call(&a, "POST", &pw_path, ip(51), None, "").await.0, 403);
+    assert_eq!(call(&a, "POST", &pw_path, ip(99), None, "").await.0, 403);
+    assert_eq!(call(&a, "GET", &pw_path, ip(50), None, "").await.0, 405);
+    assert_eq!(
+        call(
+            &a,
+            "POST",
+            "/api/v1/sessions/nope/password",
+            ip(50),
+            None,
+            ""
+        )
+        .await
+        .0,
+        404
+    );
+
     // Full: max_vms = 1, so the second seat gets 503 with the reason.
     let (st, v) = call(
         &a,

@@ -153,6 +153,29 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     );
     assert!(vnc_auth(s.port, Some(&pw2)).unwrap());
 
+    // Right before its viewer connects, the seat asks for a fresh password: it works, the
+    // one before stops working, and only the session's own seat may ask.
+    let fresh = d.password(&s.id, Some(seat(1))).await.unwrap();
+    assert_eq!((fresh.id.as_str(), fresh.port), (s.id.as_str(), s.port));
+    let pw3 = fresh.password.unwrap();
+    assert!(![pw.as_str(), pw2.as_str()].contains(&pw3.as_str()));
+    assert!(
+        vnc_auth(s.port, Some(&pw3)).unwrap(),
+        "the fresh password refused"
+    );
+    assert!(
+        !vnc_auth(s.port, Some(&pw2)).unwrap(),
+        "the password before the fresh one still works"
+    );
+    assert!(matches!(
+        d.password(&s.id, Some(seat(2))).await,
+        Err(Error::NotYours(_))
+    ));
+    assert!(matches!(
+        d.password("nope", Some(seat(1))).await,
+        Err(Error::NotFound(_))
+    ));
+
     // A second seat's session gets its own port and password; a third VM is over max_vms.
     let other = d.create(seat(2), "demo").await.unwrap();
     assert_eq!(other.port, base + 1);

@@ -313,6 +313,15 @@ fn x11_session_tap_and_address_lifecycle() {
         "{}",
         leases(&dir.0)
     );
+    // An X11 session has no VNC password to hand out: 409 with the reason.
+    let (st, p) = api(
+        &ns,
+        "POST",
+        &format!("/api/v1/sessions/{id}/password"),
+        None,
+    );
+    assert_eq!(st, 409, "{p}");
+    assert!(p["error"].as_str().unwrap().contains("X11 session"), "{p}");
     // GET tells the same; a second POST is the same session.
     let (st, g) = api(&ns, "GET", &format!("/api/v1/sessions/{id}"), None);
     assert_eq!((st, &g["id"], &g["state"]), (200, &s["id"], &s["state"]));

@@ -256,7 +256,7 @@ fn run_in_root(
     env: &[(&str, &str)],
     limit: Duration,
     group: Option<&AtomicI32>,
-) -> Result<Option<i32>> {
+) -> Result<Ran> {
     let mut cmd = root.command(&format!("exec 2>&1; {script}"));
     for (k, v) in env {
         cmd.env(k, v);
@@ -281,7 +281,9 @@ fn run_in_root(
         }
     });
     let t0 = Instant::now();
+    let mut refused = false;
     while let Ok(l) = rx.recv_timeout(limit.saturating_sub(t0.elapsed())) {
+        refused |= sessions::refused(&l);
         con.say(&format!("{label}: {l}"));
     }
     let code = wait_child(pid, limit.saturating_sub(t0.elapsed()));
@@ -295,7 +297,15 @@ fn run_in_root(
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    Ok(code)
+    Ok(Ran { code, refused })
+}
+
+/// How a program in the new root ended.
+struct Ran {
+    /// Its exit code; `None` when it was killed or outlived its limit.
+    code: Option<i32>,
+    /// Whether a VNC viewer in it said the server refused its password.
+    refused: bool,
 }
 
 /// After a pick: the session on the server, the NBD root under a tmpfs overlay, the
@@ -338,7 +348,7 @@ fn session(
         root.dir.display()
     ));
     let result = (|| -> Result<()> {
-        match run_in_root(con, &root, "check", session::CHECK, &[], CHECK_LIMIT, None)? {
+        match run_in_root(con, &root, "check", session::CHECK, &[], CHECK_LIMIT, None)?.code {
             Some(0) => con.say("session check passed"),
             Some(c) => bail!("the check in the new root failed (exit {c})"),
             None => bail!("the check in the new root did not end within {CHECK_LIMIT:?}"),
@@ -359,6 +369,9 @@ fn session(
     result
 }
 
+/// How often a seat asks for a fresh password when the display refuses one.
+const VIEWER_TRIES: u32 = 3;
+
 /// TigerVNC full screen until the viewer exits; F8 -> "Exit viewer" keeps the session.
 fn vnc_session(
     con: &mut Console,
@@ -366,30 +379,52 @@ fn vnc_session(
     root: &session::Root,
     s: &sessions::Session,
 ) -> Result<()> {
-    let password = s.password.clone().unwrap_or_default();
-    con.say(&format!(
-        "viewer: connecting to {} (F8 then \"Exit viewer\" leaves the guest running)",
-        s.target()
-    ));
-    // The password goes in the environment, never on a command line (ps shows those).
-    let code = run_in_root(
-        con,
-        root,
-        "viewer",
-        &sessions::vnc_script(s),
-        &[("VNC_PASSWORD", password.as_str()), ("HOME", "/root")],
-        SESSION_LIMIT,
-        None,
-    )?;
-    let viewer = std::fs::read_to_string(root.dir.join("tmp/vdd-viewer-exit"))
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok());
+    let mut attempt = 1;
+    let (viewer, ran) = loop {
+        // Asked for now, not at the pick: the password is valid for a minute from here,
+        // however long this seat took to mount its root and start X.
+        let fresh = sessions::password(server, &s.id, HTTP_TIMEOUT)
+            .with_context(|| format!("a one-time password for session {}", s.id))?;
+        let password = fresh.password.unwrap_or_default();
+        con.say(&format!(
+            "viewer: connecting to {} (F8 then \"Exit viewer\" leaves the guest running)",
+            s.target()
+        ));
+        // The password goes in the environment, never on a command line (ps shows those).
+        let ran = run_in_root(
+            con,
+            root,
+            "viewer",
+            &sessions::vnc_script(s),
+            &[("VNC_PASSWORD", password.as_str()), ("HOME", "/root")],
+            SESSION_LIMIT,
+            None,
+        )?;
+        let viewer = std::fs::read_to_string(root.dir.join("tmp/vdd-viewer-exit"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        if !ran.refused || attempt == VIEWER_TRIES {
+            break (viewer, ran);
+        }
+        attempt += 1;
+        con.say(&format!(
+            "viewer: the guest's display refused the password; asking the server for a fresh \
+             one (try {attempt} of {VIEWER_TRIES})"
+        ));
+    };
     con.say(&format!(
         "viewer: ended (viewer exit {}, X exit {})",
         viewer.map_or("-".into(), |c| c.to_string()),
-        code.map_or("-".into(), |c| c.to_string())
+        ran.code.map_or("-".into(), |c| c.to_string())
     ));
-    if viewer == Some(0) {
+    if ran.refused {
+        // Not the guest's fault: its VM goes on, and a later pick tries again.
+        con.say(&format!(
+            "viewer: the display refused {VIEWER_TRIES} fresh passwords; session {} keeps \
+             running, pick {} again to retry",
+            s.id, s.guest
+        ));
+    } else if viewer == Some(0) {
         con.say(&format!(
             "session {} keeps running; pick {} again to return",
             s.id, s.guest
@@ -431,7 +466,7 @@ fn x11_session(
         Some(&watch.group),
     );
     let ended = watch.stop();
-    let code = code?;
+    let code = code?.code;
     con.say(&format!(
         "x11: X server ended after {:.0} s (exit {})",
         t0.elapsed().as_secs_f64(),

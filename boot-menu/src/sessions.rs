@@ -69,6 +69,25 @@ pub fn create(server: SocketAddr, guest: &str, timeout: Duration) -> Result<Sess
     serde_json::from_slice(&r).map_err(Error::Json)
 }
 
+/// A fresh one-time VNC password for the session (it replaces the one before): asked for
+/// right before the viewer connects, so that a slow boot cannot outlast it.
+pub fn password(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, Error> {
+    let r = request(
+        server,
+        "POST",
+        &format!("/api/v1/sessions/{id}/password"),
+        None,
+        timeout,
+    )?;
+    serde_json::from_slice(&r).map_err(Error::Json)
+}
+
+/// Whether a line of TigerVNC's output says the server refused the password
+/// (`CConn: Authentication failure: Authentication failed`).
+pub fn refused(line: &str) -> bool {
+    line.to_ascii_lowercase().contains("authentication fail")
+}
+
 /// The seat's running sessions.
 pub fn list(server: SocketAddr, timeout: Duration) -> Result<Vec<Session>, Error> {
     let r = request(server, "GET", "/api/v1/sessions", None, timeout)?;
@@ -174,6 +193,12 @@ mod tests {
             "the password must not be on a command line"
         );
         assert_eq!(s.state, "ready", "a server without states means ready");
+        // What TigerVNC 1.12 (the thin-client root's viewer) prints when the password is
+        // refused, and a line that is not a refusal.
+        assert!(refused(
+            "viewer: Mon Dec  1 18:23:37 2026 CConn:       Authentication failure: Authentication failed"
+        ));
+        assert!(!refused("viewer: CConn: End of stream"));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum Error {
     NotFound(String),
     #[error("session {0} belongs to another seat")]
     NotYours(String),
+    /// An X11 session: the guest's display manager logs the user in, no VNC password.
+    #[error("session {0} is an X11 session: it has no VNC password")]
+    NoPassword(String),
     #[error("the base image of guest {guest} is missing: {path}")]
     MissingImage { guest: String, path: PathBuf },
     #[error("{0} failed: {1}")]
@@ -206,6 +209,16 @@ fn random<const N: usize>() -> [u8; N] {
 }
 
 /// A VNC password: 8 characters, the most RFB's DES authentication uses.
+/// Sets a new one-time password on the VM behind `qmp_path` and returns it.
+async fn fresh_password(qmp_path: &std::path::Path) -> Result<String, Error> {
+    let password = new_password();
+    let mut q = qmp::Qmp::connect(qmp_path, Duration::from_secs(5))
+        .await
+        .map_err(|e| Error::Qmp(e.to_string()))?;
+    qemu::set_password(&mut q, &password).await?;
+    Ok(password)
+}
+
 fn new_password() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789";
     random::<8>()
@@ -460,11 +473,7 @@ impl Dispatcher {
                 let qmp_path = s.vm.qmp.clone();
                 let reattached = self.info(s, None);
                 drop(st);
-                let password = new_password();
-                let mut q = qmp::Qmp::connect(&qmp_path, Duration::from_secs(5))
-                    .await
-                    .map_err(|e| Error::Qmp(e.to_string()))?;
-                qemu::set_password(&mut q, &password).await?;
+                let password = fresh_password(&qmp_path).await?;
                 info!(session = %rec.id, mac = %seat, guest = %rec.guest, "session reattached");
                 return Ok(SessionInfo {
                     password: Some(password),
@@ -725,6 +734,40 @@ impl Dispatcher {
             Some(f) => Ok(f.info.clone()),
             None => Err(Error::NotFound(id.to_string())),
         }
+    }
+
+    /// A new one-time VNC password for a running session, which replaces the one before:
+    /// the seat asks for it right before its viewer connects, however long its boot took
+    /// since the session was created (an old PC may need minutes to mount its root and start
+    /// X, and a password set at the pick would have expired by then).
+    pub async fn password(&self, id: &str, seat: Option<Mac>) -> Result<SessionInfo, Error> {
+        let (qmp_path, info) = {
+            let mut st = self.state.lock().await;
+            let Some(s) = st.sessions.get_mut(id) else {
+                return Err(match st.failed.get(id) {
+                    Some(f) if seat.is_some_and(|m| m.to_string() != f.info.seat) => {
+                        Error::NotYours(id.to_string())
+                    }
+                    _ => Error::NotFound(id.to_string()),
+                });
+            };
+            if seat.is_some_and(|m| m != s.rec.seat) {
+                return Err(Error::NotYours(id.to_string()));
+            }
+            if s.rec.x11.is_some() {
+                return Err(Error::NoPassword(id.to_string()));
+            }
+            if seat.is_some() {
+                s.last_seen = Instant::now();
+            }
+            (s.vm.qmp.clone(), self.info(s, None))
+        };
+        let password = fresh_password(&qmp_path).await?;
+        info!(session = %id, mac = %info.seat, guest = %info.guest, "new one-time VNC password handed out");
+        Ok(SessionInfo {
+            password: Some(password),
+            ..info
+        })
     }
 
     /// Ends a session; `seat: Some` only its own.

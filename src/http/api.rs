@@ -123,6 +123,8 @@ impl Api {
             (_, ["sessions", _]) => error(405, "use GET or DELETE"),
             ("POST", ["sessions", id, "reset"]) => self.reset(peer, authorization, id).await,
             (_, ["sessions", _, "reset"]) => error(405, "use POST"),
+            ("POST", ["sessions", id, "password"]) => self.password(peer, authorization, id).await,
+            (_, ["sessions", _, "password"]) => error(405, "use POST"),
             _ => error(404, format!("no API path /api/v1/{rest}")),
         };
         Some(r)
@@ -269,6 +271,18 @@ impl Api {
         }
     }
 
+    /// A fresh one-time VNC password (it replaces the one before, and expires unused).
+    async fn password(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
+        let (d, seat) = match self.scope(peer, auth) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        match d.password(id, seat).await {
+            Ok(s) => reply(200, json!(s)),
+            Err(e) => dispatch_error(e),
+        }
+    }
+
     async fn reset(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
         let (d, seat) = match self.scope(peer, auth) {
             Ok(x) => x,
@@ -296,6 +310,7 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
     let status = match &e {
         E::UnknownGuest(_) | E::NotFound(_) => 404,
         E::NotYours(_) => 403,
+        E::NoPassword(_) => 409,
         E::Full(_) => 503,
         E::MissingImage { .. }
         | E::Tool(..)
