@@ -359,6 +359,65 @@ fn malformed_packets_do_not_hurt() {
     assert!(lab.is_running(pid));
 }
 
+/// RFC 2131 4.3.2: a REQUEST from a client the server has no record of gets silence. Ten
+/// blind INIT-REBOOT REQUESTs from made-up MACs once bound 9 of a 10-address pool, and a
+/// real client then got no lease.
+#[test]
+fn blind_requests_bind_nothing() {
+    if let Some(why) = lab::missing(&["udhcpc", "python3"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("blind");
+    write_config(
+        &dir.0,
+        &FULL.replace("10.77.0.100-10.77.0.199", "10.77.0.100-10.77.0.109"),
+    );
+    let mut lab = Lab::new("dhcpb").unwrap();
+    let pid = start_vdd(&mut lab, &dir.0, 0);
+    let attacker = lab.add_client(None).unwrap();
+    lab::ip([
+        "-n",
+        &attacker.ns,
+        "addr",
+        "add",
+        "10.77.0.9/24",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let st = Lab::cmd(&attacker.ns, "python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dhcp_blind_requests.py"))
+        .args(["10.77.0.1", "10.77.0.100", "10"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success() && String::from_utf8_lossy(&st.stdout).contains("sent 10"),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let log_path = dir.0.join("vdd-0.log");
+    wait_for(Duration::from_secs(10), || {
+        read(&log_path).matches("no record here").count() >= 10
+    })
+    .unwrap_or_else(|| panic!("no log line per blind REQUEST:\n{}", read(&log_path)));
+    let log = read(&log_path);
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("02:ba:d0") && l.contains(" ack")),
+        "a blind REQUEST was ACKed:\n{log}"
+    );
+    let journal = read(&dir.0.join("state/dhcp-leases.journal"));
+    assert!(
+        !journal.contains("02:ba:d0"),
+        "bound to a made-up MAC:\n{journal}"
+    );
+    // A real client still gets a lease from the pool.
+    let c = lab.add_client(None).unwrap();
+    assert!(in_pool(&udhcpc_once(&dir.0, &c, &[])["ip"]));
+    assert!(lab.is_running(pid));
+}
+
 #[test]
 fn perfdhcp_load_without_losses() {
     if let Some(why) = lab::missing(&["perfdhcp"]) {

@@ -262,10 +262,19 @@ fn request(
         Ipv4Net::new(m.giaddr(), ctx.subnet.prefix_len()).unwrap_or(ctx.subnet)
     };
     let reserved = ctx.cfg.host(&p.mac).and_then(|h| h.address);
-    // 4.3.2 lets a server with no record of an INIT-REBOOT client stay silent; vdd is the
-    // only server of its LAN (authoritative, like dnsmasq's --dhcp-authoritative), so a
-    // free pool address is confirmed and anything it cannot give is NAKed at once,
-    // instead of leaving the client to time out.
+    // 4.3.2: "If the DHCP server has no record of this client, then it MUST remain
+    // silent". A record is a lease of this MAC in any state, or a [[dhcp.host]] entry.
+    // Without this, a LAN host binds any free address with one blind REQUEST per MAC
+    // and starves the pool; a real client that gets no answer falls back to DISCOVER.
+    // An INIT-REBOOT for another network is still NAKed (4.3.2: SHOULD), at once, for a
+    // machine that moved here; it binds nothing.
+    let known = t.of_mac(&p.mac).is_some() || ctx.cfg.host(&p.mac).is_some();
+    if !known && server_id.is_none() && subnet.contains(&ip) {
+        return Decision::ignore("REQUEST from a client with no record here (RFC 2131 4.3.2)");
+    }
+    // vdd is the only server of its LAN (authoritative, like dnsmasq's
+    // --dhcp-authoritative): for a known client, a free pool address is confirmed and
+    // anything it cannot give is NAKed at once, instead of leaving it to time out.
     let why_not = if !subnet.contains(&ip) {
         Some("address not on this network")
     } else if reserved.is_some_and(|r| r != ip) {
@@ -672,6 +681,25 @@ hostname = "seat-01"
         assert_eq!(kind(&d), Some(MessageType::Nak));
         assert_eq!(d.reply.as_ref().unwrap().1, Dest::Broadcast);
         assert!(d.changes.is_empty());
+        // M1 has no record here: its INIT-REBOOT and RENEWING REQUESTs for addresses of
+        // this network get silence (4.3.2), whether the address is taken or free.
+        for r in [
+            pkt(3, M1, &opt50(ip(100))),
+            pkt(3, M1, &opt50(ip(101))),
+            pkt(3, M1, &opt50(ip(20))),
+            with_ciaddr(pkt(3, M1, &[]), ip(100)),
+            with_ciaddr(pkt(3, M1, &[]), ip(101)),
+        ] {
+            let d = run(&r, &mut t, &x);
+            assert!(d.reply.is_none() && d.changes.is_empty(), "{d:?}");
+            assert!(matches!(d.events[..], [Event::Ignored(_)]), "{d:?}");
+        }
+        // Once M1 has a record (here: its own lease of 101), conflicts are NAKed.
+        t.apply(&Change::Bind {
+            ip: ip(101),
+            mac: Mac(M1),
+            until: 5_000,
+        });
         // Another client's address.
         let d = run(&pkt(3, M1, &opt50(ip(100))), &mut t, &x);
         assert_eq!(kind(&d), Some(MessageType::Nak));
@@ -683,11 +711,12 @@ hostname = "seat-01"
         let d = run(&pkt(3, M1, &opt50(ip(20))), &mut t, &x);
         assert_eq!(kind(&d), Some(MessageType::Nak));
         // Selecting another server: silence, and our offer is given back.
-        let d = run(&pkt(1, M1, &[]), &mut t, &x);
+        let m3 = M1.map(|b| b ^ 0x40);
+        let d = run(&pkt(1, m3, &[]), &mut t, &x);
         let offered = d.reply.unwrap().0.yiaddr();
         let mut o = opt50(offered);
         o.extend(opt54(ip(9)));
-        let d = run(&pkt(3, M1, &o), &mut t, &x);
+        let d = run(&pkt(3, m3, &o), &mut t, &x);
         assert!(d.reply.is_none());
         assert!(t.available_to(offered, &Mac(M2), x.now));
     }
