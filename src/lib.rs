@@ -17,5 +17,6 @@ pub mod lan;
 pub mod nbd;
 pub mod ndp;
 pub mod netif;
+pub mod peers;
 pub mod tftp;
 pub mod xdmcp;

@@ -694,3 +694,98 @@ async fn concurrent_transfers_are_capped() {
     );
     send_error(&c, from, 0).await;
 }
+
+/// Issue 17, finding 2: one host took every `max_transfers` slot with RRQs it never
+/// acknowledged. One address gets `PER_ADDRESS` transfers; the next is refused at once,
+/// and another address is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_slot() {
+    need!();
+    let srv = Server::start("peraddr", 8).await;
+    random_file(&srv.root().join("k.bin"), 10_000, 7);
+    let mut held = Vec::new();
+    for _ in 0..vdd::tftp::PER_ADDRESS {
+        let s = raw_socket().await;
+        send_rrq(&s, srv.addr, b"k.bin", "octet", &[]).await;
+        let (p, tid) = recv(&s, Duration::from_secs(10)).await.unwrap();
+        assert!(matches!(
+            Packet::parse(&p),
+            Ok(Packet::Data { block: 1, .. })
+        ));
+        held.push((s, tid));
+    }
+    let greedy = raw_socket().await;
+    send_rrq(&greedy, srv.addr, b"k.bin", "octet", &[]).await;
+    let (p, _) = recv(&greedy, Duration::from_secs(10)).await.unwrap();
+    match Packet::parse(&p) {
+        Ok(Packet::Error { code: 0, message }) => {
+            assert!(message.contains("Too many transfers"), "{message}")
+        }
+        other => panic!("expected ERROR 0, got {other:?}"),
+    }
+    let o = std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(srv.metrics.refused_per_address.load(o), 1);
+    assert_eq!(srv.metrics.refused_busy.load(o), 0);
+    // Another host (127.0.0.2 reaches the server on lo) still gets its file.
+    let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    send_rrq(&other, srv.addr, b"k.bin", "octet", &[]).await;
+    let (p, tid) = recv(&other, Duration::from_secs(10)).await.unwrap();
+    assert!(
+        matches!(Packet::parse(&p), Ok(Packet::Data { block: 1, .. })),
+        "{:?}",
+        Packet::parse(&p)
+    );
+    send_error(&other, tid, 0).await;
+    for (s, tid) in &held {
+        send_error(s, *tid, 0).await;
+    }
+    assert!(srv.idle(Duration::from_secs(10)).await);
+}
+
+/// A client that asked for `timeout=255` and went silent held its slot for ~81 minutes;
+/// now for `MAX_SILENCE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_with_timeout_255_frees_its_slot() {
+    need!();
+    let srv = Server::start("t255", 1).await;
+    random_file(&srv.root().join("k.bin"), 10_000, 8);
+    let s = raw_socket().await;
+    send_rrq(&s, srv.addr, b"k.bin", "octet", &[("timeout", "255")]).await;
+    let (p, _) = recv(&s, Duration::from_secs(10)).await.unwrap();
+    assert!(
+        matches!(Packet::parse(&p), Ok(Packet::Oack(_))),
+        "{:?}",
+        Packet::parse(&p)
+    );
+    let t0 = Instant::now();
+    let limit = vdd::tftp::session::MAX_SILENCE + Duration::from_secs(10);
+    assert!(srv.idle(limit).await, "slot still held after {limit:?}");
+    assert!(t0.elapsed() >= vdd::tftp::session::MAX_SILENCE - Duration::from_secs(1));
+}
+
+/// ICMP port unreachable for the server's DATA ends the transfer at the next resend,
+/// not after five of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_client_port_ends_the_transfer() {
+    need!();
+    let srv = Server::start("icmp", 4).await;
+    random_file(&srv.root().join("k.bin"), 10_000, 9);
+    let s = raw_socket().await;
+    send_rrq(&s, srv.addr, b"k.bin", "octet", &[]).await;
+    let (p, _) = recv(&s, Duration::from_secs(10)).await.unwrap();
+    assert!(matches!(
+        Packet::parse(&p),
+        Ok(Packet::Data { block: 1, .. })
+    ));
+    drop(s);
+    let t0 = Instant::now();
+    // The first resend is 1 s after DATA 1; five resends with backoff would take 19 s.
+    assert!(
+        srv.idle(Duration::from_secs(8)).await,
+        "transfer alive after its client's port closed"
+    );
+    eprintln!(
+        "ended {:.1} s after the client's port closed",
+        t0.elapsed().as_secs_f64()
+    );
+}

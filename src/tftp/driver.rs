@@ -336,7 +336,10 @@ fn send_gso(sock: &UdpSocket, buf: &[u8], seg: usize, peer: SocketAddr) -> io::R
 /// Keeps the open-transfer count and the `max_transfers` permit right on every exit
 /// path, panics included. The permit goes first, so once `active` reads 0 a new request
 /// is sure to get one.
-struct ActiveGuard(Arc<Metrics>, Option<OwnedSemaphorePermit>);
+struct ActiveGuard(
+    Arc<Metrics>,
+    Option<(OwnedSemaphorePermit, crate::peers::Slot)>,
+);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -390,7 +393,7 @@ pub fn transfer(
     peer: SocketAddr,
     req: OwnedRequest,
     metrics: Arc<Metrics>,
-    permit: OwnedSemaphorePermit,
+    permit: (OwnedSemaphorePermit, crate::peers::Slot),
     shutdown: CancellationToken,
 ) {
     let _guard = ActiveGuard(metrics.clone(), Some(permit));
@@ -402,6 +405,12 @@ pub fn transfer(
             return;
         }
     };
+    // An unconnected UDP socket hears of ICMP errors only with IP_RECVERR (ip(7)).
+    if let Err(e) =
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Ipv4RecvErr, &true)
+    {
+        debug!(%peer, error = %e, "cannot set IP_RECVERR; an unreachable client is noticed by the timeout");
+    }
     let mut rto = RecvTimeout { set: SHUTDOWN_POLL };
     if let Err(e) = sock
         .set_read_timeout(Some(rto.set))
@@ -533,6 +542,14 @@ pub fn transfer(
                 );
                 return;
             }
+            Next::TooLong => {
+                metrics.warn(
+                    || warn!(%file, %peer, acked = s.acked(), limit_s = session::MAX_TRANSFER.as_secs(), "transfer ran too long; ended"),
+                );
+                codec::encode_error(&mut out, ERR_UNDEFINED, "Transfer took too long");
+                let _ = sock.send_to(&out, peer);
+                return;
+            }
         };
         if shutdown.is_cancelled() {
             codec::encode_error(&mut out, ERR_UNDEFINED, "Server shutting down");
@@ -582,14 +599,55 @@ pub fn transfer(
                     s.waiting()
                 }
             }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                // ICMP port unreachable (IP_RECVERR below): if it answers our DATA to the
+                // client, nobody listens there any more (or the RRQ's source was forged).
+                // One for an ERROR 5 we sent a stranger does not end the transfer.
+                if unreachable(&sock, peer) {
+                    info!(%file, %peer, acked = s.acked(), "client port unreachable (ICMP); transfer ended");
+                    return;
+                }
+                s.waiting()
+            }
             Err(e) => {
-                // ICMP port unreachable from an earlier send shows up here on Linux; the
-                // client may still come back, the timeout decides.
                 debug!(%peer, error = %e, "receive failed");
                 s.waiting()
             }
         };
     }
+}
+
+/// Drains the socket's error queue; true when an ICMP destination unreachable in it was
+/// for a packet we sent to `peer`.
+fn unreachable(sock: &UdpSocket, peer: SocketAddr) -> bool {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let mut hit = false;
+    // Bounded: the queue holds what the receive buffer allows, and each call takes one.
+    for _ in 0..64 {
+        let mut buf = [0u8; 64];
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!(nix::libc::sock_extended_err, nix::libc::sockaddr_in);
+        let Ok(m) = recvmsg::<SockaddrIn>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        ) else {
+            break;
+        };
+        let to_peer = m
+            .address
+            .is_some_and(|a| SocketAddr::V4(std::net::SocketAddrV4::from(a)) == peer);
+        let Ok(cmsgs) = m.cmsgs() else { continue };
+        for c in cmsgs {
+            if let ControlMessageOwned::Ipv4RecvErr(e, _) = c {
+                // ICMP type 3: destination unreachable (port, host, network, ...).
+                hit |= to_peer && e.ee_origin == nix::libc::SO_EE_ORIGIN_ICMP && e.ee_type == 3;
+            }
+        }
+    }
+    hit
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub completed: AtomicU64,
     /// Requests refused because `max_transfers` were running.
     pub refused_busy: AtomicU64,
+    /// Requests refused because their address had `PER_ADDRESS` transfers running.
+    pub refused_per_address: AtomicU64,
     warns: Mutex<WarnLimit>,
 }
 
@@ -118,8 +120,14 @@ pub struct Service {
     /// Caps concurrent transfers: every transfer holds one permit until its task ends,
     /// so sockets and file descriptors stay bounded under a boot storm.
     limit: Arc<Semaphore>,
+    per_address: crate::peers::PerAddress,
     metrics: Arc<Metrics>,
 }
+
+/// Transfers one client address may run at once. A PXE ROM runs one (its tsize probe
+/// ends before the file starts), a UEFI loader at most two; without a cap one host took
+/// every `max_transfers` slot and the room could not boot.
+pub const PER_ADDRESS: usize = 4;
 
 impl Service {
     /// Binds `[tftp] port` on the server's LAN address. Binding the address (not 0.0.0.0)
@@ -141,6 +149,7 @@ impl Service {
             .map_err(|source| Error::BindSocket { addr, source })?;
         Ok(Service {
             limit: Arc::new(Semaphore::new(cfg.tftp.max_transfers)),
+            per_address: crate::peers::PerAddress::default(),
             cfg,
             socket,
             metrics: Arc::new(Metrics::default()),
@@ -181,6 +190,24 @@ impl Service {
             let reply = match Packet::parse(&buf[..len]) {
                 Ok(Packet::Rrq(r)) => {
                     let file = codec::printable(r.filename);
+                    let Some(slot) = self.per_address.take(peer.ip(), PER_ADDRESS) else {
+                        self.metrics
+                            .refused_per_address
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.metrics.warn(|| {
+                            warn!(%peer, %file, per_address = PER_ADDRESS,
+                                "refused: this address runs too many transfers already")
+                        });
+                        codec::encode_error(
+                            &mut out,
+                            ERR_UNDEFINED,
+                            "Too many transfers from your address",
+                        );
+                        if let Err(e) = self.socket.send_to(&out, peer).await {
+                            debug!(%peer, error = %e, "cannot send ERROR");
+                        }
+                        continue;
+                    };
                     match self.limit.clone().try_acquire_owned() {
                         Ok(permit) => {
                             debug!(%peer, %file, mode = %r.mode_text, options = ?r.options, "read request");
@@ -199,7 +226,7 @@ impl Service {
                             // agree even before the task first runs.
                             m.active.fetch_add(1, Ordering::SeqCst);
                             spawn_transfer(move || {
-                                driver::transfer(cfg, local, peer, req, m, permit, t)
+                                driver::transfer(cfg, local, peer, req, m, (permit, slot), t)
                             });
                             None
                         }

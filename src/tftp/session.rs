@@ -30,6 +30,14 @@ pub const DEFAULT_MAX_RETRIES: u32 = 5;
 /// The backoff doubles the timeout per retry up to this factor, so a slow link gets
 /// room while a vanished client is still noticed in well under half a minute.
 pub const MAX_BACKOFF_FACTOR: u32 = 4;
+/// Longest a transfer waits without progress, whatever timeout the client asked for. RFC
+/// 2349 lets a client ask for 255 s; with the backoff that held a `max_transfers` slot for
+/// 81 minutes per unanswered RRQ (and RRQs can come from spoofed addresses). A client on
+/// the LAN that has not acknowledged anything for half a minute is gone.
+pub const MAX_SILENCE: Duration = Duration::from_secs(30);
+/// Longest a whole transfer may take. A boot file over TFTP is at most tens of MiB; at
+/// 512-byte lockstep blocks and 1 ms per round trip a 64 MiB file takes 131 s.
+pub const MAX_TRANSFER: Duration = Duration::from_secs(600);
 
 /// What was agreed with the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,8 +125,10 @@ pub enum Next {
     Done,
     /// The client sent ERROR: end at once, send nothing (not even on retransmit).
     ClientError { code: u16 },
-    /// Too many timeouts in a row: the client is gone.
+    /// Too many timeouts in a row, or `MAX_SILENCE` without progress: the client is gone.
     GaveUp,
+    /// The transfer ran for `MAX_TRANSFER`: ended, however it progressed.
+    TooLong,
 }
 
 /// The result of one event.
@@ -152,6 +162,9 @@ pub struct Session {
     /// Consecutive timeouts without progress.
     retries: u32,
     deadline: Instant,
+    /// When the client last made progress (the transfer's start before it did).
+    progress_at: Instant,
+    started: Instant,
 }
 
 impl Session {
@@ -173,6 +186,8 @@ impl Session {
             last: blocks,
             retries: 0,
             deadline: now,
+            progress_at: now,
+            started: now,
         };
         let step = match s.phase {
             Phase::Oack => s.wait(Send::Oack, now),
@@ -224,7 +239,9 @@ impl Session {
     }
 
     fn wait(&mut self, send: Send, now: Instant) -> Step {
-        self.deadline = now + self.backoff();
+        self.deadline = (now + self.backoff())
+            .min(self.progress_at + MAX_SILENCE)
+            .min(self.started + MAX_TRANSFER);
         Step {
             send,
             next: Next::Wait(self.deadline),
@@ -263,6 +280,7 @@ impl Session {
                 }
                 self.phase = Phase::Data;
                 self.retries = 0;
+                self.progress_at = now;
                 let send = self.window_from(1);
                 self.wait(send, now)
             }
@@ -278,6 +296,7 @@ impl Session {
                 }
                 self.acked += delta;
                 self.retries = 0;
+                self.progress_at = now;
                 if self.last == Some(self.acked) {
                     self.phase = Phase::Finished;
                     return Step {
@@ -315,7 +334,14 @@ impl Session {
         if now < self.deadline {
             return self.keep_waiting();
         }
-        if self.retries >= self.max_retries {
+        if now >= self.started + MAX_TRANSFER {
+            self.phase = Phase::Finished;
+            return Step {
+                send: Send::Nothing,
+                next: Next::TooLong,
+            };
+        }
+        if self.retries >= self.max_retries || now >= self.progress_at + MAX_SILENCE {
             self.phase = Phase::Finished;
             return Step {
                 send: Send::Nothing,
@@ -508,6 +534,54 @@ mod tests {
         // A duplicate of the last window's ACK: nothing.
         assert_eq!(s.on_ack(26, t).send, Send::Nothing);
         assert_eq!(s.on_ack(40, t).next, Next::Done);
+    }
+
+    /// Issue 17, finding 2: one RRQ with `timeout=255`, never acknowledged, held its slot
+    /// for about 81 minutes (255 s, then 4x backoff over 5 retries).
+    #[test]
+    fn a_silent_client_is_given_up_after_max_silence_whatever_its_timeout() {
+        let t0 = Instant::now();
+        let n = negotiate(&opts(&[("timeout", "255")]), Some(100));
+        assert_eq!(n.timeout, Duration::from_secs(255));
+        let (mut s, step) = Session::new(&n, Some(1), t0);
+        assert_eq!(step.next, Next::Wait(t0 + MAX_SILENCE));
+        assert_eq!(s.on_timeout(t0 + MAX_SILENCE).next, Next::GaveUp);
+
+        // With progress, the silence counts from the last ACK, and a short timeout still
+        // retransmits as before.
+        let n = negotiate(&opts(&[("timeout", "20"), ("blksize", "8")]), Some(800));
+        let (mut s, _) = Session::new(&n, Some(100), t0);
+        let t1 = t0 + Duration::from_secs(5);
+        let step = s.on_ack(0, t1);
+        assert_eq!(step.next, Next::Wait(t1 + Duration::from_secs(20)));
+        let step = s.on_timeout(t1 + Duration::from_secs(20));
+        assert!(
+            matches!(step.send, Send::Blocks { first: 1, .. }),
+            "{step:?}"
+        );
+        // The doubled wait (40 s) is cut at 30 s after the last progress.
+        assert_eq!(step.next, Next::Wait(t1 + MAX_SILENCE));
+        assert_eq!(s.on_timeout(t1 + MAX_SILENCE).next, Next::GaveUp);
+    }
+
+    #[test]
+    fn a_transfer_ends_after_max_transfer_however_it_progresses() {
+        let t0 = Instant::now();
+        let end = t0 + MAX_TRANSFER;
+        let n = negotiate(&opts(&[("blksize", "8")]), None);
+        let (mut s, _) = Session::new(&n, None, t0);
+        // An ACK every 20 s is progress, but no wait reaches past MAX_TRANSFER.
+        let mut now = t0;
+        let mut block: u16 = 1;
+        while now + Duration::from_secs(20) < end {
+            now += Duration::from_secs(20);
+            let Next::Wait(d) = s.on_ack(block, now).next else {
+                panic!("ended early")
+            };
+            assert!(d <= end);
+            block += 1;
+        }
+        assert_eq!(s.on_timeout(end).next, Next::TooLong);
     }
 
     #[test]
