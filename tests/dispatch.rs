@@ -214,6 +214,32 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
             st.contains(") Z")
         }
     );
+
+    // Issue 17, finding 7: vdd killed after QEMU started but before the record: the
+    // orphan kept its VNC port, and every new session failed with "Address already in
+    // use". Now the next dispatcher stops a record-less VM of its folder.
+    let lost = d2.create(seat(3), "demo").await.unwrap();
+    let lost_dir = dir.join("sessions").join(&lost.id);
+    let rec = std::fs::read_to_string(lost_dir.join("session.json")).unwrap();
+    let lost_pid = serde_json::from_str::<serde_json::Value>(&rec).unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    std::fs::remove_file(lost_dir.join("session.json")).unwrap();
+    drop(d2);
+    let d3 = Dispatcher::new(cfg.clone()).await.unwrap();
+    assert!(d3.list(None).await.is_empty());
+    assert!(
+        vdd::dispatch::qemu::vms_of(&lost.id).is_empty(),
+        "the record-less VM {lost_pid} still runs"
+    );
+    assert!(!lost_dir.exists());
+    // A port something else holds is skipped, not handed to QEMU to fail on.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", base)).unwrap();
+    let s4 = d3.create(seat(4), "demo").await.unwrap();
+    assert_eq!(s4.port, base + 1, "the taken port {base} was given out");
+    drop(squatter);
+    d3.end(&s4.id, None).await.unwrap();
+
     assert_eq!(
         std::fs::read(&image).unwrap(),
         image_sum,

@@ -362,6 +362,18 @@ impl Dispatcher {
                     );
                 }
                 rec => {
+                    // A VM without a live record (vdd killed between its start and its
+                    // record, or a record lost) would keep its VNC port for good.
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    for pid in qemu::vms_of(&id) {
+                        warn!(session = %id, pid, "a VM of a previous run has no record; stopping it");
+                        let mut vm = Vm {
+                            pid,
+                            qmp: folder.join("qmp.sock"),
+                            child: None,
+                        };
+                        qemu::stop(&mut vm, Duration::from_secs(1)).await;
+                    }
                     if let Some(rec) = &rec {
                         info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, "VM of a previous run is gone; cleaning up");
                         if !rec.persist {
@@ -522,6 +534,7 @@ impl Dispatcher {
                     .find(|p| {
                         !st.pending_ports.contains(p)
                             && !st.sessions.values().any(|s| s.rec.port == *p)
+                            && qemu::port_free(self.vnc_addr, *p)
                     })
                     .ok_or_else(|| {
                         Error::Full(format!(

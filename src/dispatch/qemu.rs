@@ -328,6 +328,25 @@ pub fn is_our_vm(pid: u32, session: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The pids of every running VM of this session (by its command line, as
+/// [`is_our_vm`]): a VM whose record was never written, or was lost, is found this way.
+pub fn vms_of(session: &str) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| alive(*pid) && is_our_vm(*pid, session))
+        .collect()
+}
+
+/// Whether nothing listens on `addr:port` yet (a VM of another run, or another program,
+/// may hold a port of `dispatch.vnc_ports` that vdd's records do not know of).
+pub fn port_free(addr: std::net::Ipv4Addr, port: u16) -> bool {
+    std::net::TcpListener::bind((addr, port)).is_ok()
+}
+
 /// Shuts the VM down: ACPI power button, then `quit`, then SIGKILL, each after `grace`.
 pub async fn stop(vm: &mut Vm, grace: Duration) {
     let gone = |vm: &mut Vm| match vm.child.as_mut() {
