@@ -256,24 +256,37 @@ impl LeaseTable {
     }
 }
 
-/// Reads a journal: the table it describes, the byte length of its whole records, and the
-/// number of records. A torn or damaged tail (a crash mid-write) ends the replay there.
-pub fn replay(bytes: &[u8]) -> (LeaseTable, u64, u64) {
-    let mut t = LeaseTable::default();
-    let mut good = 0u64;
-    let mut n = 0u64;
+/// What a replay read.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub table: LeaseTable,
+    /// Byte length of the good records.
+    pub good: u64,
+    /// Good records.
+    pub records: u64,
+    /// Whole lines that were not a record (damaged), skipped.
+    pub damaged: u64,
+}
+
+/// Reads a journal: the table it describes. A torn tail (a crash mid-write, no newline
+/// yet) is dropped: its ACK never left. A damaged line in the middle is skipped and
+/// counted, and the records after it still count: stopping there lost every lease after
+/// it, and the next compaction then wrote the journal without them.
+pub fn replay(bytes: &[u8]) -> Replayed {
+    let mut r = Replayed::default();
     for line in bytes.split_inclusive(|&b| b == b'\n') {
         let Some(body) = line.strip_suffix(b"\n") else {
-            break; // torn: its ACK never left
+            break; // torn
         };
         let Some(c) = std::str::from_utf8(body).ok().and_then(Change::parse) else {
-            break;
+            r.damaged += 1;
+            continue;
         };
-        t.apply(&c);
-        good += line.len() as u64;
-        n += 1;
+        r.table.apply(&c);
+        r.good += line.len() as u64;
+        r.records += 1;
     }
-    (t, good, n)
+    r
 }
 
 /// The journal file, owned by the one writer.
@@ -309,7 +322,10 @@ impl Journal {
         let mut bytes = Vec::new();
         file.seek(SeekFrom::Start(0)).map_err(jerr(&path))?;
         file.read_to_end(&mut bytes).map_err(jerr(&path))?;
-        let (table, _, _) = replay(&bytes);
+        let Replayed { table, damaged, .. } = replay(&bytes);
+        if damaged > 0 {
+            tracing::warn!(path = %path.display(), damaged, "lease journal: damaged records skipped; the leases around them are kept");
+        }
         let mut j = Journal {
             path: path.clone(),
             dir: dir.to_path_buf(),
@@ -324,20 +340,31 @@ impl Journal {
     /// Appends records and waits until they are on disk: the group commit point.
     pub fn commit(&mut self, changes: &[Change]) -> Result<(), LeaseError> {
         let mut buf = String::new();
-        for c in changes.iter().filter(|c| c.durable()) {
+        let durable: Vec<&Change> = changes.iter().filter(|c| c.durable()).collect();
+        for c in &durable {
             buf.push_str(&c.record());
-            self.mirror.apply(c);
-            self.records += 1;
         }
         if buf.is_empty() {
             return Ok(());
         }
-        self.file
-            .write_all(buf.as_bytes())
-            .map_err(jerr(&self.path))?;
+        let before = self.file.metadata().map_err(jerr(&self.path))?.len();
         // fdatasync, not fsync: the file's size is data for fdatasync, and mtime is not
         // worth a second disk write per batch.
-        self.file.sync_data().map_err(jerr(&self.path))
+        let written = self
+            .file
+            .write_all(buf.as_bytes())
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // A short write (disk full) must not leave half a record for the next
+            // append to run into: cut the file back to its last whole record.
+            let _ = self.file.set_len(before);
+            return Err(jerr(&self.path)(e));
+        }
+        for c in durable {
+            self.mirror.apply(c);
+            self.records += 1;
+        }
+        Ok(())
     }
 
     /// Whether the journal has grown enough past the live set to be worth rewriting.
@@ -364,7 +391,7 @@ impl Journal {
             .open(&self.path)
             .map_err(jerr(&self.path))?;
         // Rebuild the mirror from what is now on disk, dropping forgotten entries.
-        self.mirror = replay(snap.as_bytes()).0;
+        self.mirror = replay(snap.as_bytes()).table;
         self.records = 0;
         Ok(())
     }
@@ -386,7 +413,7 @@ pub fn read_table(dir: &Path) -> Result<LeaseTable, LeaseError> {
             break;
         }
     }
-    Ok(replay(&bytes).0)
+    Ok(replay(&bytes).table)
 }
 
 #[cfg(test)]
@@ -432,11 +459,22 @@ mod tests {
     #[test]
     fn torn_tail_is_dropped() {
         let j = "B 10.77.0.5 02:00:00:00:00:01 100\nB 10.77.0.6 02:00:00:00:00:02 100\nB 10.77.0.7 02:00:0";
-        let (t, good, n) = replay(j.as_bytes());
-        assert_eq!(n, 2);
-        assert_eq!(good as usize, j.rfind('\n').unwrap() + 1);
-        assert!(t.get(ip(6)).is_some());
-        assert!(t.get(ip(7)).is_none());
+        let r = replay(j.as_bytes());
+        assert_eq!((r.records, r.damaged), (2, 0));
+        assert_eq!(r.good as usize, j.rfind('\n').unwrap() + 1);
+        assert!(r.table.get(ip(6)).is_some());
+        assert!(r.table.get(ip(7)).is_none());
+    }
+
+    /// Issue 17, finding 8: a record cut short in the middle stopped the replay, and
+    /// the leases after it vanished.
+    #[test]
+    fn a_damaged_record_in_the_middle_is_skipped() {
+        let j = "B 10.77.0.5 02:00:00:00:00:01 100\nB 10.77.0.6 02:0B 10.77.0.9 02:00:00:00:00:09 100\nB 10.77.0.7 02:00:00:00:00:03 100\n";
+        let r = replay(j.as_bytes());
+        assert_eq!((r.records, r.damaged), (2, 1));
+        assert!(r.table.get(ip(5)).is_some());
+        assert!(r.table.get(ip(7)).is_some(), "the lease after the damage was lost");
     }
 
     #[test]
