@@ -474,7 +474,10 @@ mod tests {
         let r = replay(j.as_bytes());
         assert_eq!((r.records, r.damaged), (2, 1));
         assert!(r.table.get(ip(5)).is_some());
-        assert!(r.table.get(ip(7)).is_some(), "the lease after the damage was lost");
+        assert!(
+            r.table.get(ip(7)).is_some(),
+            "the lease after the damage was lost"
+        );
     }
 
     #[test]
