@@ -76,8 +76,21 @@ async fn call(
     auth: Option<&str>,
     body: &str,
 ) -> (u16, Value) {
+    call_key(a, method, path, from, auth, None, body).await
+}
+
+/// A call that shows a session key (`X-Vdd-Session-Key`).
+async fn call_key(
+    a: &Api,
+    method: &str,
+    path: &str,
+    from: IpAddr,
+    auth: Option<&str>,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
     let r = a
-        .handle(method, path, from, auth, body.as_bytes())
+        .handle(method, path, from, auth, key, body.as_bytes())
         .await
         .expect("an API path");
     let v = if r.body.is_empty() {
@@ -114,7 +127,7 @@ async fn every_answer_of_the_session_api() {
         serde_json::json!([{"name": "demo", "label": "Demo", "display": "vnc", "description": "the banner"}])
     );
     assert!(a
-        .handle("GET", "/boot.ipxe", ip(50), None, b"")
+        .handle("GET", "/boot.ipxe", ip(50), None, None, b"")
         .await
         .is_none());
     assert_eq!(
@@ -206,15 +219,42 @@ async fn every_answer_of_the_session_api() {
     assert_eq!(s["host"], "127.0.0.1");
     assert!(s.get("mac").is_none() && s.get("error").is_none(), "{s}");
     let id = s["id"].as_str().unwrap().to_string();
-    // GET by id: the seat and the admin see it (without the password), another seat may
-    // not, an unknown id is 404, other methods 405.
+    let key = s["key"]
+        .as_str()
+        .expect("the creator gets the key")
+        .to_string();
+    assert_eq!(key.len(), 32);
+    let k = Some(key.as_str());
+    // GET by id: the seat (with its key) and the admin see it (without the password or
+    // key), another seat may not, an unknown id is 404, other methods 405.
     let path = format!("/api/v1/sessions/{id}");
-    let (st, one) = call(&a, "GET", &path, ip(50), None, "").await;
+    let (st, one) = call_key(&a, "GET", &path, ip(50), None, k, "").await;
     assert_eq!(
         (st, &one["id"], &one["state"]),
         (200, &s["id"], &s["state"])
     );
     assert!(one.get("password").is_none(), "GET leaks the password");
+    assert!(one.get("key").is_none(), "GET leaks the key");
+    // The seat's MAC alone (a LAN host that cloned it) is not enough: 403 without the key
+    // or with a wrong one, for every call about the session.
+    for bad in [None, Some("0123456789abcdef0123456789abcdef")] {
+        for (m, p) in [
+            ("GET", path.clone()),
+            ("DELETE", path.clone()),
+            ("POST", format!("{path}/password")),
+            ("POST", format!("{path}/reset")),
+        ] {
+            let (st, v) = call_key(&a, m, &p, ip(50), None, bad, "").await;
+            assert_eq!(st, 403, "{m} {p} with key {bad:?}: {v}");
+            assert!(v["error"].as_str().unwrap().contains("key"), "{v}");
+        }
+        let body = match bad {
+            Some(b) => format!(r#"{{"guest": "demo", "key": "{b}"}}"#),
+            None => r#"{"guest": "demo"}"#.to_string(),
+        };
+        let (st, v) = call(&a, "POST", "/api/v1/sessions", ip(50), None, &body).await;
+        assert_eq!(st, 403, "reattach without the key: {v}");
+    }
     assert_eq!(call(&a, "GET", &path, ip(99), admin, "").await.0, 200);
     assert_eq!(call(&a, "GET", &path, ip(51), None, "").await.0, 403);
     assert_eq!(call(&a, "GET", &path, ip(99), None, "").await.0, 403);
@@ -231,7 +271,7 @@ async fn every_answer_of_the_session_api() {
         "/api/v1/sessions",
         ip(50),
         None,
-        &format!(r#"{{"guest": "demo", "seat": "{SEAT1}"}}"#),
+        &format!(r#"{{"guest": "demo", "seat": "{SEAT1}", "key": "{key}"}}"#),
     )
     .await;
     assert_eq!((st, again["id"].as_str()), (200, Some(id.as_str())));
@@ -246,7 +286,7 @@ async fn every_answer_of_the_session_api() {
 
     // A fresh one-time password, right before the viewer: the seat's own, or the admin's.
     let pw_path = format!("/api/v1/sessions/{id}/password");
-    let (st, fresh) = call(&a, "POST", &pw_path, ip(50), None, "").await;
+    let (st, fresh) = call_key(&a, "POST", &pw_path, ip(50), None, k, "").await;
     assert_eq!(
         (st, fresh["id"].as_str()),
         (200, Some(id.as_str())),
@@ -255,7 +295,10 @@ async fn every_answer_of_the_session_api() {
     assert_eq!(fresh["password"].as_str().unwrap().len(), 8);
     assert_ne!(fresh["password"], again["password"]);
     assert_eq!(call(&a, "POST", &pw_path, ip(99), admin, "").await.0, 200);
-    assert_eq!(call(&a, "POST", &pw_path, ip(51), None, "").await.0, 403);
+    assert_eq!(
+        call_key(&a, "POST", &pw_path, ip(51), None, k, "").await.0,
+        403
+    );
     assert_eq!(call(&a, "POST", &pw_path, ip(99), None, "").await.0, 403);
     assert_eq!(call(&a, "GET", &pw_path, ip(50), None, "").await.0, 405);
     assert_eq!(
@@ -309,12 +352,14 @@ async fn every_answer_of_the_session_api() {
     .await;
     assert_eq!(st, 200, "{fresh}");
     let new_id = fresh["id"].as_str().unwrap().to_string();
-    let (st, _) = call(
+    // The reset session keeps its key: its seat ends it with the key it had.
+    let (st, _) = call_key(
         &a,
         "DELETE",
         &format!("/api/v1/sessions/{new_id}"),
         ip(50),
         None,
+        k,
         "",
     )
     .await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vdd::config::{Config, Mac};
-use vdd::dispatch::{Dispatcher, Error};
+use vdd::dispatch::{Dispatcher, Error, Who};
 
 fn skip() -> Option<String> {
     let mut why = Vec::new();
@@ -99,6 +99,14 @@ fn seat(n: u8) -> Mac {
     Mac([0x52, 0x54, 0, 0, 0xaa, n])
 }
 
+/// Seat `n` asking with no key (a new session needs none).
+fn fresh_seat(n: u8) -> Who<'static> {
+    Who::Seat {
+        mac: seat(n),
+        key: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_boot_the_guest_behind_a_vnc_password() {
     if let Some(why) = skip() {
@@ -113,15 +121,15 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     let d = Dispatcher::new(cfg.clone()).await.unwrap();
 
     assert!(matches!(
-        d.create(seat(1), "nope").await,
+        d.create(seat(1), "nope", fresh_seat(1)).await,
         Err(Error::UnknownGuest(_))
     ));
     assert!(matches!(
-        d.create(seat(1), "missing").await,
+        d.create(seat(1), "missing", fresh_seat(1)).await,
         Err(Error::MissingImage { .. })
     ));
 
-    let s = d.create(seat(1), "demo").await.unwrap();
+    let s = d.create(seat(1), "demo", fresh_seat(1)).await.unwrap();
     assert_eq!((s.protocol.as_str(), s.port), ("vnc", base));
     let pw = s.password.clone().unwrap();
     wait_serial(&dir, &s.id, "banner drawn");
@@ -139,11 +147,52 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     // Per seat: another seat neither sees nor ends it; the same seat reattaches.
     assert!(d.list(Some(seat(2))).await.is_empty());
     assert_eq!(d.list(Some(seat(1))).await.len(), 1);
+    let key = s.key.clone().expect("a new session comes with its key");
+    let mine = Who::Seat {
+        mac: seat(1),
+        key: Some(&key),
+    };
     assert!(matches!(
-        d.end(&s.id, Some(seat(2))).await,
+        d.end(
+            &s.id,
+            Who::Seat {
+                mac: seat(2),
+                key: Some(&key)
+            }
+        )
+        .await,
         Err(Error::NotYours(_))
     ));
-    let again = d.create(seat(1), "demo").await.unwrap();
+    // Issue 17, finding 1: a LAN host that clones seat 1's MAC has no key; it can
+    // neither reattach (and so re-set the password), nor read, end or reset the session.
+    let clone = fresh_seat(1);
+    let wrong = Who::Seat {
+        mac: seat(1),
+        key: Some("00000000000000000000000000000000"),
+    };
+    for who in [clone, wrong] {
+        assert!(matches!(
+            d.create(seat(1), "demo", who).await,
+            Err(Error::WrongKey(_))
+        ));
+        assert!(matches!(d.get(&s.id, who).await, Err(Error::WrongKey(_))));
+        assert!(matches!(
+            d.password(&s.id, who).await,
+            Err(Error::WrongKey(_))
+        ));
+        assert!(matches!(d.end(&s.id, who).await, Err(Error::WrongKey(_))));
+        assert!(matches!(d.reset(&s.id, who).await, Err(Error::WrongKey(_))));
+    }
+    assert!(
+        vnc_auth(s.port, Some(&pw)).unwrap(),
+        "a refused impersonator changed the password"
+    );
+    assert_eq!(
+        d.get(&s.id, mine).await.unwrap().key,
+        None,
+        "GET shows the key"
+    );
+    let again = d.create(seat(1), "demo", mine).await.unwrap();
     assert_eq!(again.id, s.id);
     let pw2 = again.password.unwrap();
     assert_ne!(pw2, pw);
@@ -155,7 +204,7 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
 
     // Right before its viewer connects, the seat asks for a fresh password: it works, the
     // one before stops working, and only the session's own seat may ask.
-    let fresh = d.password(&s.id, Some(seat(1))).await.unwrap();
+    let fresh = d.password(&s.id, mine).await.unwrap();
     assert_eq!((fresh.id.as_str(), fresh.port), (s.id.as_str(), s.port));
     let pw3 = fresh.password.unwrap();
     assert!(![pw.as_str(), pw2.as_str()].contains(&pw3.as_str()));
@@ -168,22 +217,29 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
         "the password before the fresh one still works"
     );
     assert!(matches!(
-        d.password(&s.id, Some(seat(2))).await,
+        d.password(
+            &s.id,
+            Who::Seat {
+                mac: seat(2),
+                key: Some(&key)
+            }
+        )
+        .await,
         Err(Error::NotYours(_))
     ));
     assert!(matches!(
-        d.password("nope", Some(seat(1))).await,
+        d.password("nope", mine).await,
         Err(Error::NotFound(_))
     ));
 
     // A second seat's session gets its own port and password; a third VM is over max_vms.
-    let other = d.create(seat(2), "demo").await.unwrap();
+    let other = d.create(seat(2), "demo", fresh_seat(2)).await.unwrap();
     assert_eq!(other.port, base + 1);
     assert!(
         !vnc_auth(other.port, Some(&pw2)).unwrap(),
         "another session's password accepted"
     );
-    match d.create(seat(3), "demo").await {
+    match d.create(seat(3), "demo", fresh_seat(3)).await {
         Err(Error::Full(why)) => assert!(why.contains("max_vms"), "{why}"),
         r => panic!("expected Full, got {r:?}"),
     }
@@ -191,9 +247,12 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     // End: the VM and the session folder are gone; the base image is untouched.
     let pid =
         std::fs::read_to_string(dir.join("sessions").join(&s.id).join("session.json")).unwrap();
-    d.end(&s.id, Some(seat(1))).await.unwrap();
+    d.end(&s.id, mine).await.unwrap();
     assert!(!dir.join("sessions").join(&s.id).exists());
-    assert!(matches!(d.end(&s.id, None).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        d.end(&s.id, Who::Admin).await,
+        Err(Error::NotFound(_))
+    ));
     assert!(pid.contains("\"pid\""));
 
     // "Crash": drop the dispatcher with a VM running; the next one adopts and stops it.
@@ -207,7 +266,7 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     let vm_pid: u32 = serde_json::from_str::<serde_json::Value>(&rec).unwrap()["pid"]
         .as_u64()
         .unwrap() as u32;
-    d2.end(&other.id, None).await.unwrap();
+    d2.end(&other.id, Who::Admin).await.unwrap();
     assert!(
         !Path::new(&format!("/proc/{vm_pid}")).exists() || {
             let st = std::fs::read_to_string(format!("/proc/{vm_pid}/stat")).unwrap_or_default();
@@ -218,7 +277,7 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     // Issue 17, finding 7: vdd killed after QEMU started but before the record: the
     // orphan kept its VNC port, and every new session failed with "Address already in
     // use". Now the next dispatcher stops a record-less VM of its folder.
-    let lost = d2.create(seat(3), "demo").await.unwrap();
+    let lost = d2.create(seat(3), "demo", fresh_seat(3)).await.unwrap();
     let lost_dir = dir.join("sessions").join(&lost.id);
     let rec = std::fs::read_to_string(lost_dir.join("session.json")).unwrap();
     let lost_pid = serde_json::from_str::<serde_json::Value>(&rec).unwrap()["pid"]
@@ -235,10 +294,10 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     assert!(!lost_dir.exists());
     // A port something else holds is skipped, not handed to QEMU to fail on.
     let squatter = std::net::TcpListener::bind(("127.0.0.1", base)).unwrap();
-    let s4 = d3.create(seat(4), "demo").await.unwrap();
+    let s4 = d3.create(seat(4), "demo", fresh_seat(4)).await.unwrap();
     assert_eq!(s4.port, base + 1, "the taken port {base} was given out");
     drop(squatter);
-    d3.end(&s4.id, None).await.unwrap();
+    d3.end(&s4.id, Who::Admin).await.unwrap();
 
     assert_eq!(
         std::fs::read(&image).unwrap(),
@@ -264,8 +323,8 @@ async fn a_dead_vm_ends_its_session_and_shutdown_stops_the_rest() {
     let token = tokio_util::sync::CancellationToken::new();
     let watchdog = tokio::spawn(d.clone().run(token.clone()));
 
-    let a = d.create(seat(1), "demo").await.unwrap();
-    let b = d.create(seat(2), "demo").await.unwrap();
+    let a = d.create(seat(1), "demo", fresh_seat(1)).await.unwrap();
+    let b = d.create(seat(2), "demo", fresh_seat(2)).await.unwrap();
     let pid_of = |id: &str| -> u32 {
         let rec =
             std::fs::read_to_string(dir.join("sessions").join(id).join("session.json")).unwrap();

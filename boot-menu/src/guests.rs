@@ -81,6 +81,18 @@ pub fn request(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Vec<u8>, Error> {
+    request_with_key(server, method, path, body, None, timeout)
+}
+
+/// [`request`], showing a session's key in `X-Vdd-Session-Key` when there is one.
+pub fn request_with_key(
+    server: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    key: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<u8>, Error> {
     let io = |e| Error::Io(server, e);
     let mut s =
         TcpStream::connect_timeout(&server, timeout).map_err(|e| Error::Connect(server, e))?;
@@ -90,6 +102,9 @@ pub fn request(
         "{method} {path} HTTP/1.1\r\nHost: {server}\r\nUser-Agent: vdd-boot-menu\r\nAccept: application/json\r\nConnection: close\r\n"
     )
     .into_bytes();
+    if let Some(k) = key {
+        req.extend_from_slice(format!("X-Vdd-Session-Key: {k}\r\n").as_bytes());
+    }
     if let Some(b) = body {
         req.extend_from_slice(
             format!(

@@ -1,13 +1,56 @@
 //! The vdd session API as the thin client uses it: `POST /api/v1/sessions` for a guest
 //! (the server knows the seat by this client's address), `GET /api/v1/sessions` for the
 //! seat's running ones, `DELETE /api/v1/sessions/ID` to end one.
+//!
+//! The server hands each new session a key, once; every later call about that session
+//! shows it (`X-Vdd-Session-Key`), because the server knows a seat only by its MAC and a
+//! LAN host can clone that. The keys live in this process's memory only: a seat that
+//! reboots cannot reach the sessions of its earlier boot (their VMs end after
+//! `dispatch.idle_timeout` without a viewer, or by the admin).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::guests::{request, Error};
+use crate::guests::{request, request_with_key, Error};
+
+/// The keys of the sessions this boot created: (session id, guest, key).
+static KEYS: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
+
+fn keys() -> std::sync::MutexGuard<'static, Vec<(String, String, String)>> {
+    KEYS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps the key of a session the server just created (or reset).
+fn remember(s: &Session) {
+    if let Some(k) = &s.key {
+        let mut keys = keys();
+        keys.retain(|(id, _, _)| *id != s.id);
+        keys.push((s.id.clone(), s.guest.clone(), k.clone()));
+    }
+}
+
+fn forget(id: &str) {
+    keys().retain(|(i, _, _)| i != id);
+}
+
+/// The key of session `id`, if this boot created it.
+pub fn key_of(id: &str) -> Option<String> {
+    keys()
+        .iter()
+        .find(|(i, _, _)| i == id)
+        .map(|(_, _, k)| k.clone())
+}
+
+fn key_for_guest(guest: &str) -> Option<String> {
+    keys()
+        .iter()
+        .rev()
+        .find(|(_, g, _)| g == guest)
+        .map(|(_, _, k)| k.clone())
+}
 
 /// How to reach a session's display; the password is only in the answer to a create.
 ///
@@ -28,6 +71,9 @@ pub struct Session {
     pub state: String,
     #[serde(default)]
     pub error: Option<String>,
+    /// Only in the answer that created the session.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 fn ready() -> String {
@@ -46,11 +92,12 @@ impl Session {
 
 /// One session of this seat, as the server sees it now.
 pub fn get(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, Error> {
-    let r = request(
+    let r = request_with_key(
         server,
         "GET",
         &format!("/api/v1/sessions/{id}"),
         None,
+        key_of(id).as_deref(),
         timeout,
     )?;
     serde_json::from_slice(&r).map_err(Error::Json)
@@ -58,7 +105,11 @@ pub fn get(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, E
 
 /// The seat's session of `guest`: a new VM, or its running one with a fresh password.
 pub fn create(server: SocketAddr, guest: &str, timeout: Duration) -> Result<Session, Error> {
-    let body = serde_json::json!({ "guest": guest }).to_string();
+    let body = match key_for_guest(guest) {
+        Some(key) => serde_json::json!({ "guest": guest, "key": key }),
+        None => serde_json::json!({ "guest": guest }),
+    }
+    .to_string();
     let r = request(
         server,
         "POST",
@@ -66,17 +117,20 @@ pub fn create(server: SocketAddr, guest: &str, timeout: Duration) -> Result<Sess
         Some(body.as_bytes()),
         timeout,
     )?;
-    serde_json::from_slice(&r).map_err(Error::Json)
+    let s: Session = serde_json::from_slice(&r).map_err(Error::Json)?;
+    remember(&s);
+    Ok(s)
 }
 
 /// A fresh one-time VNC password for the session (it replaces the one before): asked for
 /// right before the viewer connects, so that a slow boot cannot outlast it.
 pub fn password(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, Error> {
-    let r = request(
+    let r = request_with_key(
         server,
         "POST",
         &format!("/api/v1/sessions/{id}/password"),
         None,
+        key_of(id).as_deref(),
         timeout,
     )?;
     serde_json::from_slice(&r).map_err(Error::Json)
@@ -96,26 +150,32 @@ pub fn list(server: SocketAddr, timeout: Duration) -> Result<Vec<Session>, Error
 
 /// Ends a session (its VM is stopped and its changes are thrown away).
 pub fn end(server: SocketAddr, id: &str, timeout: Duration) -> Result<(), Error> {
-    request(
+    request_with_key(
         server,
         "DELETE",
         &format!("/api/v1/sessions/{id}"),
         None,
+        key_of(id).as_deref(),
         timeout,
-    )
-    .map(drop)
+    )?;
+    forget(id);
+    Ok(())
 }
 
 /// Throws a session's changes away and starts its guest afresh.
 pub fn reset(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, Error> {
-    let r = request(
+    let r = request_with_key(
         server,
         "POST",
         &format!("/api/v1/sessions/{id}/reset"),
         None,
+        key_of(id).as_deref(),
         timeout,
     )?;
-    serde_json::from_slice(&r).map_err(Error::Json)
+    let s: Session = serde_json::from_slice(&r).map_err(Error::Json)?;
+    forget(id);
+    remember(&s);
+    Ok(s)
 }
 
 /// The command line of the VNC session in the thin-client root: an X server on the
@@ -199,6 +259,29 @@ mod tests {
             "viewer: Mon Dec  1 18:23:37 2026 CConn:       Authentication failure: Authentication failed"
         ));
         assert!(!refused("viewer: CConn: End of stream"));
+    }
+
+    #[test]
+    fn keys_are_kept_per_session_and_found_by_guest() {
+        let s: Session = serde_json::from_str(
+            r#"{"id":"k1","seat":"x","guest":"keyed","protocol":"vnc","host":"10.77.0.1","port":5910,"started":1,"key":"00ff"}"#,
+        )
+        .unwrap();
+        remember(&s);
+        assert_eq!(key_of("k1").as_deref(), Some("00ff"));
+        assert_eq!(key_for_guest("keyed").as_deref(), Some("00ff"));
+        let listed: Session = serde_json::from_str(
+            r#"{"id":"k1","seat":"x","guest":"keyed","protocol":"vnc","host":"10.77.0.1","port":5910,"started":1}"#,
+        )
+        .unwrap();
+        remember(&listed);
+        assert_eq!(
+            key_of("k1").as_deref(),
+            Some("00ff"),
+            "a listing without key keeps it"
+        );
+        forget("k1");
+        assert_eq!((key_of("k1"), key_for_guest("keyed")), (None, None));
     }
 
     #[test]

@@ -47,6 +47,11 @@ pub enum Error {
     NotFound(String),
     #[error("session {0} belongs to another seat")]
     NotYours(String),
+    /// A seat asked without the session's key, or with a wrong one.
+    #[error(
+        "session {0} needs its key (X-Vdd-Session-Key), which only the seat that started it got"
+    )]
+    WrongKey(String),
     /// An X11 session: the guest's display manager logs the user in, no VNC password.
     #[error("session {0} is an X11 session: it has no VNC password")]
     NoPassword(String),
@@ -107,6 +112,54 @@ pub struct SessionInfo {
     /// The MAC of an X11 guest's NIC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The session's key: only in the answer that created the session (or reset it).
+    /// A seat must show it (`X-Vdd-Session-Key`) for everything else it does with the
+    /// session: a seat is only a MAC in the neighbour table, and any LAN host can clone
+    /// a MAC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Who asks for a session, as the API established it.
+#[derive(Clone, Copy, Debug)]
+pub enum Who<'a> {
+    /// The admin (the token): any session.
+    Admin,
+    /// A seat: only its own sessions, and only with the key it got when it created one.
+    Seat { mac: Mac, key: Option<&'a str> },
+}
+
+impl Who<'_> {
+    fn seat(&self) -> Option<Mac> {
+        match self {
+            Who::Admin => None,
+            Who::Seat { mac, .. } => Some(*mac),
+        }
+    }
+
+    /// May this caller use the session of `seat` with `key`?
+    fn check(&self, id: &str, seat: &str, key: &str) -> Result<(), Error> {
+        match self {
+            Who::Admin => Ok(()),
+            Who::Seat { mac, .. } if mac.to_string() != seat => Err(Error::NotYours(id.into())),
+            Who::Seat { key: given, .. } => {
+                use subtle::ConstantTimeEq;
+                let ok = given.is_some_and(|g| {
+                    !key.is_empty() && bool::from(g.as_bytes().ct_eq(key.as_bytes()))
+                });
+                if ok {
+                    Ok(())
+                } else {
+                    Err(Error::WrongKey(id.into()))
+                }
+            }
+        }
+    }
+}
+
+/// A session key: 128 random bits, hex.
+fn new_key() -> String {
+    random::<16>().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What is written to disk for each session, for adoption after a crash.
@@ -121,6 +174,10 @@ struct Record {
     overlay: PathBuf,
     persist: bool,
     memory_mib: u64,
+    /// The session's key (see [`SessionInfo::key`]); empty in records of older vdds,
+    /// whose sessions only the admin can reach.
+    #[serde(default)]
+    key: String,
     /// The LAN side of an X11 guest; absent for VNC guests (and in records of older vdds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     x11: Option<X11Rec>,
@@ -147,6 +204,7 @@ struct Session {
 /// A failed session, kept for GET until [`FAILED_KEPT`] has passed or it is deleted.
 struct Failed {
     info: SessionInfo,
+    key: String,
     since: Instant,
 }
 
@@ -408,6 +466,7 @@ impl Dispatcher {
             state: s.state,
             error: None,
             mac,
+            key: None,
         }
     }
 
@@ -447,6 +506,7 @@ impl Dispatcher {
                     id.clone(),
                     Failed {
                         info,
+                        key: s.rec.key.clone(),
                         since: Instant::now(),
                     },
                 );
@@ -459,7 +519,25 @@ impl Dispatcher {
 
     /// The seat's session of `guest`: its running one (reattached with a new password),
     /// or a new VM.
-    pub async fn create(&self, seat: Mac, guest_name: &str) -> Result<SessionInfo, Error> {
+    /// `key`: the key of the seat's running session of this guest, to reattach to it; the
+    /// admin (`Who::Admin`) needs none.
+    pub async fn create(
+        &self,
+        seat: Mac,
+        guest_name: &str,
+        who: Who<'_>,
+    ) -> Result<SessionInfo, Error> {
+        self.create_keyed(seat, guest_name, who, None).await
+    }
+
+    /// [`Dispatcher::create`]; a new session gets `key`, or a new one.
+    async fn create_keyed(
+        &self,
+        seat: Mac,
+        guest_name: &str,
+        who: Who<'_>,
+        key: Option<String>,
+    ) -> Result<SessionInfo, Error> {
         let guest = self
             .cfg
             .guests
@@ -476,6 +554,7 @@ impl Dispatcher {
                 .values_mut()
                 .find(|s| s.rec.seat == seat && s.rec.guest == guest.name)
             {
+                who.check(&s.rec.id, &s.rec.seat.to_string(), &s.rec.key)?;
                 s.last_seen = Instant::now();
                 if s.rec.x11.is_some() {
                     info!(session = %s.rec.id, mac = %seat, guest = %s.rec.guest, "X11 session handed out again");
@@ -554,7 +633,8 @@ impl Dispatcher {
             (id, port)
         };
 
-        let result = self.start_vm(&id, seat, &guest, port).await;
+        let key = key.unwrap_or_else(new_key);
+        let result = self.start_vm(&id, seat, &guest, port, key).await;
 
         let mut st = self.state.lock().await;
         st.pending_ports.retain(|p| *p != port);
@@ -575,7 +655,10 @@ impl Dispatcher {
         } else {
             info!(session = %id, mac = %seat, guest = %guest.name, port, accel = self.accel.as_str(), "VM started");
         }
-        let info = self.info(&session, password);
+        let info = SessionInfo {
+            key: Some(session.rec.key.clone()),
+            ..self.info(&session, password)
+        };
         st.sessions.insert(id, session);
         Ok(info)
     }
@@ -586,6 +669,7 @@ impl Dispatcher {
         seat: Mac,
         guest: &crate::config::Guest,
         port: u16,
+        key: String,
     ) -> Result<(Session, Option<String>), Error> {
         if !guest.image.exists() {
             return Err(Error::MissingImage {
@@ -685,6 +769,7 @@ impl Dispatcher {
             overlay,
             persist: guest.persist,
             memory_mib: guest.memory_mib,
+            key,
             x11,
         };
         let mut vm = vm;
@@ -712,6 +797,14 @@ impl Dispatcher {
     }
 
     /// Sessions, all of them (`seat: None`, the admin) or one seat's.
+    /// Whether `mac` is the NIC of one of our guests (an X11 guest on the LAN).
+    pub async fn is_guest_mac(&self, mac: Mac) -> bool {
+        let st = self.state.lock().await;
+        st.sessions
+            .values()
+            .any(|s| s.rec.x11.as_ref().is_some_and(|x| x.mac == mac))
+    }
+
     pub async fn list(&self, seat: Option<Mac>) -> Vec<SessionInfo> {
         let mut st = self.state.lock().await;
         st.sessions
@@ -729,22 +822,20 @@ impl Dispatcher {
 
     /// One session, running or recently failed; `seat: Some` only its own. A seat that
     /// asks is present (an X11 session has no VNC viewer to show it).
-    pub async fn get(&self, id: &str, seat: Option<Mac>) -> Result<SessionInfo, Error> {
+    pub async fn get(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
         let mut st = self.state.lock().await;
         if let Some(s) = st.sessions.get_mut(id) {
-            if seat.is_some_and(|m| m != s.rec.seat) {
-                return Err(Error::NotYours(id.to_string()));
-            }
-            if seat.is_some() {
+            who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
+            if who.seat().is_some() {
                 s.last_seen = Instant::now();
             }
             return Ok(self.info(s, None));
         }
         match st.failed.get(id) {
-            Some(f) if seat.is_some_and(|m| m.to_string() != f.info.seat) => {
-                Err(Error::NotYours(id.to_string()))
+            Some(f) => {
+                who.check(id, &f.info.seat, &f.key)?;
+                Ok(f.info.clone())
             }
-            Some(f) => Ok(f.info.clone()),
             None => Err(Error::NotFound(id.to_string())),
         }
     }
@@ -753,24 +844,20 @@ impl Dispatcher {
     /// the seat asks for it right before its viewer connects, however long its boot took
     /// since the session was created (an old PC may need minutes to mount its root and start
     /// X, and a password set at the pick would have expired by then).
-    pub async fn password(&self, id: &str, seat: Option<Mac>) -> Result<SessionInfo, Error> {
+    pub async fn password(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
         let (qmp_path, info) = {
             let mut st = self.state.lock().await;
             let Some(s) = st.sessions.get_mut(id) else {
-                return Err(match st.failed.get(id) {
-                    Some(f) if seat.is_some_and(|m| m.to_string() != f.info.seat) => {
-                        Error::NotYours(id.to_string())
-                    }
-                    _ => Error::NotFound(id.to_string()),
-                });
+                if let Some(f) = st.failed.get(id) {
+                    who.check(id, &f.info.seat, &f.key)?;
+                }
+                return Err(Error::NotFound(id.to_string()));
             };
-            if seat.is_some_and(|m| m != s.rec.seat) {
-                return Err(Error::NotYours(id.to_string()));
-            }
+            who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
             if s.rec.x11.is_some() {
                 return Err(Error::NoPassword(id.to_string()));
             }
-            if seat.is_some() {
+            if who.seat().is_some() {
                 s.last_seen = Instant::now();
             }
             (s.vm.qmp.clone(), self.info(s, None))
@@ -784,14 +871,12 @@ impl Dispatcher {
     }
 
     /// Ends a session; `seat: Some` only its own.
-    pub async fn end(&self, id: &str, seat: Option<Mac>) -> Result<(), Error> {
+    pub async fn end(&self, id: &str, who: Who<'_>) -> Result<(), Error> {
         let s = {
             let mut st = self.state.lock().await;
             if let Some(f) = st.failed.get(id) {
                 // A failed session's VM is already stopped; DELETE only forgets it.
-                if seat.is_some_and(|m| m.to_string() != f.info.seat) {
-                    return Err(Error::NotYours(id.to_string()));
-                }
+                who.check(id, &f.info.seat, &f.key)?;
                 st.failed.remove(id);
                 return Ok(());
             }
@@ -799,9 +884,7 @@ impl Dispatcher {
                 .sessions
                 .get(id)
                 .ok_or_else(|| Error::NotFound(id.to_string()))?;
-            if seat.is_some_and(|m| m != s.rec.seat) {
-                return Err(Error::NotYours(id.to_string()));
-            }
+            who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
             st.sessions.remove(id).expect("just found")
         };
         self.finish(s, "ended").await;
@@ -809,22 +892,28 @@ impl Dispatcher {
     }
 
     /// Throws the session's overlay away and starts its guest afresh (a clean desktop).
-    pub async fn reset(&self, id: &str, seat: Option<Mac>) -> Result<SessionInfo, Error> {
-        let (seat_mac, guest, overlay) = {
+    /// The new session keeps the old one's key: its seat reaches it as before, also
+    /// when the admin reset it.
+    pub async fn reset(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
+        let (seat_mac, guest, overlay, key) = {
             let st = self.state.lock().await;
             let s = st
                 .sessions
                 .get(id)
                 .ok_or_else(|| Error::NotFound(id.to_string()))?;
-            if seat.is_some_and(|m| m != s.rec.seat) {
-                return Err(Error::NotYours(id.to_string()));
-            }
-            (s.rec.seat, s.rec.guest.clone(), s.rec.overlay.clone())
+            who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
+            (
+                s.rec.seat,
+                s.rec.guest.clone(),
+                s.rec.overlay.clone(),
+                s.rec.key.clone(),
+            )
         };
-        self.end(id, seat).await?;
+        self.end(id, who).await?;
         // A kept overlay is thrown away too: reset means a clean desktop.
         let _ = std::fs::remove_file(&overlay);
-        self.create(seat_mac, &guest).await
+        let key = (!key.is_empty()).then_some(key);
+        self.create_keyed(seat_mac, &guest, who, key).await
     }
 
     async fn finish(&self, mut s: Session, why: &str) {
@@ -1005,6 +1094,7 @@ mod tests {
             overlay: "/var/lib/vdd/sessions/x/overlay.qcow2".into(),
             persist: false,
             memory_mib: 256,
+            key: "00".into(),
             x11: None,
         };
         let j = serde_json::to_string(&rec).unwrap();

@@ -13,7 +13,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::config::{Config, Mac};
-use crate::dispatch::{self, Dispatcher};
+use crate::dispatch::{self, Dispatcher, Who};
 
 /// Maps a request's source address to the seat (MAC) it belongs to.
 pub trait SeatLookup: Send + Sync {
@@ -32,11 +32,18 @@ impl SeatLookup for Neighbours {
     }
 }
 
-/// Finds `ip` in the text of /proc/net/arp (complete entries only: flags 0x2).
+/// Finds `ip` in the text of /proc/net/arp: complete entries only (flag ATF_COM, 0x2),
+/// permanent ones (ATF_PERM, 0x4: `ip neigh add ... nud permanent`, the usual guard
+/// against ARP spoofing) included.
 fn parse_arp(table: &str, ip: std::net::Ipv4Addr) -> Option<Mac> {
+    const ATF_COM: u32 = 0x2;
     table.lines().skip(1).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() >= 4 && f[0].parse().ok() == Some(ip) && f[2] == "0x2" {
+        let flags = f
+            .get(2)
+            .and_then(|x| u32::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0);
+        if f.len() >= 4 && f[0].parse().ok() == Some(ip) && flags & ATF_COM != 0 {
             f[3].parse().ok()
         } else {
             None
@@ -66,6 +73,8 @@ fn error(status: u16, msg: impl Into<String>) -> Reply {
 enum Caller {
     Admin,
     Seat(Mac),
+    /// A guest VM's own NIC (an X11 guest on the LAN).
+    Guest,
     Unknown,
 }
 
@@ -75,7 +84,12 @@ struct CreateBody {
     guest: String,
     /// The seat's MAC; a seat may only name itself. The admin may name any seat.
     seat: Option<String>,
+    /// The key of the seat's running session of this guest, to reattach to it.
+    key: Option<String>,
 }
+
+/// The header a seat shows a session's key in.
+pub const KEY_HEADER: &str = "x-vdd-session-key";
 
 /// The API's state.
 pub struct Api {
@@ -85,7 +99,7 @@ pub struct Api {
 }
 
 impl Api {
-    fn caller(&self, peer: IpAddr, authorization: Option<&str>) -> Caller {
+    async fn caller(&self, peer: IpAddr, authorization: Option<&str>) -> Caller {
         if let (Some(token), Some(auth)) = (&self.cfg.http.admin_token, authorization) {
             if let Some(given) = auth.strip_prefix("Bearer ") {
                 // Compared in constant time: the token is the admin's only key.
@@ -95,6 +109,12 @@ impl Api {
             }
         }
         match self.seats.seat_of(peer) {
+            // An X11 guest sits on the LAN bridge and is in the neighbour table like a
+            // seat; it must not start VMs (or reach anyone's sessions).
+            Some(m) if self.is_guest(m).await => {
+                warn!(ip = %peer, mac = %m, "API request from a guest VM's NIC refused");
+                Caller::Guest
+            }
             Some(m) => Caller::Seat(m),
             None => Caller::Unknown,
         }
@@ -107,6 +127,7 @@ impl Api {
         path: &str,
         peer: IpAddr,
         authorization: Option<&str>,
+        key: Option<&str>,
         body: &[u8],
     ) -> Option<Reply> {
         let rest = path.strip_prefix("/api/v1/")?;
@@ -118,12 +139,14 @@ impl Api {
             ("GET" | "HEAD", ["sessions"]) => self.list(peer, authorization).await,
             ("POST", ["sessions"]) => self.create(peer, authorization, body).await,
             (_, ["sessions"]) => error(405, "use GET or POST"),
-            ("GET" | "HEAD", ["sessions", id]) => self.get(peer, authorization, id).await,
-            ("DELETE", ["sessions", id]) => self.end(peer, authorization, id).await,
+            ("GET" | "HEAD", ["sessions", id]) => self.get(peer, authorization, key, id).await,
+            ("DELETE", ["sessions", id]) => self.end(peer, authorization, key, id).await,
             (_, ["sessions", _]) => error(405, "use GET or DELETE"),
-            ("POST", ["sessions", id, "reset"]) => self.reset(peer, authorization, id).await,
+            ("POST", ["sessions", id, "reset"]) => self.reset(peer, authorization, key, id).await,
             (_, ["sessions", _, "reset"]) => error(405, "use POST"),
-            ("POST", ["sessions", id, "password"]) => self.password(peer, authorization, id).await,
+            ("POST", ["sessions", id, "password"]) => {
+                self.password(peer, authorization, key, id).await
+            }
             (_, ["sessions", _, "password"]) => error(405, "use POST"),
             _ => error(404, format!("no API path /api/v1/{rest}")),
         };
@@ -147,6 +170,13 @@ impl Api {
         reply(200, json!(list))
     }
 
+    async fn is_guest(&self, mac: Mac) -> bool {
+        match &self.dispatcher {
+            Some(d) => d.is_guest_mac(mac).await,
+            None => false,
+        }
+    }
+
     fn dispatcher(&self) -> Result<&Arc<Dispatcher>, Reply> {
         self.dispatcher.as_ref().ok_or_else(|| {
             error(
@@ -157,7 +187,7 @@ impl Api {
     }
 
     async fn list(&self, peer: IpAddr, auth: Option<&str>) -> Reply {
-        match self.scope(peer, auth) {
+        match self.scope(peer, auth).await {
             Ok((d, seat)) => reply(200, json!(d.list(seat).await)),
             Err(r) => r,
         }
@@ -192,7 +222,8 @@ impl Api {
                 )
             }
         };
-        let seat = match (self.caller(peer, auth), named) {
+        let caller = self.caller(peer, auth).await;
+        let seat = match (caller, named) {
             (Caller::Admin, Some(m)) => m,
             (Caller::Admin, None) => return error(400, "the admin must name the seat"),
             (Caller::Seat(m), None) => m,
@@ -201,6 +232,7 @@ impl Api {
                 warn!(ip = %peer, mac = %m, claimed = %n, "a seat asked for another seat's session");
                 return error(403, format!("this client is seat {m}, not {n}"));
             }
+            (Caller::Guest, _) => return guest_caller(peer),
             (Caller::Unknown, _) => return unknown_caller(peer),
         };
         let running = d
@@ -212,8 +244,19 @@ impl Api {
         // and aborting connections) must not drop a half-started VM on the floor; the
         // dispatcher sees the start through and stops the VM if nobody wants it.
         let create = {
-            let (d, guest) = (d.clone(), req.guest.clone());
-            tokio::spawn(async move { d.create(seat, &guest).await })
+            let (d, guest, key) = (d.clone(), req.guest.clone(), req.key.clone());
+            let admin = caller == Caller::Admin;
+            tokio::spawn(async move {
+                let who = if admin {
+                    Who::Admin
+                } else {
+                    Who::Seat {
+                        mac: seat,
+                        key: key.as_deref(),
+                    }
+                };
+                d.create(seat, &guest, who).await
+            })
         };
         let created = match create.await {
             Ok(r) => r,
@@ -228,17 +271,34 @@ impl Api {
         }
     }
 
-    /// The dispatcher and the seat a session request is limited to (`None`: the admin,
-    /// any session), or the refusal.
-    fn scope(
+    /// The dispatcher and the seat a listing is limited to (`None`: the admin, every
+    /// session), or the refusal.
+    async fn scope(
         &self,
         peer: IpAddr,
         auth: Option<&str>,
     ) -> Result<(&Arc<Dispatcher>, Option<Mac>), Reply> {
         let d = self.dispatcher()?;
-        match self.caller(peer, auth) {
+        match self.caller(peer, auth).await {
             Caller::Admin => Ok((d, None)),
             Caller::Seat(m) => Ok((d, Some(m))),
+            Caller::Guest => Err(guest_caller(peer)),
+            Caller::Unknown => Err(unknown_caller(peer)),
+        }
+    }
+
+    /// The dispatcher and who asks for one session (a seat with the key it showed).
+    async fn who<'k>(
+        &self,
+        peer: IpAddr,
+        auth: Option<&str>,
+        key: Option<&'k str>,
+    ) -> Result<(&Arc<Dispatcher>, Who<'k>), Reply> {
+        let d = self.dispatcher()?;
+        match self.caller(peer, auth).await {
+            Caller::Admin => Ok((d, Who::Admin)),
+            Caller::Seat(mac) => Ok((d, Who::Seat { mac, key })),
+            Caller::Guest => Err(guest_caller(peer)),
             Caller::Unknown => Err(unknown_caller(peer)),
         }
     }
@@ -246,23 +306,23 @@ impl Api {
     /// One session, as POST answered it (without a password): how a thin client sees an
     /// X11 session go from "starting" to "ready" or "failed". A seat's GET also tells the
     /// dispatcher the seat is still there.
-    async fn get(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
-        let (d, seat) = match self.scope(peer, auth) {
+    async fn get(&self, peer: IpAddr, auth: Option<&str>, key: Option<&str>, id: &str) -> Reply {
+        let (d, who) = match self.who(peer, auth, key).await {
             Ok(x) => x,
             Err(r) => return r,
         };
-        match d.get(id, seat).await {
+        match d.get(id, who).await {
             Ok(s) => reply(200, json!(s)),
             Err(e) => dispatch_error(e),
         }
     }
 
-    async fn end(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
-        let (d, seat) = match self.scope(peer, auth) {
+    async fn end(&self, peer: IpAddr, auth: Option<&str>, key: Option<&str>, id: &str) -> Reply {
+        let (d, who) = match self.who(peer, auth, key).await {
             Ok(x) => x,
             Err(r) => return r,
         };
-        match d.end(id, seat).await {
+        match d.end(id, who).await {
             Ok(()) => Reply {
                 status: 204,
                 body: Vec::new(),
@@ -272,23 +332,29 @@ impl Api {
     }
 
     /// A fresh one-time VNC password (it replaces the one before, and expires unused).
-    async fn password(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
-        let (d, seat) = match self.scope(peer, auth) {
+    async fn password(
+        &self,
+        peer: IpAddr,
+        auth: Option<&str>,
+        key: Option<&str>,
+        id: &str,
+    ) -> Reply {
+        let (d, who) = match self.who(peer, auth, key).await {
             Ok(x) => x,
             Err(r) => return r,
         };
-        match d.password(id, seat).await {
+        match d.password(id, who).await {
             Ok(s) => reply(200, json!(s)),
             Err(e) => dispatch_error(e),
         }
     }
 
-    async fn reset(&self, peer: IpAddr, auth: Option<&str>, id: &str) -> Reply {
-        let (d, seat) = match self.scope(peer, auth) {
+    async fn reset(&self, peer: IpAddr, auth: Option<&str>, key: Option<&str>, id: &str) -> Reply {
+        let (d, who) = match self.who(peer, auth, key).await {
             Ok(x) => x,
             Err(r) => return r,
         };
-        match d.reset(id, seat).await {
+        match d.reset(id, who).await {
             Ok(s) => reply(200, json!(s)),
             Err(e) => dispatch_error(e),
         }
@@ -305,11 +371,18 @@ fn unknown_caller(peer: IpAddr) -> Reply {
     )
 }
 
+fn guest_caller(peer: IpAddr) -> Reply {
+    error(
+        403,
+        format!("{peer} is a guest VM of this server, not a seat"),
+    )
+}
+
 fn dispatch_error(e: dispatch::Error) -> Reply {
     use dispatch::Error as E;
     let status = match &e {
         E::UnknownGuest(_) | E::NotFound(_) => 404,
-        E::NotYours(_) => 403,
+        E::NotYours(_) | E::WrongKey(_) => 403,
         E::NoPassword(_) => 409,
         E::Full(_) => 503,
         E::MissingImage { .. }
@@ -326,7 +399,8 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]
@@ -338,7 +412,8 @@ mod tests {
     fn arp_table() {
         let t = "IP address       HW type     Flags       HW address            Mask     Device\n\
                  10.77.0.50       0x1         0x2         52:54:00:e2:e0:01     *        br0\n\
-                 10.77.0.51       0x1         0x0         00:00:00:00:00:00     *        br0\n";
+                 10.77.0.51       0x1         0x0         00:00:00:00:00:00     *        br0\n\
+                 10.77.0.53       0x1         0x6         52:54:00:e2:e0:03     *        br0\n";
         assert_eq!(
             parse_arp(t, Ipv4Addr::new(10, 77, 0, 50)),
             Some("52:54:00:e2:e0:01".parse().unwrap())
@@ -349,6 +424,11 @@ mod tests {
             "incomplete entry"
         );
         assert_eq!(parse_arp(t, Ipv4Addr::new(10, 77, 0, 52)), None);
+        assert_eq!(
+            parse_arp(t, Ipv4Addr::new(10, 77, 0, 53)),
+            Some("52:54:00:e2:e0:03".parse().unwrap()),
+            "a static (permanent) entry is a seat too"
+        );
     }
 
     #[test]

@@ -486,6 +486,7 @@ impl Conn {
                 &req.target,
                 self.peer.ip(),
                 req.header("authorization"),
+                req.header(api::KEY_HEADER),
                 &body,
             )
             .await
