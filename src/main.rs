@@ -277,7 +277,24 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
 
 /// Binds every enabled service first (a busy port stops start-up before anything is
 /// served), then runs them until a signal.
+/// Raises the soft limit of open files to the hard one. Every TFTP transfer, HTTP and NBD
+/// connection and VM holds descriptors; at the usual soft limit of 1024, 1100 HTTP
+/// connections from one host left TFTP transfers unable to open sockets ("Too many open
+/// files").
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
+    raise_fd_limit();
     std::fs::create_dir_all(&cfg.server.state_dir).with_context(|| {
         format!(
             "creating server.state_dir {}",

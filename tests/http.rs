@@ -660,3 +660,61 @@ fn ipxe_in_qemu_boots_the_script() {
     assert!(line.contains("console=ttyS0"), "{line}");
     drop(qemu_guard);
 }
+
+/// Issue 17, finding 3: 1100 connections from one host took every slot (and descriptor).
+/// One address gets `PER_ADDRESS` connections; the next is answered 503 and closed, and
+/// another address is still served.
+#[test]
+fn one_address_cannot_take_every_connection() {
+    if skip("one_address_cannot_take_every_connection") {
+        return;
+    }
+    let s = start("peraddr", true, false);
+    let held: Vec<TcpStream> = (0..vdd::http::PER_ADDRESS)
+        .map(|_| TcpStream::connect(s.addr).unwrap())
+        .collect();
+    // Each held connection is served: a request on the last one is answered.
+    let mut last = held.last().unwrap().try_clone().unwrap();
+    last.write_all(b"HEAD /files/small.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    last.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = last.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK"));
+    let r = raw(s.addr, b"GET /files/small.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 503 "),
+        "one connection too many: {r:?}"
+    );
+    // Another host (127.0.0.2 reaches the server on lo) is served.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut c: TcpStream = sock.into();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /files/small.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert!(
+        out.starts_with(b"HTTP/1.1 200 OK"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    drop(held);
+    // Once they are closed, the address is served again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = raw(
+            s.addr,
+            b"HEAD /files/small.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if r.starts_with("HTTP/1.1 200 OK") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still refused: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -73,6 +73,14 @@ const MAX_CONNECTIONS: usize = 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may accept no body bytes at all before we give up on it.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest a body may go, after the first `STALL_TIMEOUT`: a reader that takes a byte
+/// now and then no longer resets a timer with each partial send and holds its slot for
+/// ever. An old PC on 10 Mbit/s reads 76 times faster than this.
+const MIN_RATE: f64 = 16.0 * 1024.0;
+/// Connections one client address may hold at once, of `MAX_CONNECTIONS`: iPXE opens one
+/// or two, a browser on the admin panel six. 1100 connections from one host once took
+/// every slot and every descriptor.
+pub const PER_ADDRESS: usize = 16;
 /// How long running transfers may go on after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The largest API request body we read (a session request is under 100 bytes).
@@ -87,6 +95,7 @@ pub struct Service {
     listener: TcpListener,
     /// Caps concurrent connections; a permit lives as long as its connection task.
     limit: Arc<Semaphore>,
+    per_address: crate::peers::PerAddress,
     /// Rate limit of `warn` lines about misbehaving clients.
     warns: Arc<WarnLimit>,
     /// The JSON API under /api/v1/ (menu and sessions).
@@ -114,6 +123,7 @@ impl Service {
             cfg,
             listener,
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            per_address: crate::peers::PerAddress::default(),
             warns: Arc::new(WarnLimit::default()),
             api,
         })
@@ -159,6 +169,17 @@ impl Service {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Some(slot) = self.per_address.take(peer.ip(), PER_ADDRESS) else {
+                        if self.warns.allow() {
+                            warn!(%peer, per_address = PER_ADDRESS, "http: this address holds too many connections; refused");
+                        }
+                        // Best effort, never waiting: the client learns why, and the
+                        // descriptor goes at once.
+                        let _ = stream.try_write(
+                            b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                        );
+                        continue;
+                    };
                     let conn = Conn {
                         api: self.api.clone(),
                         cfg: self.cfg.clone(),
@@ -168,7 +189,7 @@ impl Service {
                     };
                     conns.spawn(async move {
                         conn.serve(stream).await;
-                        drop(permit);
+                        drop((permit, slot));
                     });
                 }
                 // Out of descriptors or a connection reset before accept: transient.
@@ -615,6 +636,30 @@ async fn with_stall_timeout<T>(
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "client stalled")))
 }
 
+/// The pace a body must keep: `STALL_TIMEOUT` for a start, then `MIN_RATE`.
+struct Pace {
+    start: tokio::time::Instant,
+    sent: u64,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            start: tokio::time::Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// When the next `n` bytes must be out.
+    fn deadline(&self, n: u64) -> tokio::time::Instant {
+        self.start + STALL_TIMEOUT + Duration::from_secs_f64((self.sent + n) as f64 / MIN_RATE)
+    }
+}
+
+fn stalled() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "client stalled or too slow")
+}
+
 /// Sends `len` bytes of `file` from `offset` with sendfile(2): the kernel moves pages
 /// from the page cache to the socket. The socket is non-blocking; we wait for tokio's
 /// write readiness whenever the socket buffer is full.
@@ -629,9 +674,10 @@ async fn send_sendfile(
     const MAX_CHUNK: u64 = 1024 * 1024;
     let mut off = i64::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
     let mut left = len;
+    let mut pace = Pace::new();
     while left > 0 {
         let want = left.min(MAX_CHUNK) as usize;
-        let n = tokio::time::timeout(STALL_TIMEOUT, async {
+        let n = tokio::time::timeout_at(pace.deadline(want as u64), async {
             loop {
                 stream.writable().await?;
                 match stream.try_io(Interest::WRITABLE, || {
@@ -649,7 +695,7 @@ async fn send_sendfile(
             }
         })
         .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "client stalled")))?;
+        .unwrap_or_else(|_| Err(stalled()))?;
         if n == 0 {
             // The file shrank under us: the promised Content-Length cannot be kept, so the
             // connection must end (the client sees a short body, not wrong bytes).
@@ -659,6 +705,7 @@ async fn send_sendfile(
             ));
         }
         left -= n as u64;
+        pace.sent += n as u64;
     }
     Ok(())
 }
@@ -674,6 +721,7 @@ async fn send_copy(
     file.seek(io::SeekFrom::Start(offset)).await?;
     let mut buf = vec![0u8; COPY_BUF];
     let mut left = len;
+    let mut pace = Pace::new();
     while left > 0 {
         let want = left.min(COPY_BUF as u64) as usize;
         let n = file.read(&mut buf[..want]).await?;
@@ -683,8 +731,36 @@ async fn send_copy(
                 "file shrank during transfer",
             ));
         }
-        with_stall_timeout(stream.write_all(&buf[..n])).await?;
+        tokio::time::timeout_at(pace.deadline(n as u64), stream.write_all(&buf[..n]))
+            .await
+            .unwrap_or_else(|_| Err(stalled()))?;
         left -= n as u64;
+        pace.sent += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that takes a byte now and then reset the 60 s timer with each partial
+    /// send; the pace gives it `STALL_TIMEOUT` plus what `MIN_RATE` allows, no more.
+    #[test]
+    fn a_trickling_reader_runs_out_of_time() {
+        let p = Pace {
+            start: tokio::time::Instant::now(),
+            sent: 0,
+        };
+        let mib = 1024 * 1024;
+        assert_eq!(p.deadline(0), p.start + STALL_TIMEOUT);
+        assert_eq!(
+            p.deadline(mib),
+            p.start + STALL_TIMEOUT + Duration::from_secs(64)
+        );
+        // One byte sent after another does not move the deadline by more than a byte's
+        // worth at MIN_RATE.
+        let later = Pace { sent: 1, ..p };
+        assert!(later.deadline(mib) - p.deadline(mib) < Duration::from_millis(1));
+    }
 }
