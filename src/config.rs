@@ -54,6 +54,20 @@ fn invalid(
     }
 }
 
+/// A count that must be at least 1: `v`, or `default` when the key is not set.
+fn at_least_one(
+    key: &str,
+    v: Option<usize>,
+    default: usize,
+    fix: &str,
+) -> Result<usize, ConfigError> {
+    match v {
+        Some(0) => Err(invalid(key, 0, fix)),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Wire structs: exactly what the admin writes.
 
@@ -159,6 +173,7 @@ struct WireTftp {
     port: Option<u16>,
     root: Option<String>,
     max_transfers: Option<usize>,
+    max_per_address: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +184,7 @@ struct WireHttp {
     root: Option<String>,
     admin_token: Option<String>,
     sendfile: Option<bool>,
+    max_per_address: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +193,7 @@ struct WireNbd {
     enabled: Option<bool>,
     port: Option<u16>,
     max_connections: Option<usize>,
+    max_per_address: Option<usize>,
     #[serde(default)]
     export: Vec<WireExport>,
 }
@@ -336,6 +353,8 @@ pub struct Tftp {
     pub port: u16,
     pub root: PathBuf,
     pub max_transfers: usize,
+    /// Transfers one client address may run at once.
+    pub max_per_address: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -349,6 +368,8 @@ pub struct Http {
     /// Send file bodies with sendfile(2) (default); `false` copies through user space,
     /// for file systems that do not support sendfile.
     pub sendfile: bool,
+    /// Connections one client address may hold at once.
+    pub max_per_address: usize,
 }
 
 /// How an NBD export treats writes.
@@ -374,6 +395,8 @@ pub struct Nbd {
     pub enabled: bool,
     pub port: u16,
     pub max_connections: usize,
+    /// Connections one client address may hold at once.
+    pub max_per_address: usize,
     pub exports: Vec<Export>,
 }
 
@@ -809,17 +832,20 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             .as_deref()
             .map(resolve)
             .unwrap_or_else(|| state_dir.join("tftp")),
-        max_transfers: match w.tftp.max_transfers {
-            Some(0) => {
-                return Err(invalid(
-                    "tftp.max_transfers",
-                    0,
-                    "at least 1; the default 256 suits a classroom",
-                ))
-            }
-            Some(n) => n,
-            None => 256,
-        },
+        max_transfers: at_least_one(
+            "tftp.max_transfers",
+            w.tftp.max_transfers,
+            256,
+            "at least 1; the default 256 suits a classroom",
+        )?,
+        // A PXE ROM runs one transfer at a time (its tsize probe ends before the file
+        // starts), a UEFI loader at most two.
+        max_per_address: at_least_one(
+            "tftp.max_per_address",
+            w.tftp.max_per_address,
+            4,
+            "at least 1; the default 4 leaves room for any PXE or UEFI client",
+        )?,
     };
 
     // [http]
@@ -843,6 +869,13 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             t => t,
         },
         sendfile: w.http.sendfile.unwrap_or(true),
+        // iPXE opens one or two connections, a browser on the admin panel six.
+        max_per_address: at_least_one(
+            "http.max_per_address",
+            w.http.max_per_address,
+            16,
+            "at least 1; the default 16 leaves room for iPXE and a browser",
+        )?,
     };
 
     // [nbd]
@@ -902,17 +935,19 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
     let nbd = Nbd {
         enabled: w.nbd.enabled.unwrap_or(!exports.is_empty()),
         port: w.nbd.port.unwrap_or(10809),
-        max_connections: match w.nbd.max_connections {
-            Some(0) => {
-                return Err(invalid(
-                    "nbd.max_connections",
-                    0,
-                    "at least 1; the default 512 suits a classroom",
-                ))
-            }
-            Some(n) => n,
-            None => 512,
-        },
+        max_connections: at_least_one(
+            "nbd.max_connections",
+            w.nbd.max_connections,
+            512,
+            "at least 1; the default 512 suits a classroom",
+        )?,
+        // A thin client's kernel client opens one connection, nbdcopy up to four.
+        max_per_address: at_least_one(
+            "nbd.max_per_address",
+            w.nbd.max_per_address,
+            4,
+            "at least 1; the default 4 suits a thin client (1) and nbdcopy (4)",
+        )?,
         exports,
     };
 
@@ -1014,11 +1049,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         }
     };
     let dispatch = Dispatch {
-        max_vms: match wd.max_vms {
-            Some(0) => return Err(invalid("dispatch.max_vms", 0, "at least 1")),
-            Some(n) => n,
-            None => 16,
-        },
+        max_vms: at_least_one("dispatch.max_vms", wd.max_vms, 16, "at least 1")?,
         memory_budget_mib: match wd.memory_budget.as_deref() {
             None | Some("auto") => None,
             Some(m) => Some(parse_mib(m).filter(|&n| n >= 64).ok_or_else(|| {
@@ -1208,6 +1239,26 @@ uefi = "ipxe.efi"
         assert_eq!(c.dhcp.port, 67);
         assert_eq!(c.http.port, 80);
         assert!(!c.nbd.enabled);
+    }
+
+    #[test]
+    fn per_address_caps_default_and_refuse_zero() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            (
+                c.tftp.max_per_address,
+                c.http.max_per_address,
+                c.nbd.max_per_address
+            ),
+            (4, 16, 4)
+        );
+        for (table, key) in [("tftp", "tftp"), ("http", "http"), ("nbd", "nbd")] {
+            let e = err(&format!("{GOOD}\n[{table}]\nmax_per_address = 0\n"));
+            assert!(
+                e.starts_with(&format!("{key}.max_per_address = \"0\"")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -662,7 +662,7 @@ fn ipxe_in_qemu_boots_the_script() {
 }
 
 /// Issue 17, finding 3: 1100 connections from one host took every slot (and descriptor).
-/// One address gets `PER_ADDRESS` connections; the next is answered 503 and closed, and
+/// One address gets `http.max_per_address` connections (16); the next is answered 503 and closed, and
 /// another address is still served.
 #[test]
 fn one_address_cannot_take_every_connection() {
@@ -670,7 +670,7 @@ fn one_address_cannot_take_every_connection() {
         return;
     }
     let s = start("peraddr", true, false);
-    let held: Vec<TcpStream> = (0..vdd::http::PER_ADDRESS)
+    let held: Vec<TcpStream> = (0..16)
         .map(|_| TcpStream::connect(s.addr).unwrap())
         .collect();
     // Each held connection is served: a request on the last one is answered.

@@ -68,6 +68,11 @@ impl Server {
     }
 
     fn start_with(tag: &str, max_connections: usize) -> Server {
+        // Every test client comes from 127.0.0.1: the per-address cap as high as the cap.
+        Server::start_caps(tag, max_connections, max_connections)
+    }
+
+    fn start_caps(tag: &str, max_connections: usize, max_per_address: usize) -> Server {
         let dir = TempDir::new(tag);
         let image = dir.0.join("base.img");
         std::fs::write(&image, Rng(7).bytes(IMAGE_SIZE)).unwrap();
@@ -80,6 +85,7 @@ state_dir = "{state}"
 mode = "off"
 [nbd]
 max_connections = {max_connections}
+max_per_address = {max_per_address}
 [[nbd.export]]
 name = "ro"
 path = "base.img"
@@ -762,4 +768,54 @@ fn connections_over_the_cap_wait_for_a_slot() {
     c.0.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     c.0.read_exact(&mut g).unwrap();
     assert_eq!(g, codec::greeting());
+}
+
+/// Issue 17, finding 4: four idle clients with `max_connections = 4` made nbdinfo hang.
+/// One address holds `nbd.max_per_address` connections; one more is closed at once
+/// (before the greeting), and another address is still greeted.
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let s = Server::start_caps("peraddr", 8, 2);
+    let (_a, _) = Raw::go(s.addr, "ro");
+    let (_b, _) = Raw::go(s.addr, "ro");
+    let mut c = Raw::connect(s.addr);
+    let mut g = [0u8; 18];
+    let r = c.0.read(&mut g);
+    assert!(
+        matches!(r, Ok(0)) || r.is_err(),
+        "a third connection from one address was greeted: {r:?}"
+    );
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut other: TcpStream = sock.into();
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    other.read_exact(&mut g).unwrap();
+    assert_eq!(g, codec::greeting());
+}
+
+/// A client that negotiates an export and then never sends a request gives its slot
+/// back after `FIRST_REQUEST_TIMEOUT`; one that has read stays, however quiet.
+#[test]
+fn a_client_that_never_asks_is_closed() {
+    let s = Server::start("idle");
+    let (mut idle, _) = Raw::go(s.addr, "ro");
+    let (mut quiet, _) = Raw::go(s.addr, "ro");
+    quiet.request(codec::CMD_READ, 1, 0, 512, &[]);
+    assert_eq!(quiet.reply(512).0, 0);
+    let limit = vdd::nbd::session::FIRST_REQUEST_TIMEOUT + Duration::from_secs(15);
+    idle.0.set_read_timeout(Some(limit)).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(idle.0.read(&mut b), Ok(0)),
+        "the idle client was not closed"
+    );
+    assert!(t0.elapsed() >= vdd::nbd::session::FIRST_REQUEST_TIMEOUT - Duration::from_secs(2));
+    // The quiet client is still served.
+    quiet.request(codec::CMD_READ, 2, 512, 512, &[]);
+    assert_eq!(quiet.reply(512).0, 0);
 }

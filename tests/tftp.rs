@@ -696,7 +696,7 @@ async fn concurrent_transfers_are_capped() {
 }
 
 /// Issue 17, finding 2: one host took every `max_transfers` slot with RRQs it never
-/// acknowledged. One address gets `PER_ADDRESS` transfers; the next is refused at once,
+/// acknowledged. One address gets `tftp.max_per_address` transfers (4); the next is refused at once,
 /// and another address is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_slot() {
@@ -704,7 +704,7 @@ async fn one_address_cannot_take_every_slot() {
     let srv = Server::start("peraddr", 8).await;
     random_file(&srv.root().join("k.bin"), 10_000, 7);
     let mut held = Vec::new();
-    for _ in 0..vdd::tftp::PER_ADDRESS {
+    for _ in 0..4 {
         let s = raw_socket().await;
         send_rrq(&s, srv.addr, b"k.bin", "octet", &[]).await;
         let (p, tid) = recv(&s, Duration::from_secs(10)).await.unwrap();

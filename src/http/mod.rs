@@ -77,10 +77,7 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// now and then no longer resets a timer with each partial send and holds its slot for
 /// ever. An old PC on 10 Mbit/s reads 76 times faster than this.
 const MIN_RATE: f64 = 16.0 * 1024.0;
-/// Connections one client address may hold at once, of `MAX_CONNECTIONS`: iPXE opens one
-/// or two, a browser on the admin panel six. 1100 connections from one host once took
-/// every slot and every descriptor.
-pub const PER_ADDRESS: usize = 16;
+
 /// How long running transfers may go on after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The largest API request body we read (a session request is under 100 bytes).
@@ -169,9 +166,10 @@ impl Service {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let Some(slot) = self.per_address.take(peer.ip(), PER_ADDRESS) else {
+                    let cap = self.cfg.http.max_per_address;
+                    let Some(slot) = self.per_address.take(peer.ip(), cap) else {
                         if self.warns.allow() {
-                            warn!(%peer, per_address = PER_ADDRESS, "http: this address holds too many connections; refused");
+                            warn!(%peer, max_per_address = cap, "http: this address holds http.max_per_address connections already; refused");
                         }
                         // Best effort, never waiting: the client learns why, and the
                         // descriptor goes at once.

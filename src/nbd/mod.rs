@@ -96,6 +96,9 @@ pub struct Service {
     /// kernel's backlog instead of costing memory here.
     limit: Arc<Semaphore>,
     max: usize,
+    per_address: crate::peers::PerAddress,
+    /// `nbd.max_per_address`.
+    per_address_cap: usize,
     shared: Arc<session::Shared>,
 }
 
@@ -119,6 +122,8 @@ impl Service {
             listener,
             limit: Arc::new(Semaphore::new(max)),
             max,
+            per_address: crate::peers::PerAddress::default(),
+            per_address_cap: cfg.nbd.max_per_address,
             shared: Arc::new(session::Shared {
                 exports: Arc::new(export::Exports::new(&cfg)),
                 bytes: Arc::new(Semaphore::new(TOTAL_BYTES_KIB)),
@@ -154,10 +159,16 @@ impl Service {
                 },
                 _ = shutdown.cancelled() => break,
             };
+            let Some(slot) = self.per_address.take(peer.ip(), self.per_address_cap) else {
+                if self.shared.warn.allow() {
+                    warn!(%peer, max_per_address = self.per_address_cap, "nbd: this address holds nbd.max_per_address connections already; closed");
+                }
+                continue;
+            };
             let (shared, token) = (self.shared.clone(), shutdown.clone());
             tokio::spawn(async move {
                 session::serve(stream, peer, shared, token).await;
-                drop(permit);
+                drop((permit, slot));
             });
         }
         let all = self.max.min(u32::MAX as usize) as u32;

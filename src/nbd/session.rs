@@ -31,6 +31,18 @@ pub const IN_FLIGHT: usize = 64;
 const CONN_BYTES_KIB: usize = 64 << 10;
 /// How long a client may take to finish the handshake before its slot is reclaimed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may go from its handshake to its first request. Four clients
+/// that negotiated and then sat idle held every `max_connections` slot. A client that
+/// has read is not timed out when it goes quiet: a thin client's mounted root may see no
+/// request for hours, and a closed connection would break it. Dead peers are found by
+/// TCP keepalive instead (`KEEPALIVE`).
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one reply may wait for the client to take it. A client that never reads its
+/// replies pinned the in-flight budget that every connection shares.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// TCP keepalive: idle time, probe interval, probes; a vanished peer is noticed after
+/// about two minutes of silence.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(60), Duration::from_secs(10), 6);
 /// Longest option data accepted: export names are at most 4096 bytes, so this is generous.
 const MAX_OPTION_DATA: u32 = 64 << 10;
 /// Reads up to this size are tried inline from the page cache (RWF_NOWAIT) on the
@@ -86,7 +98,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+    let sock = socket2::SockRef::from(&stream);
+    let _ = sock.set_tcp_notsent_lowat(NOTSENT_LOWAT);
+    let _ = sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE.0)
+            .with_interval(KEEPALIVE.1)
+            .with_retries(KEEPALIVE.2),
+    );
     let started = Instant::now();
     let hs = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &shared)) => {
@@ -338,9 +357,20 @@ struct Conn {
 impl Conn {
     /// Reads and dispatches requests until DISC, EOF or garbage.
     async fn requests(&mut self) -> Result<&'static str, SessionError> {
+        let mut first = true;
         loop {
             let mut h = [0u8; codec::REQUEST_LEN];
-            match self.rd.read_exact(&mut h).await {
+            let read = if first {
+                first = false;
+                match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, self.rd.read_exact(&mut h)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => return Ok("no request within a minute of the handshake"),
+                }
+            } else {
+                self.rd.read_exact(&mut h).await
+            };
+            match read {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return Ok("client closed without NBD_CMD_DISC")
@@ -549,15 +579,15 @@ async fn writer(
         if let Some((base, off, len)) = &r.file {
             // Earlier replies first; then the header with MSG_MORE, so it leaves in one
             // segment with the data instead of waking the client for 16 bytes.
-            w.flush().await?;
+            timed(w.flush()).await?;
             let sock = w.get_ref().as_ref();
-            send_more(sock, &r.head[..r.head_len]).await?;
-            send_file(sock, base, *off, *len as usize).await?;
+            timed(send_more(sock, &r.head[..r.head_len])).await?;
+            timed(send_file(sock, base, *off, *len as usize)).await?;
             stats.read.fetch_add(u64::from(*len), Ordering::Relaxed);
         } else {
-            w.write_all(&r.head[..r.head_len]).await?;
+            timed(w.write_all(&r.head[..r.head_len])).await?;
             if !r.data.is_empty() {
-                w.write_all(&r.data).await?;
+                timed(w.write_all(&r.data)).await?;
                 stats.read.fetch_add(r.data.len() as u64, Ordering::Relaxed);
             }
         }
@@ -565,14 +595,27 @@ async fn writer(
         next = match rx.try_recv() {
             Ok(r) => Some(r),
             Err(mpsc::error::TryRecvError::Empty) => {
-                w.flush().await?;
+                timed(w.flush()).await?;
                 rx.recv().await
             }
             Err(mpsc::error::TryRecvError::Disconnected) => None,
         };
     }
-    w.flush().await?;
-    w.into_inner().shutdown().await
+    timed(w.flush()).await?;
+    timed(w.into_inner().shutdown()).await
+}
+
+/// One write of the writer, given up after [`WRITE_TIMEOUT`]. The writer then ends, its
+/// queue closes, and every reply still waiting gives its share of the budget back.
+async fn timed<T>(f: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(WRITE_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no reply for a minute",
+            ))
+        })
 }
 
 /// Writes all of `buf` with MSG_MORE: the kernel holds it for the data that follows.

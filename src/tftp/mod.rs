@@ -57,7 +57,7 @@ pub struct Metrics {
     pub completed: AtomicU64,
     /// Requests refused because `max_transfers` were running.
     pub refused_busy: AtomicU64,
-    /// Requests refused because their address had `PER_ADDRESS` transfers running.
+    /// Requests refused because their address had `tftp.max_per_address` transfers running.
     pub refused_per_address: AtomicU64,
     warns: Mutex<WarnLimit>,
 }
@@ -124,11 +124,6 @@ pub struct Service {
     metrics: Arc<Metrics>,
 }
 
-/// Transfers one client address may run at once. A PXE ROM runs one (its tsize probe
-/// ends before the file starts), a UEFI loader at most two; without a cap one host took
-/// every `max_transfers` slot and the room could not boot.
-pub const PER_ADDRESS: usize = 4;
-
 impl Service {
     /// Binds `[tftp] port` on the server's LAN address. Binding the address (not 0.0.0.0)
     /// makes every transfer socket leave from the address the client talked to, without
@@ -190,13 +185,14 @@ impl Service {
             let reply = match Packet::parse(&buf[..len]) {
                 Ok(Packet::Rrq(r)) => {
                     let file = codec::printable(r.filename);
-                    let Some(slot) = self.per_address.take(peer.ip(), PER_ADDRESS) else {
+                    let cap = self.cfg.tftp.max_per_address;
+                    let Some(slot) = self.per_address.take(peer.ip(), cap) else {
                         self.metrics
                             .refused_per_address
                             .fetch_add(1, Ordering::Relaxed);
                         self.metrics.warn(|| {
-                            warn!(%peer, %file, per_address = PER_ADDRESS,
-                                "refused: this address runs too many transfers already")
+                            warn!(%peer, %file, max_per_address = cap,
+                                "refused: this address runs tftp.max_per_address transfers already")
                         });
                         codec::encode_error(
                             &mut out,

@@ -67,7 +67,7 @@ pub fn run(o: &Opts) -> Result<Vec<Figures>> {
             &cfg,
             format!(
                 "[server]\ninterface = \"{}\"\nstate_dir = \"state\"\n[dhcp]\nmode = \"off\"\n\
-                 [tftp]\nenabled = false\n[http]\nport = {port}\nroot = \"root\"\nsendfile = {sendfile}\n",
+                 [tftp]\nenabled = false\n[http]\nport = {port}\nroot = \"root\"\nsendfile = {sendfile}\nmax_per_address = 1024\n",
                 lab::BRIDGE
             ),
         )?;

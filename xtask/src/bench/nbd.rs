@@ -164,7 +164,7 @@ fn start_vdd(dir: &Path, image: &Path) -> Result<Target> {
         format!(
             "[server]\ninterface = \"lo\"\naddress = \"127.0.0.1\"\nstate_dir = \"{state}\"\n\
              [dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n\
-             [nbd]\nport = {port}\n[[nbd.export]]\nname = \"bench\"\npath = \"{img}\"\n",
+             [nbd]\nport = {port}\nmax_per_address = 512\n[[nbd.export]]\nname = \"bench\"\npath = \"{img}\"\n",
             state = dir.join("state").display(),
             img = image.display()
         ),

@@ -277,7 +277,7 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\ninterface = \"lo\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nroot = \"{}\"\nport = 6901\nmax_transfers = 256\n[http]\nenabled = false\n[nbd]\nenabled = false\n",
+            "[server]\ninterface = \"lo\"\nstate_dir = \"{}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nroot = \"{}\"\nport = 6901\nmax_transfers = 256\nmax_per_address = 256\n[http]\nenabled = false\n[nbd]\nenabled = false\n",
             dir.join("state").display(),
             root.display()
         ),
