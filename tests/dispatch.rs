@@ -152,15 +152,13 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
         mac: seat(1),
         key: Some(&key),
     };
+    // Seat 2 showing seat 1's key: still not its session.
+    let theirs = Who::Seat {
+        mac: seat(2),
+        key: Some(&key),
+    };
     assert!(matches!(
-        d.end(
-            &s.id,
-            Who::Seat {
-                mac: seat(2),
-                key: Some(&key)
-            }
-        )
-        .await,
+        d.end(&s.id, theirs).await,
         Err(Error::NotYours(_))
     ));
     // Issue 17, finding 1: a LAN host that clones seat 1's MAC has no key; it can
@@ -217,14 +215,7 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
         "the password before the fresh one still works"
     );
     assert!(matches!(
-        d.password(
-            &s.id,
-            Who::Seat {
-                mac: seat(2),
-                key: Some(&key)
-            }
-        )
-        .await,
+        d.password(&s.id, theirs).await,
         Err(Error::NotYours(_))
     ));
     assert!(matches!(

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::run;
+
 const LIST: &str = include_str!("../debian-packages.txt");
 
 /// What the packages are for; each purpose needs some groups of the list.
@@ -306,15 +308,6 @@ fn apt() -> Command {
     let mut c = Command::new("apt-get");
     c.env("DEBIAN_FRONTEND", "noninteractive");
     c
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    eprintln!("xtask: running {cmd:?}");
-    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
-    if !st.success() {
-        bail!("{cmd:?} failed: {st}");
-    }
-    Ok(())
 }
 
 /// While it lives, no package's own service may start: installing tftpd-hpa, kea or dnsmasq

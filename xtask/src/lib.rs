@@ -11,3 +11,14 @@ pub mod initramfs;
 pub mod lab;
 pub mod qemu;
 pub mod rfb;
+
+/// Runs a command to the end, failing on a non-zero exit.
+pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    use anyhow::Context;
+    eprintln!("xtask: running {cmd:?}");
+    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !st.success() {
+        anyhow::bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use xtask::run;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "vdd's development tasks")]
@@ -417,14 +418,4 @@ fn once_more<T>(what: &str, f: impl Fn() -> Result<T>) -> Result<T> {
 
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
-/// Runs a command to the end, failing on a non-zero exit.
-fn run(cmd: &mut Command) -> Result<()> {
-    eprintln!("xtask: running {cmd:?}");
-    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
-    if !st.success() {
-        bail!("{cmd:?} failed: {st}");
-    }
-    Ok(())
 }
