@@ -14,7 +14,6 @@
 //! [`FAILED_KEPT`].
 
 pub mod qemu;
-pub mod qmp;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -30,6 +29,7 @@ use tracing::{error, info, warn};
 use crate::config::{AccelChoice, Config, Display, Mac};
 use crate::{dhcp, lan, xdmcp};
 use qemu::{Accel, Vm, VmDisplay, VmSpec};
+use qemu_ctl::qmp::Qmp;
 
 /// How long a failed X11 session stays visible to `GET /api/v1/sessions/ID`.
 pub const FAILED_KEPT: Duration = Duration::from_secs(300);
@@ -270,7 +270,7 @@ fn random<const N: usize>() -> [u8; N] {
 /// Sets a new one-time password on the VM behind `qmp_path` and returns it.
 async fn fresh_password(qmp_path: &std::path::Path) -> Result<String, Error> {
     let password = new_password();
-    let mut q = qmp::Qmp::connect(qmp_path, Duration::from_secs(5))
+    let mut q = Qmp::connect(qmp_path, Duration::from_secs(5))
         .await
         .map_err(|e| Error::Qmp(e.to_string()))?;
     qemu::set_password(&mut q, &password).await?;
@@ -1004,7 +1004,7 @@ impl Dispatcher {
             }
             // Every 10 s: a connected VNC viewer means the seat is there.
             for (id, path) in probe {
-                let viewing = match qmp::Qmp::connect(&path, Duration::from_secs(2)).await {
+                let viewing = match Qmp::connect(&path, Duration::from_secs(2)).await {
                     Ok(mut q) => q
                         .execute("query-vnc", None)
                         .await

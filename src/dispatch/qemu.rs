@@ -11,42 +11,24 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio::process::Command;
 use tracing::{info, warn};
 
-use super::qmp::Qmp;
 use super::Error;
 use crate::config::Guest;
+use qemu_ctl::qmp::Qmp;
 
-/// Which accelerator QEMU gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
+pub use qemu_ctl::accel::Accel;
 
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-/// KVM only where it really runs a guest: `/dev/kvm` can exist and still hang every vCPU
-/// (as on this project's build machines). The probe boots SeaBIOS under KVM and waits at
-/// most `limit` for its banner on the serial port; the answer is kept for the process.
+/// KVM only where it really runs a guest (see `qemu_ctl::accel`); asked once per process.
 pub async fn probe_accel(qemu: &str, limit: Duration) -> Accel {
-    static ACCEL: OnceLock<Accel> = OnceLock::new();
-    if let Some(a) = ACCEL.get() {
-        return *a;
-    }
-    let a = probe(qemu, limit).await;
+    let qemu = qemu.to_string();
+    let a = tokio::task::spawn_blocking(move || qemu_ctl::accel::detect(&qemu, limit))
+        .await
+        .unwrap_or(Accel::Tcg);
     if a == Accel::Tcg {
         warn!(
             "KVM does not run guests here (/dev/kvm missing or hanging); VMs use TCG and are slow"
@@ -54,62 +36,7 @@ pub async fn probe_accel(qemu: &str, limit: Duration) -> Accel {
     } else {
         info!("KVM works; VMs are accelerated");
     }
-    *ACCEL.get_or_init(|| a)
-}
-
-async fn probe(qemu: &str, limit: Duration) -> Accel {
-    use tokio::io::AsyncReadExt;
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Accel::Tcg;
-    }
-    let child = Command::new(qemu)
-        .args([
-            "-accel",
-            "kvm",
-            "-M",
-            "pc",
-            "-m",
-            "32",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .args(["-serial", "stdio", "-no-reboot"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let Ok(mut child) = child else {
-        return Accel::Tcg;
-    };
-    let mut out = child.stdout.take().expect("piped");
-    let seen = tokio::time::timeout(limit, async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 256];
-        loop {
-            match out.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            if buf.windows(7).any(|w| w == b"SeaBIOS") {
-                return true;
-            }
-        }
-    })
-    .await
-    .unwrap_or(false);
-    let _ = child.kill().await;
-    if seen {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    }
+    a
 }
 
 /// Everything needed to start one VM.

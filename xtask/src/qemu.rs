@@ -2,72 +2,23 @@
 //! namespace, on a tap), their serial console kept in a file, markers awaited with a
 //! timeout, a QMP socket for screenshots, and the process killed by its pid on Drop.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// The accelerator to use: KVM only where it really runs a guest. Here `/dev/kvm` exists
-/// but a vCPU never runs, so the probe boots SeaBIOS under KVM and waits at most 5 s for
-/// its banner on the serial port.
+/// The accelerator to use: KVM only where it really runs a guest (the probe in
+/// `qemu_ctl::accel`, at most 5 s, asked once).
 pub fn accel() -> &'static str {
-    static ACCEL: OnceLock<&'static str> = OnceLock::new();
-    ACCEL.get_or_init(|| {
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-        {
-            return "tcg";
-        }
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "kvm",
-                "-M",
-                "pc",
-                "-m",
-                "32",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
-            .args(["-serial", "stdio", "-no-reboot"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn();
-        let Ok(mut child) = child else { return "tcg" };
-        let mut out = child.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            let mut seen = Vec::new();
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                seen.extend_from_slice(&buf[..n]);
-                if seen.windows(7).any(|w| w == b"SeaBIOS") {
-                    let _ = tx.send(());
-                    break;
-                }
-            }
+    let a = qemu_ctl::accel::detect("qemu-system-x86_64", Duration::from_secs(5));
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if a == qemu_ctl::accel::Accel::Tcg {
+        SAID.call_once(|| {
+            eprintln!("xtask: /dev/kvm does not run guests here; using TCG (slower)")
         });
-        let works = rx.recv_timeout(Duration::from_secs(5)).is_ok();
-        let _ = child.kill();
-        let _ = child.wait();
-        if works {
-            "kvm"
-        } else {
-            eprintln!("xtask: /dev/kvm does not run guests here; using TCG (slower)");
-            "tcg"
-        }
-    })
+    }
+    a.as_str()
 }
 
 /// How to start one thin client.
@@ -249,31 +200,14 @@ impl Qemu {
         }
     }
 
-    /// Runs one QMP command (after the capabilities handshake) and returns its reply line.
-    pub fn qmp(&self, command: &str) -> Result<String> {
-        use std::io::Write;
-        use std::os::unix::net::UnixStream;
-        let s = UnixStream::connect(&self.qmp).context("connecting to QMP")?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut w = s.try_clone()?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line)?; // greeting
-        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
-        line.clear();
-        r.read_line(&mut line)?;
-        w.write_all(command.as_bytes())?;
-        w.write_all(b"\n")?;
-        loop {
-            line.clear();
-            if r.read_line(&mut line)? == 0 {
-                bail!("QMP closed");
-            }
-            // Skip asynchronous events; the reply has "return" or "error".
-            if line.contains("\"return\"") || line.contains("\"error\"") {
-                return Ok(line);
-            }
-        }
+    /// Runs one QMP command on the thin client's QMP socket and returns its `return`.
+    pub fn qmp(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        qemu_ctl::qmp::execute_once(&self.qmp, command, arguments, Duration::from_secs(30))
+            .with_context(|| format!("QMP {command}"))
     }
 
     /// Types `text` on the VM's keyboard (QMP send-key): lower-case letters, digits,
@@ -286,12 +220,10 @@ impl Qemu {
                 '\n' => "ret".into(),
                 other => bail!("cannot type {other:?}"),
             };
-            let reply = self.qmp(&format!(
-                "{{\"execute\":\"send-key\",\"arguments\":{{\"keys\":[{{\"type\":\"qcode\",\"data\":\"{key}\"}}]}}}}"
-            ))?;
-            if reply.contains("\"error\"") {
-                bail!("send-key {key}: {reply}");
-            }
+            self.qmp(
+                "send-key",
+                Some(serde_json::json!({"keys": [{"type": "qcode", "data": key}]})),
+            )?;
             // A key press per 50 ms: a guest under TCG must not miss one.
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -300,19 +232,12 @@ impl Qemu {
 
     /// Saves a screenshot of the VGA screen (PPM, or PNG where QEMU supports it).
     pub fn screendump(&self, path: &Path) -> Result<()> {
+        let mut args = serde_json::json!({ "filename": path });
         // PNG when the name says so (QEMU 7.1+), PPM otherwise.
-        let format = if path.extension().is_some_and(|e| e == "png") {
-            ",\"format\":\"png\""
-        } else {
-            ""
-        };
-        let reply = self.qmp(&format!(
-            "{{\"execute\":\"screendump\",\"arguments\":{{\"filename\":\"{}\"{format}}}}}",
-            path.display()
-        ))?;
-        if reply.contains("\"error\"") {
-            bail!("screendump failed: {reply}");
+        if path.extension().is_some_and(|e| e == "png") {
+            args["format"] = "png".into();
         }
+        self.qmp("screendump", Some(args))?;
         Ok(())
     }
 }
