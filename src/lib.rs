@@ -19,4 +19,5 @@ pub mod ndp;
 pub mod netif;
 pub mod peers;
 pub mod tftp;
+pub mod warnlimit;
 pub mod xdmcp;

@@ -10,7 +10,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -22,6 +22,7 @@ use super::leases::{Change, Journal, LeaseTable};
 use super::policy::{self, Ctx, Decision, Dest, Event, Port};
 use super::{unix_now, Error};
 use crate::config::{Config, DhcpMode};
+use crate::warnlimit::WarnLimit;
 
 const CLIENT_PORT: u16 = 68;
 /// Batches larger than this are split, so one sync never holds ACKs for too long.
@@ -147,7 +148,8 @@ impl Driver {
         };
         let mut buf = vec![0u8; 4096];
         let mut pbuf = vec![0u8; 4096];
-        let mut limiter = WarnLimiter::default();
+        // At most one warning a second from a misbehaving network; the rest are counted.
+        let limiter = WarnLimit::new(1, Duration::from_secs(1));
         let result = loop {
             let (n, peer, port) = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -179,9 +181,9 @@ impl Driver {
                 Ok(p) => p,
                 Err(e) => {
                     debug!(%peer, len = n, "refused packet: {e}");
-                    limiter.warn(
-                        |dropped| warn!(%peer, dropped, "malformed DHCP packet refused: {e}"),
-                    );
+                    if let Some(dropped) = limiter.allow() {
+                        warn!(%peer, dropped, "malformed DHCP packet refused: {e}");
+                    }
                     continue;
                 }
             };
@@ -193,7 +195,7 @@ impl Driver {
                 now,
             };
             let d = policy::decide(&p, port, &table, &ctx);
-            log_events(&p, &d, &mut limiter);
+            log_events(&p, &d, &limiter);
             let Decision {
                 reply,
                 changes,
@@ -297,7 +299,7 @@ fn address(to: Dest, peer: SocketAddr) -> SocketAddr {
     }
 }
 
-fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
+fn log_events(p: &codec::Packet, d: &Decision, limiter: &WarnLimit) {
     let mac = p.mac;
     let xid = Xid(p.msg.xid());
     for e in &d.events {
@@ -310,12 +312,16 @@ fn log_events(p: &codec::Packet, d: &Decision, limiter: &mut WarnLimiter) {
             Event::Declined(ip) => {
                 warn!(%mac, %ip, "client declined the address (in use by someone else?); set aside")
             }
-            Event::PoolExhausted => limiter.warn(|dropped| {
-                warn!(%mac, %xid, dropped, "pool exhausted: no address to offer, DISCOVER left unanswered; grow dhcp.pool")
-            }),
-            Event::UnsupportedArch(a) => limiter.warn(|dropped| {
-                warn!(%mac, %xid, arch = a, dropped, "no boot file for this client architecture (RFC 4578 option 93); no boot information sent")
-            }),
+            Event::PoolExhausted => {
+                if let Some(dropped) = limiter.allow() {
+                    warn!(%mac, %xid, dropped, "pool exhausted: no address to offer, DISCOVER left unanswered; grow dhcp.pool")
+                }
+            }
+            Event::UnsupportedArch(a) => {
+                if let Some(dropped) = limiter.allow() {
+                    warn!(%mac, %xid, arch = a, dropped, "no boot file for this client architecture (RFC 4578 option 93); no boot information sent")
+                }
+            }
             Event::Ignored(why) => debug!(%mac, %xid, "ignored: {why}"),
             Event::ProxyOffer => info!(%mac, %xid, "proxy offer"),
             Event::ProxyAck => info!(%mac, %xid, "proxy ack (port 4011)"),
@@ -329,29 +335,6 @@ struct Xid(u32);
 impl std::fmt::Display for Xid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:#010x}", self.0)
-    }
-}
-
-/// At most one warning a second from a misbehaving network; the rest are counted.
-#[derive(Default)]
-struct WarnLimiter {
-    last: Option<Instant>,
-    dropped: u64,
-}
-
-impl WarnLimiter {
-    fn warn(&mut self, f: impl FnOnce(u64)) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) < Duration::from_secs(1))
-        {
-            self.dropped += 1;
-            return;
-        }
-        self.last = Some(now);
-        f(self.dropped);
-        self.dropped = 0;
     }
 }
 

@@ -30,10 +30,10 @@ pub mod files;
 pub mod range;
 pub mod routes;
 
+use crate::warnlimit::WarnLimit;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -121,7 +121,8 @@ impl Service {
             listener,
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             per_address: crate::peers::PerAddress::default(),
-            warns: Arc::new(WarnLimit::default()),
+            // At most a few `warn` lines per second about bad clients; the rest go to `debug`.
+            warns: Arc::new(WarnLimit::new(5, Duration::from_secs(1))),
             api,
         })
     }
@@ -168,8 +169,8 @@ impl Service {
                 Ok((stream, peer)) => {
                     let cap = self.cfg.http.max_per_address;
                     let Some(slot) = self.per_address.take(peer.ip(), cap) else {
-                        if self.warns.allow() {
-                            warn!(%peer, max_per_address = cap, "http: this address holds http.max_per_address connections already; refused");
+                        if let Some(dropped) = self.warns.allow() {
+                            warn!(%peer, max_per_address = cap, dropped, "http: this address holds http.max_per_address connections already; refused");
                         }
                         // Best effort, never waiting: the client learns why, and the
                         // descriptor goes at once.
@@ -220,27 +221,6 @@ fn is_transient(e: &io::Error) -> bool {
         use nix::errno::Errno;
         [Errno::ENFILE, Errno::EMFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&Errno::from_raw(n))
     })
-}
-
-/// At most a few `warn` lines per second about bad clients; the rest go to `debug`.
-#[derive(Default)]
-struct WarnLimit {
-    /// Second (since the process' first warn) of the current window, and lines in it.
-    window: AtomicU64,
-    count: AtomicU64,
-}
-
-impl WarnLimit {
-    const PER_SECOND: u64 = 5;
-
-    fn allow(&self) -> bool {
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        let now = START.get_or_init(Instant::now).elapsed().as_secs();
-        if self.window.swap(now, Ordering::Relaxed) != now {
-            self.count.store(0, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed) < Self::PER_SECOND
-    }
 }
 
 /// One client connection.
@@ -346,8 +326,8 @@ impl Conn {
     }
 
     fn client_warn(&self, msg: std::fmt::Arguments<'_>) {
-        if self.warns.allow() {
-            warn!(peer = %self.peer, "http: {msg}");
+        if let Some(dropped) = self.warns.allow() {
+            warn!(peer = %self.peer, dropped, "http: {msg}");
         } else {
             debug!(peer = %self.peer, "http: {msg}");
         }

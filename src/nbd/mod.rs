@@ -11,8 +11,8 @@ pub mod export;
 pub mod policy;
 pub mod session;
 
+use crate::warnlimit::WarnLimit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,55 +38,6 @@ pub enum Error {
 /// Payload bytes in flight over all connections, in KiB: 1 GiB. With the per-connection
 /// cap of 64 MiB this is what bounds memory for a classroom of clients.
 const TOTAL_BYTES_KIB: usize = 1 << 20;
-
-/// At most a few warnings per second for misbehaving clients, so a flood of garbage
-/// cannot flood the log as well.
-pub struct WarnLimit {
-    /// (second, count in that second) packed as second << 16 | count.
-    state: AtomicU64,
-}
-
-impl WarnLimit {
-    const PER_SECOND: u64 = 10;
-
-    pub fn new() -> WarnLimit {
-        WarnLimit {
-            state: AtomicU64::new(0),
-        }
-    }
-
-    /// True when a warning may be logged now.
-    pub fn allow(&self) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut cur = self.state.load(Ordering::Relaxed);
-        loop {
-            let (sec, n) = (cur >> 16, cur & 0xffff);
-            let next = if sec == now & 0xffff_ffff_ffff {
-                if n >= Self::PER_SECOND {
-                    return false;
-                }
-                cur + 1
-            } else {
-                (now << 16) | 1
-            };
-            match self
-                .state
-                .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(c) => cur = c,
-            }
-        }
-    }
-}
-
-impl Default for WarnLimit {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 /// The nbd service with its socket bound.
 pub struct Service {
@@ -127,7 +78,8 @@ impl Service {
             shared: Arc::new(session::Shared {
                 exports: Arc::new(export::Exports::new(&cfg)),
                 bytes: Arc::new(Semaphore::new(TOTAL_BYTES_KIB)),
-                warn: WarnLimit::new(),
+                // At most a few warnings per second for misbehaving clients.
+                warn: WarnLimit::new(10, Duration::from_secs(1)),
             }),
         })
     }
@@ -160,8 +112,8 @@ impl Service {
                 _ = shutdown.cancelled() => break,
             };
             let Some(slot) = self.per_address.take(peer.ip(), self.per_address_cap) else {
-                if self.shared.warn.allow() {
-                    warn!(%peer, max_per_address = self.per_address_cap, "nbd: this address holds nbd.max_per_address connections already; closed");
+                if let Some(dropped) = self.shared.warn.allow() {
+                    warn!(dropped, %peer, max_per_address = self.per_address_cap, "nbd: this address holds nbd.max_per_address connections already; closed");
                 }
                 continue;
             };

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::codec::{self, Opt, Request};
 use super::export::{Backend, Base, Exports};
 use super::policy::{self, Command, ExportInfo, Negotiation, Next};
-use super::WarnLimit;
+use crate::warnlimit::WarnLimit;
 
 /// Requests of one connection being served at once. Deep enough for nbdcopy (64) and the
 /// kernel client, small enough that one client cannot flood the blocking pool.
@@ -120,8 +120,8 @@ pub async fn serve(
             return;
         }
         Err(e) => {
-            if shared.warn.allow() {
-                warn!(%peer, "handshake refused: {e}");
+            if let Some(dropped) = shared.warn.allow() {
+                warn!(%peer, dropped, "handshake refused: {e}");
             }
             return;
         }
@@ -162,8 +162,8 @@ pub async fn serve(
     let how = match ended {
         Ok(how) => how.to_string(),
         Err(SessionError::Protocol(m)) => {
-            if shared.warn.allow() {
-                warn!(%peer, export = %export, "protocol violation, closing: {m}");
+            if let Some(dropped) = shared.warn.allow() {
+                warn!(%peer, dropped, export = %export, "protocol violation, closing: {m}");
             }
             format!("protocol violation: {m}")
         }
@@ -218,8 +218,8 @@ async fn handshake(
         s.read_exact(&mut data).await?;
         let a = policy::negotiate(&mut st, opt, Opt::parse(opt, &data), &*shared.exports);
         if let Some(why) = a.violation {
-            if shared.warn.allow() {
-                warn!(peer = %s.peer_addr().map_or("-".into(), |p| p.to_string()), option = opt, "refused: {why}");
+            if let Some(dropped) = shared.warn.allow() {
+                warn!(peer = %s.peer_addr().map_or("-".into(), |p| p.to_string()), option = opt, dropped, "refused: {why}");
             }
         }
         s.write_all(&a.reply).await?;

@@ -21,7 +21,7 @@ pub mod session;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::Config;
+use crate::warnlimit::WarnLimit;
 
 use codec::{Packet, ERR_ACCESS, ERR_ILLEGAL_OP, ERR_UNDEFINED};
 use driver::OwnedRequest;
@@ -49,7 +50,7 @@ pub enum Error {
 }
 
 /// Counters of a running service, shared with its tasks; tests and benchmarks read them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Transfers whose task (and socket) is alive now.
     pub active: AtomicUsize,
@@ -59,19 +60,20 @@ pub struct Metrics {
     pub refused_busy: AtomicU64,
     /// Requests refused because their address had `tftp.max_per_address` transfers running.
     pub refused_per_address: AtomicU64,
-    warns: Mutex<WarnLimit>,
+    /// At most 50 warn lines per 10 s: a flood of bad requests must not flood the log.
+    warns: WarnLimit,
 }
 
-/// At most this many warn lines per window; a flood of bad requests must not flood the
-/// log (STYLE: warn for a misbehaving client, rate-limited).
-const WARNS_PER_WINDOW: u32 = 50;
-const WARN_WINDOW: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Default)]
-struct WarnLimit {
-    start: Option<Instant>,
-    count: u32,
-    suppressed: u64,
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            active: AtomicUsize::new(0),
+            completed: AtomicU64::new(0),
+            refused_busy: AtomicU64::new(0),
+            refused_per_address: AtomicU64::new(0),
+            warns: WarnLimit::new(50, Duration::from_secs(10)),
+        }
+    }
 }
 
 impl Metrics {
@@ -80,33 +82,14 @@ impl Metrics {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Emits a warn line through `f` unless the rate limit is hit.
+    /// Emits a warn line through `f` unless the rate limit is hit; the first line of a
+    /// new window says how many were held back.
     pub fn warn(&self, f: impl FnOnce()) {
-        let now = Instant::now();
-        let mut l = self.warns.lock().unwrap_or_else(|p| p.into_inner());
-        let expired = match l.start {
-            Some(s) => now.duration_since(s) >= WARN_WINDOW,
-            None => true,
-        };
-        if expired {
-            if l.suppressed > 0 {
-                warn!(
-                    suppressed = l.suppressed,
-                    "TFTP warnings suppressed in the last window"
-                );
+        if let Some(suppressed) = self.warns.allow() {
+            if suppressed > 0 {
+                warn!(suppressed, "TFTP warnings suppressed in the last window");
             }
-            *l = WarnLimit {
-                start: Some(now),
-                count: 0,
-                suppressed: 0,
-            };
-        }
-        if l.count < WARNS_PER_WINDOW {
-            l.count += 1;
-            drop(l);
             f();
-        } else {
-            l.suppressed += 1;
         }
     }
 }
