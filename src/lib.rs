@@ -8,6 +8,7 @@
 //! port in use stops `vdd serve` before anything is served) and `Service::run(shutdown)`
 //! serves until the token is cancelled.
 
+pub mod beneath;
 pub mod boot;
 pub mod config;
 pub mod dhcp;

@@ -10,20 +10,15 @@
 //! - `..` components, backslashes (Windows clients that mean a separator would still
 //!   be surprised), NUL and control characters, non-UTF-8 names and names over 1024
 //!   bytes are refused with ERROR 2 (access violation) before the file system is touched.
-//! - Symlinks are followed only while they stay beneath the directory the name was looked
-//!   up in: the file is opened with `O_PATH` (no side effects even on a device or fifo),
-//!   its real path read back from `/proc/self/fd` and checked against the canonical
-//!   root, then reopened for reading through that same descriptor. No window for a
-//!   swap between check and open.
+//! - Symlinks are followed only while they stay beneath the root: the file is opened by
+//!   [`crate::beneath`] (openat2 `RESOLVE_BENEATH`), as HTTP's `/files/` are.
 //! - Only regular files: directories, devices, fifos and sockets get ERROR 2.
 //! - Missing files get ERROR 1 (file not found).
 
 use std::fs::File;
-use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 
+use crate::beneath::{self, OpenError};
 use crate::config::Config;
 
 use super::codec::{ERR_ACCESS, ERR_NOT_FOUND};
@@ -99,16 +94,28 @@ pub fn clean(name: &[u8]) -> Result<PathBuf, Refusal> {
     Ok(out)
 }
 
+/// Where a clean relative name is looked up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Place {
+    /// `rel` beneath `root`, symlinks only while they stay beneath it.
+    Beneath { root: PathBuf, rel: PathBuf },
+    /// A file the admin named in `[boot]`, at this path, symlinks followed.
+    Configured(PathBuf),
+}
+
 /// The places a clean relative name is looked up, in order: the root, then, for the
-/// configured boot loaders only, the iPXE folder. Each is (base, full path). Pure.
-pub fn candidates(cfg: &Config, rel: &Path) -> Vec<(PathBuf, PathBuf)> {
-    let mut v = vec![(cfg.tftp.root.clone(), cfg.tftp.root.join(rel))];
+/// configured boot loaders only, the iPXE folder. Pure.
+pub fn candidates(cfg: &Config, rel: &Path) -> Vec<Place> {
+    let mut v = vec![Place::Beneath {
+        root: cfg.tftp.root.clone(),
+        rel: rel.to_path_buf(),
+    }];
     let boot = [cfg.boot.bios.as_str(), cfg.boot.uefi.as_str()];
     if boot.iter().any(|b| Path::new(b) == rel) {
         // The admin named this file in [boot]; the distribution's iPXE folder may hold it
         // as a symlink elsewhere (Debian: ipxe.efi -> /boot/ipxe.efi), so it is followed.
         // It must still be a regular file, and only these two names ever get here.
-        v.push((PathBuf::from("/"), cfg.boot.ipxe_dir.join(rel)));
+        v.push(Place::Configured(cfg.boot.ipxe_dir.join(rel)));
     }
     v
 }
@@ -118,7 +125,7 @@ pub fn candidates(cfg: &Config, rel: &Path) -> Vec<(PathBuf, PathBuf)> {
 pub struct Opened {
     pub file: File,
     pub size: u64,
-    /// The real path, for log lines.
+    /// The path it was found at, for log lines.
     pub path: PathBuf,
 }
 
@@ -126,9 +133,19 @@ pub struct Opened {
 pub fn open(cfg: &Config, name: &[u8]) -> Result<Opened, Refusal> {
     let rel = clean(name)?;
     let mut denied = None;
-    for (base, full) in candidates(cfg, &rel) {
-        match open_beneath(&base, &full) {
-            Ok(o) => return Ok(o),
+    for place in candidates(cfg, &rel) {
+        let (opened, path) = match place {
+            Place::Beneath { root, rel } => (beneath::open_beneath(&root, &rel), root.join(rel)),
+            Place::Configured(path) => (beneath::open_path(&path), path),
+        };
+        match opened.map_err(refusal) {
+            Ok(o) => {
+                return Ok(Opened {
+                    file: o.file,
+                    size: o.meta.len(),
+                    path,
+                })
+            }
             Err(Refusal::NotFound) => {}
             // A refusal in the root must not be hidden by a fallback in the iPXE folder.
             Err(r) => {
@@ -140,42 +157,14 @@ pub fn open(cfg: &Config, name: &[u8]) -> Result<Opened, Refusal> {
     Err(denied.unwrap_or(Refusal::NotFound))
 }
 
-fn open_beneath(base: &Path, full: &Path) -> Result<Opened, Refusal> {
-    let base = match base.canonicalize() {
-        Ok(b) => b,
-        Err(_) => return Err(Refusal::NotFound),
-    };
-    let handle = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_PATH)
-        .open(full)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::PermissionDenied => Refusal::Denied("permission denied"),
-            _ => Refusal::NotFound,
-        })?;
-    let real = std::fs::read_link(format!("/proc/self/fd/{}", handle.as_raw_fd()))
-        .map_err(|_| Refusal::Denied("cannot resolve the real path"))?;
-    if !real.starts_with(&base) {
-        return Err(Refusal::Denied("leaves the root (symlink)"));
+fn refusal(e: OpenError) -> Refusal {
+    match e {
+        OpenError::NotFound => Refusal::NotFound,
+        OpenError::Escapes => Refusal::Denied("leaves the root (symlink)"),
+        OpenError::NotRegular => Refusal::Denied("not a regular file"),
+        OpenError::Denied(_) => Refusal::Denied("permission denied"),
+        OpenError::Io(_) => Refusal::Denied("cannot open (I/O error)"),
     }
-    let meta = handle
-        .metadata()
-        .map_err(|_| Refusal::Denied("cannot stat"))?;
-    if !meta.file_type().is_file() {
-        return Err(Refusal::Denied("not a regular file"));
-    }
-    // Reopen the very inode checked above for reading.
-    let file = File::open(format!("/proc/self/fd/{}", handle.as_raw_fd())).map_err(|e| match e
-        .kind()
-    {
-        io::ErrorKind::PermissionDenied => Refusal::Denied("permission denied"),
-        _ => Refusal::NotFound,
-    })?;
-    Ok(Opened {
-        file,
-        size: meta.len(),
-        path: real,
-    })
 }
 
 #[cfg(test)]
@@ -240,7 +229,10 @@ mod tests {
         let c = cfg(Path::new("/srv/tftp"), Path::new("/usr/lib/ipxe"));
         let v = candidates(&c, Path::new("undionly.kpxe"));
         assert_eq!(v.len(), 2);
-        assert_eq!(v[1].1, Path::new("/usr/lib/ipxe/undionly.kpxe"));
+        assert_eq!(
+            v[1],
+            Place::Configured("/usr/lib/ipxe/undionly.kpxe".into())
+        );
         assert_eq!(candidates(&c, Path::new("ipxe.efi")).len(), 2);
         // Other names, even ones that exist in the iPXE folder, come only from the root.
         assert_eq!(candidates(&c, Path::new("ipxe.lkrn")).len(), 1);
