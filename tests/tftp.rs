@@ -285,6 +285,49 @@ async fn netascii_on_the_wire() {
     );
 }
 
+/// Finding 6 of the hardening audit: netascii keeps its whole window for retransmission,
+/// and a client asking for blksize 65464 and windowsize 65535 that then never acknowledged
+/// made vdd convert and keep the whole 64 MiB file (four such RRQs: 265 MB RSS). The
+/// server now answers a smaller windowsize (RFC 7440 section 4) and sends no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netascii_window_memory_is_bounded() {
+    need!();
+    let srv = Server::start("nawin", 4).await;
+    std::fs::write(srv.root().join("big.txt"), "line\n".repeat(1 << 20)).unwrap();
+    let s = raw_socket().await;
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(8 << 20)
+        .unwrap();
+    send_rrq(
+        &s,
+        srv.addr,
+        b"big.txt",
+        "netascii",
+        &[("blksize", "65464"), ("windowsize", "65535")],
+    )
+    .await;
+    let (b, from) = recv(&s, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        Packet::parse(&b).unwrap(),
+        Packet::Oack(vec![
+            ("blksize".into(), "65464".into()),
+            ("windowsize".into(), "16".into())
+        ])
+    );
+    ack(&s, from, 0).await;
+    // One window arrives, then nothing until it is acknowledged (the first
+    // retransmission of the same window comes after the 1 s timeout).
+    let mut blocks = Vec::new();
+    while let Some((b, _)) = recv(&s, Duration::from_millis(500)).await {
+        if let Ok(Packet::Data { block, .. }) = Packet::parse(&b) {
+            blocks.push(block);
+        }
+    }
+    assert_eq!(blocks.first(), Some(&1));
+    assert!(blocks.iter().all(|b| (1..=16).contains(b)), "{blocks:?}");
+    send_error(&s, from, 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn atftp_blksize_and_windowsize() {
     need!("atftp", "sha256sum");

@@ -436,7 +436,10 @@ pub fn transfer(
         }
     };
     let size_known = session::wire_size_known(req.mode);
-    let n = session::negotiate(&req.options, size_known.then_some(opened.size));
+    let mut n = session::negotiate(&req.options, size_known.then_some(opened.size));
+    if req.mode != Mode::Octet {
+        session::bound_window(&mut n, session::NETASCII_WINDOW_BYTES);
+    }
     let blksize = n.blksize;
     let blocks = size_known.then(|| session::block_count(opened.size, blksize));
     let mut source = match req.mode {

@@ -39,6 +39,12 @@ pub const MAX_SILENCE: Duration = Duration::from_secs(30);
 /// 512-byte lockstep blocks and 1 ms per round trip a 64 MiB file takes 131 s.
 pub const MAX_TRANSFER: Duration = Duration::from_secs(600);
 
+/// Most bytes of converted data a netascii transfer keeps: its whole window must be kept
+/// for a retransmission (the conversion cannot seek), so windowsize x blksize is bounded
+/// here. Unbounded, four never-acknowledged netascii RRQs with the largest blksize and
+/// windowsize held 265 MB. Octet transfers re-read the file and keep at most one refill.
+pub const NETASCII_WINDOW_BYTES: u64 = 1 << 20;
+
 /// What was agreed with the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
@@ -90,6 +96,22 @@ pub fn negotiate(options: &[(String, String)], size: Option<u64>) -> Negotiated 
         }
     }
     n
+}
+
+/// Lowers the agreed window so that a window holds at most `max_bytes` of payload (at
+/// least one block), and says so in the OACK: RFC 7440 section 4 lets the server answer a
+/// smaller windowsize than asked.
+pub fn bound_window(n: &mut Negotiated, max_bytes: u64) {
+    let most = (max_bytes / u64::from(n.blksize)).clamp(1, u64::from(u16::MAX)) as u16;
+    if n.windowsize <= most {
+        return;
+    }
+    n.windowsize = most;
+    for (name, value) in &mut n.oack {
+        if name == "windowsize" {
+            *value = most.to_string();
+        }
+    }
 }
 
 /// Number of DATA blocks of an octet transfer of `size` bytes: a file whose size is a
@@ -439,6 +461,24 @@ mod tests {
     fn tsize_omitted_when_size_unknown() {
         let n = negotiate(&opts(&[("tsize", "0")]), None);
         assert!(n.oack.is_empty());
+    }
+
+    #[test]
+    fn netascii_windows_are_bounded_in_bytes() {
+        let mut n = negotiate(
+            &opts(&[("blksize", "65464"), ("windowsize", "65535")]),
+            None,
+        );
+        bound_window(&mut n, NETASCII_WINDOW_BYTES);
+        assert_eq!(n.windowsize, 16);
+        assert_eq!(n.oack[1], ("windowsize".to_string(), "16".to_string()));
+        // A window that fits is left as asked; one block always fits.
+        let mut n = negotiate(&opts(&[("blksize", "1428"), ("windowsize", "16")]), None);
+        bound_window(&mut n, NETASCII_WINDOW_BYTES);
+        assert_eq!(n.windowsize, 16);
+        let mut n = negotiate(&opts(&[("blksize", "65464"), ("windowsize", "4")]), None);
+        bound_window(&mut n, 1000);
+        assert_eq!(n.windowsize, 1);
     }
 
     #[test]
