@@ -350,7 +350,9 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
         let api = Arc::new(vdd::http::api::Api {
             cfg: cfg.clone(),
             dispatcher: dispatcher.clone(),
-            seats: Arc::new(vdd::http::api::Neighbours),
+            seats: Arc::new(vdd::http::api::Neighbours {
+                interface: cfg.server.interface.clone(),
+            }),
         });
         let s = vdd::http::Service::bind(cfg.clone())
             .await

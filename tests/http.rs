@@ -718,3 +718,36 @@ fn one_address_cannot_take_every_connection() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Finding 10 of the hardening audit: HTTP listened on every address of the server, so its
+/// API reached whatever else the server is plugged into. It now listens on the LAN address
+/// (`server.address`) only.
+#[tokio::test]
+async fn listens_on_the_lan_address_only() {
+    let dir = std::env::temp_dir().join(format!("vdd-http-lanonly-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = format!(
+        "[server]\ninterface = \"lo\"\naddress = \"127.0.0.2/8\"\nstate_dir = \"state\"\n\
+         [dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nport = {port}\nroot = \"root\"\n"
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = Arc::new(Config::load(&path).unwrap());
+    let svc = vdd::http::Service::bind(cfg).await.unwrap();
+    assert_eq!(
+        svc.local_addr().unwrap(),
+        SocketAddr::from(([127, 0, 0, 2], port))
+    );
+    let other = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    assert!(other.is_err(), "127.0.0.1:{port} answered");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.2", port))
+        .await
+        .is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,7 +11,8 @@ pub use crate::beneath::{open_path, Opened};
 /// what exists outside the root.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    /// The name itself is refused (`..`, NUL, backslash, empty segment, too long).
+    /// The name itself is refused (`..`, control characters, backslash, empty segment, too
+    /// long).
     #[error("refused name")]
     BadName,
     #[error(transparent)]
@@ -22,8 +23,10 @@ pub enum FileError {
 pub fn check_name(name: &str) -> Result<&Path, FileError> {
     if name.is_empty()
         || name.len() > 1024
-        || name.contains('\0')
         || name.contains('\\')
+        // NUL, and any control character: a decoded `%0a` or `%1b` must reach neither
+        // the file system nor the admin's log (names of served files are logged).
+        || name.chars().any(char::is_control)
         || name.starts_with('/')
     {
         return Err(FileError::BadName);
@@ -74,6 +77,9 @@ mod tests {
             "a/",
             "a\\..\\b",
             "a\0b",
+            "a\nb",
+            "\x1b[2J",
+            "x\x7f",
         ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }

@@ -100,9 +100,11 @@ pub struct Service {
 }
 
 impl Service {
-    /// Binds `0.0.0.0:[http] port`.
+    /// Binds `[http] port` on the server's LAN address only: the API and the boot files
+    /// are for the LAN, not for whatever else the server is plugged into.
     pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.http.port));
+        let ip = cfg.server_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let addr = SocketAddr::from((ip, cfg.http.port));
         Self::bind_addr(cfg, addr).await
     }
 
@@ -114,7 +116,9 @@ impl Service {
         let api = Arc::new(api::Api {
             cfg: cfg.clone(),
             dispatcher: None,
-            seats: Arc::new(api::Neighbours),
+            seats: Arc::new(api::Neighbours {
+                interface: cfg.server.interface.clone(),
+            }),
         });
         Ok(Service {
             cfg,
