@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, Mac};
+use crate::warnlimit::WarnLimit;
 
 pub const ROUTER_SOLICITATION: u8 = 133;
 pub const ROUTER_ADVERTISEMENT: u8 = 134;
@@ -203,6 +204,8 @@ impl Service {
         let ra = advertisement(self.our_mac);
         let mut last: HashMap<Ipv6Addr, Instant> = HashMap::new();
         let mut last_multicast: Option<Instant> = None;
+        // At most 5 lines a second about solicitations; the rest are debug.
+        let lines = WarnLimit::new(5, Duration::from_secs(1));
         let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
         let mut control = [MaybeUninit::<u8>::uninit(); 64];
         loop {
@@ -224,7 +227,9 @@ impl Service {
             let (n, clen, addr) = match got {
                 Err(_would_block) => continue,
                 Ok(Err(e)) => {
-                    warn!(error = %e, "ICMPv6 receive failed");
+                    if let Some(dropped) = lines.allow() {
+                        warn!(error = %e, dropped, "ICMPv6 receive failed");
+                    }
                     continue;
                 }
                 Ok(Ok(r)) => r,
@@ -263,12 +268,19 @@ impl Service {
                 SocketAddrV6::new(*src.ip(), 0, 0, self.ifindex)
             };
             let mac = sol.mac.map_or("-".into(), |m| m.to_string());
-            match self.send(&ra, dest).await {
+            // Up to 4096 sources are each answered once per PER_SOURCE, and sources can be
+            // spoofed: the log gets a few lines a second, the rest go to debug.
+            let sent = self.send(&ra, dest).await;
+            let Some(dropped) = lines.allow() else {
+                debug!(mac = %mac, ip = %src.ip(), ok = sent.is_ok(), "router solicitation answered");
+                continue;
+            };
+            match sent {
                 Ok(()) => {
-                    info!(mac = %mac, ip = %src.ip(), "router solicitation answered: no IPv6 router here")
+                    info!(mac = %mac, ip = %src.ip(), dropped, "router solicitation answered: no IPv6 router here")
                 }
                 Err(e) => {
-                    warn!(mac = %mac, ip = %src.ip(), error = %e, "router advertisement not sent")
+                    warn!(mac = %mac, ip = %src.ip(), error = %e, dropped, "router advertisement not sent")
                 }
             }
         }

@@ -819,3 +819,31 @@ fn a_client_that_never_asks_is_closed() {
     quiet.request(codec::CMD_READ, 2, 512, 512, &[]);
     assert_eq!(quiet.reply(512).0, 0);
 }
+
+/// Finding 10 of the hardening audit: a connection joins the overlay that its address
+/// already has open, made over the base as it was then; the size it was told came from
+/// the file now. After the image was replaced by a larger one, a read past the old end
+/// indexed past the overlay's block map and panicked the connection's task. Such a read
+/// is now refused (EINVAL) and the connection goes on.
+#[test]
+fn a_larger_replaced_image_is_refused_past_the_old_end() {
+    let s = Server::start("grown");
+    let image = std::fs::read(&s.image).unwrap();
+    let (mut first, size) = Raw::go(s.addr, "ov");
+    assert_eq!(size, IMAGE_SIZE as u64);
+    // Replaced as an admin would: a new file renamed over the old one.
+    let new = s.dir.0.join("base.img.new");
+    std::fs::write(&new, Rng(8).bytes(2 * IMAGE_SIZE)).unwrap();
+    std::fs::rename(&new, &s.image).unwrap();
+    let (mut second, told) = Raw::go(s.addr, "ov");
+    assert_eq!(told, 2 * IMAGE_SIZE as u64);
+    second.request(codec::CMD_READ, 1, IMAGE_SIZE as u64 + 4096, 4096, &[]);
+    assert_eq!(second.reply(0).0, codec::EINVAL);
+    // Both connections still serve the overlay they share, over the old base.
+    for r in [&mut second, &mut first] {
+        r.request(codec::CMD_READ, 2, 4096, 512, &[]);
+        let (e, c, d) = r.reply(512);
+        assert_eq!((e, c), (0, 2));
+        assert_eq!(d, image[4096..4608]);
+    }
+}

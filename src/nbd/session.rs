@@ -133,6 +133,16 @@ pub async fn serve(
             return;
         }
     };
+    // The size the client was told is the file's as the handshake found it; the backend
+    // may be older (an overlay this address already had open over the image before it
+    // was replaced) or newer (replaced in between). Requests are checked against the
+    // smaller, so nothing reads past the backend's end: past it is EINVAL, not a panic.
+    let mut info = info;
+    let served = lease.backend.size();
+    if served != info.size {
+        warn!(%peer, export = %info.name, told = info.size, served, "export changed size under this client (image replaced?); requests past the smaller size are refused; reconnect after the other connections of this address close");
+        info.size = info.size.min(served);
+    }
     info!(%peer, export = %info.name, structured = neg.structured, "nbd connection opened");
     let stats = Arc::new(Stats::default());
     let (rd, wr) = stream.into_split();
