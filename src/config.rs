@@ -115,6 +115,7 @@ struct WireGuest {
     cpus: Option<u32>,
     description: Option<String>,
     persist: Option<bool>,
+    nat: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -433,6 +434,10 @@ pub struct Guest {
     pub description: String,
     /// Keep each seat's overlay between sessions.
     pub persist: bool,
+    /// A VNC guest's user-mode NIC reaches out through the server (NAT). Off (the
+    /// default), QEMU's `restrict=on` isolates it: QEMU's user network forwards the guest's
+    /// 10.0.2.2 to the server's loopback, so a NAT guest reaches every service there.
+    pub nat: bool,
 }
 
 /// Which accelerator guest VMs get.
@@ -1004,6 +1009,13 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
                     )
                 })?,
         };
+        if g.nat.is_some() && display == Display::X11 {
+            return Err(invalid(
+                key("nat"),
+                g.nat.unwrap_or_default(),
+                "nat only applies to display = \"vnc\" guests (an X11 guest's NIC is on the LAN bridge); leave it out",
+            ));
+        }
         let cpus = g.cpus.unwrap_or(1);
         if !(1..=256).contains(&cpus) {
             return Err(invalid(key("cpus"), cpus, "between 1 and 256"));
@@ -1017,6 +1029,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             cpus,
             description: g.description.clone().unwrap_or_default(),
             persist: g.persist.unwrap_or(false),
+            nat: g.nat.unwrap_or(false),
         });
     }
 
@@ -1444,6 +1457,12 @@ uefi = "ipxe.efi"
         assert_eq!(c.guests[0].display, Display::Vnc);
         assert_eq!(c.guests[1].label, "demo");
         assert_eq!(c.guests[1].image, Path::new("/etc/vdd/images/out/demo.img"));
+        assert!(
+            !c.guests[0].nat,
+            "a VNC guest has no way out unless nat = true"
+        );
+        let nat = parse(&s.replace("cpus = 2", "cpus = 2\nnat = true")).unwrap();
+        assert!(nat.guests[0].nat);
         for (from, to, key) in [
             ("memory = \"2G\"", "memory = \"2 gigs\"", "guest[0].memory"),
             ("memory = \"2G\"", "memory = \"1M\"", "guest[0].memory"),
@@ -1477,6 +1496,8 @@ uefi = "ipxe.efi"
     #[test]
     fn x11_keys() {
         let x11 = "\n[[guest]]\nname = \"desk\"\ndisplay = \"x11\"\nimage = \"/srv/desk.qcow2\"\n";
+        let e = err(&format!("{GOOD}{x11}nat = true\n"));
+        assert!(e.starts_with("guest[0].nat"), "{e}");
         let c = parse(&format!("{GOOD}{x11}")).unwrap();
         assert!(c.has_x11());
         assert_eq!(c.server.bridge, None);

@@ -133,6 +133,22 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     assert_eq!((s.protocol.as_str(), s.port), ("vnc", base));
     let pw = s.password.clone().unwrap();
     wait_serial(&dir, &s.id, "banner drawn");
+    // The session's folder (overlay, logs, the record with its key) is vdd's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let folder = dir.join("sessions").join(&s.id);
+        assert_eq!(mode(&dir.join("sessions")), 0o700);
+        assert_eq!(mode(&folder), 0o700);
+        for f in ["session.json", "qemu.log"] {
+            assert_eq!(mode(&folder.join(f)), 0o600, "{f}");
+        }
+        for e in std::fs::read_dir(&folder).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "qcow2") {
+                assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+            }
+        }
+    }
 
     assert!(!vnc_auth(s.port, None).unwrap(), "no password accepted");
     assert!(

@@ -319,7 +319,7 @@ impl Dispatcher {
             AccelChoice::Auto => qemu::probe_accel(&d.qemu, Duration::from_secs(5)).await,
         };
         let dir = cfg.server.state_dir.join("sessions");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::State(dir.clone(), e))?;
+        qemu::private_dir(&dir)?;
         let budget_mib = d.memory_budget_mib.unwrap_or(machine_memory_mib() * 8 / 10);
         let me = Arc::new_cyclic(|me| Dispatcher {
             accel,
@@ -678,7 +678,7 @@ impl Dispatcher {
             });
         }
         let folder = self.dir.join(id);
-        std::fs::create_dir_all(&folder).map_err(|e| Error::State(folder.clone(), e))?;
+        qemu::private_dir(&folder)?;
         let overlay = if guest.persist {
             self.cfg
                 .server
@@ -1060,7 +1060,14 @@ fn write_record(folder: &std::path::Path, rec: &Record) -> Result<(), Error> {
     let bytes = serde_json::to_vec_pretty(rec).expect("a record serializes");
     let write = || -> std::io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // 0600: the record holds the session's key.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, folder.join("session.json"))?;

@@ -95,11 +95,21 @@ async fn image_format(base: &Path) -> Result<String, Error> {
     Ok(v["format"].as_str().unwrap_or("raw").to_string())
 }
 
+/// Creates `dir` (and its parents) and makes it 0700: a session's folder holds its disk
+/// overlay, its QEMU and serial logs and its key, for nobody but vdd to read, whatever
+/// the umask or QEMU's own file modes.
+pub fn private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| Error::State(dir.to_path_buf(), e))
+}
+
 /// Creates a qcow2 overlay on `base`; the base is only ever read.
 pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
     let fmt = image_format(base).await?;
     if let Some(d) = overlay.parent() {
-        std::fs::create_dir_all(d).map_err(|e| Error::State(d.to_path_buf(), e))?;
+        private_dir(d)?;
     }
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", &fmt, "-b"])
@@ -114,7 +124,10 @@ pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    Ok(())
+    // What the guest writes is the seat's: 0600 as nbd overlays are.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::State(overlay.to_path_buf(), e))
 }
 
 /// Starts the VM and, for a VNC guest, sets its password over QMP.
@@ -124,8 +137,16 @@ pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
     }
     let qmp = spec.dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp);
-    let log = std::fs::File::create(spec.dir.join("qemu.log"))
-        .map_err(|e| Error::State(spec.dir.clone(), e))?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(spec.dir.join("qemu.log"))
+            .map_err(|e| Error::State(spec.dir.clone(), e))?
+    };
     let mut cmd = Command::new(&spec.qemu);
     cmd.arg("-name")
         .arg(format!("vdd-{},process=vdd-{}", spec.session, spec.session))
@@ -140,8 +161,11 @@ pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
         .arg("-no-user-config");
     match &spec.display {
         VmDisplay::Vnc { addr, port } => {
-            // The guest reaches out through the server (NAT); nothing reaches in.
-            cmd.args(["-nic", "user,model=e1000", "-vga", "std"])
+            // Nothing reaches in. Out: nothing, unless the guest is `nat = true`; QEMU's
+            // user network would otherwise forward 10.0.2.2 to the server's loopback.
+            let restrict = if spec.guest.nat { "off" } else { "on" };
+            cmd.args(["-nic", &format!("user,model=e1000,restrict={restrict}")])
+                .args(["-vga", "std"])
                 .arg("-vnc")
                 .arg(format!("{addr}:{},password=on", port - 5900));
         }
