@@ -6,6 +6,7 @@ pub mod e2e;
 pub mod e2e_guest_x11;
 pub mod e2e_initramfs;
 pub mod e2e_x11;
+pub mod fuzz;
 pub mod image;
 pub mod initramfs;
 pub mod lab;

@@ -55,6 +55,19 @@ enum Cmd {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Build the cargo-fuzz targets of fuzz/ and run each for a while, one at a time
+    /// (installs cargo-fuzz when missing); fails naming the input of any crash.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Which compiler builds them: auto picks nightly when installed, else stable
+        /// with RUSTC_BOOTSTRAP=1.
+        #[arg(long, value_enum, default_value = "auto")]
+        toolchain: xtask::fuzz::Toolchain,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,10 +157,15 @@ fn main() -> Result<()> {
         } => ensure(Purpose::GuestX11)?,
         Cmd::E2e { .. } => ensure(Purpose::Demo)?,
         Cmd::Bench { .. } => ensure(Purpose::Bench)?,
-        Cmd::Deps { .. } => {}
+        Cmd::Deps { .. } | Cmd::Fuzz { .. } => {}
     }
     match cli.cmd {
         Cmd::Deps { purpose } => ensure(purpose),
+        Cmd::Fuzz {
+            seconds,
+            toolchain,
+            targets,
+        } => xtask::fuzz::run(seconds, &targets, toolchain),
         Cmd::Image { name, force } => match name.as_str() {
             "thin-client" => xtask::image::thin_client(force).map(drop),
             "guest-demo" => xtask::image::guest_demo(force).map(drop),
