@@ -235,7 +235,9 @@ impl Client {
         if msg.xid() != self.xid {
             return vec![Output::Ignored("xid is not ours")];
         }
-        if msg.chaddr().get(..6) != Some(&self.mac[..]) {
+        // hlen first: dhcproto's `chaddr()` slices its 16-byte array by hlen and panics
+        // past 16, and only Ethernet's 6 can be ours anyway.
+        if msg.hlen() != 6 || msg.chaddr() != &self.mac[..] {
             return vec![Output::Ignored("chaddr is not ours")];
         }
         let kind = msg.opts().msg_type();
@@ -367,6 +369,67 @@ impl Client {
 }
 
 /// Half the time left until `end`, at least [`MIN_RENEW_RETRY`], never past `end`.
+/// Why a datagram on port 68 is no reply we read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0} bytes, shorter than the 240-byte DHCP header")]
+    Short(usize),
+    #[error("not an Ethernet BOOTREPLY with the DHCP magic cookie")]
+    NotReply,
+    #[error("option {code} of length {len} runs past the end or has a length RFC 2132 forbids")]
+    Option { code: u8, len: usize },
+    #[error("undecodable: {0}")]
+    Codec(String),
+}
+
+/// Decodes a reply from the network for [`Client::packet`]. `dhcproto` 0.12 trusts what
+/// it reads: an `unwrap` on option 121's prefix length, `assert!`s on option lengths,
+/// and `chaddr()` slicing by hlen all panic, and a panic here is PID 1's, so the kernel's.
+/// As vdd's server codec does (src/dhcp/codec.rs), the raw bytes are walked first and
+/// only the options the client reads, with the lengths RFC 2132 gives them, reach it.
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    const MAGIC: [u8; 4] = [99, 130, 83, 99];
+    if bytes.len() < 240 {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    if bytes[0] != 2 || bytes[1] != 1 || bytes[2] != 6 || bytes[236..240] != MAGIC {
+        return Err(DecodeError::NotReply);
+    }
+    let mut clean = bytes[..240].to_vec();
+    let mut b = &bytes[240..];
+    while let Some((&code, rest)) = b.split_first() {
+        match code {
+            0 => {
+                b = rest;
+                continue;
+            }
+            255 => break,
+            _ => {}
+        }
+        let bad = |len| DecodeError::Option { code, len };
+        let (&len, rest) = rest.split_first().ok_or(bad(0))?;
+        let len = usize::from(len);
+        let data = rest.get(..len).ok_or(bad(len))?;
+        b = &rest[len..];
+        let ok = match code {
+            53 => len == 1,
+            // Subnet mask, server identifier, lease time, T1, T2.
+            1 | 54 | 51 | 58 | 59 => len == 4,
+            // Routers, DNS servers: one or more addresses.
+            3 | 6 => len >= 4 && len % 4 == 0,
+            _ => continue, // not read by the client: not passed on
+        };
+        if !ok {
+            return Err(bad(len));
+        }
+        clean.push(code);
+        clean.push(len as u8);
+        clean.extend_from_slice(data);
+    }
+    clean.push(255);
+    Message::decode(&mut Decoder::new(&clean)).map_err(|e| DecodeError::Codec(e.to_string()))
+}
+
 fn retry_until(now: Instant, end: Option<Instant>) -> Instant {
     match end {
         Some(e) => (now + (e.saturating_duration_since(now) / 2).max(MIN_RENEW_RETRY)).min(e),
@@ -615,7 +678,7 @@ fn drive_until(
             .max(Duration::from_millis(10));
         sock.set_read_timeout(Some(wait)).map_err(Error::Send)?;
         match sock.recv_from(&mut buf) {
-            Ok((n, _)) => match Message::decode(&mut Decoder::new(&buf[..n])) {
+            Ok((n, _)) => match decode(&buf[..n]) {
                 Ok(m) => out = c.packet(&m, Instant::now()),
                 Err(e) => log(format!("dhcp: undecodable packet of {n} bytes: {e}")),
             },
@@ -879,6 +942,61 @@ mod tests {
         assert_eq!(c.state, before);
         // Garbage bytes do not decode; the driver logs and goes on.
         assert!(Message::decode(&mut Decoder::new(&[1, 2, 3])).is_err());
+    }
+
+    /// A BOOTREPLY to `MAC` built byte by byte (RFC 2131 figure 1), `opts` after the cookie.
+    fn raw_reply(xid: u32, hlen: u8, opts: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 236];
+        b[0] = 2;
+        b[1] = 1;
+        b[2] = hlen;
+        b[4..8].copy_from_slice(&xid.to_be_bytes());
+        b[16..20].copy_from_slice(&[10, 0, 2, 15]);
+        b[28..34].copy_from_slice(&MAC);
+        b.extend_from_slice(&[99, 130, 83, 99]);
+        b.extend_from_slice(opts);
+        b
+    }
+
+    #[test]
+    fn replies_that_made_dhcproto_panic_are_refused_or_cleaned() {
+        let t = Instant::now();
+        let mut c = Client::new(MAC, 0x1234_5678);
+        c.start(t);
+        // cargo fuzz (bootmenu_dhcp): option 154 with length 0 hit dhcproto's
+        // `debug_assert!(len == 4)`, and in a release build it read four bytes of the
+        // next option instead. Options the client does not read are dropped now.
+        let m = decode(&raw_reply(0x1234_5678, 6, &[0x9a, 0x00])).unwrap();
+        assert!(m.opts().get(OptionCode::Unknown(154)).is_none());
+        assert!(matches!(c.packet(&m, t)[0], Output::Ignored(_)));
+        // hlen 17 made `chaddr()` panic in `packet` (release builds too).
+        let b = raw_reply(0x1234_5678, 17, &[53, 1, 2, 54, 4, 10, 0, 2, 2, 255]);
+        assert_eq!(decode(&b), Err(DecodeError::NotReply));
+        let m = Message::decode(&mut Decoder::new(&b)).unwrap();
+        assert!(matches!(c.packet(&m, t)[0], Output::Ignored(_)));
+        // Lengths RFC 2132 forbids for what the client does read, and overruns.
+        for opts in [
+            &[53, 1, 2, 54, 3, 10, 0, 2][..],
+            &[53, 1, 2, 3, 6, 10, 0, 2, 2, 0, 0],
+            &[53, 2, 2, 2],
+            &[53, 1, 2, 51, 40, 0],
+            &[53],
+        ] {
+            assert!(
+                matches!(
+                    decode(&raw_reply(1, 6, opts)),
+                    Err(DecodeError::Option { .. })
+                ),
+                "{opts:?}"
+            );
+        }
+        assert_eq!(decode(&[2; 100]), Err(DecodeError::Short(100)));
+        // What vdd sends decodes as before.
+        let offer = reply(MessageType::Offer, c.xid(), SRV).to_vec().unwrap();
+        assert_eq!(
+            decode(&offer).unwrap(),
+            Message::decode(&mut Decoder::new(&offer)).unwrap()
+        );
     }
 
     #[test]
