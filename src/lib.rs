@@ -19,6 +19,7 @@ pub mod nbd;
 pub mod ndp;
 pub mod netif;
 pub mod peers;
+pub mod tapfilter;
 pub mod tftp;
 pub mod warnlimit;
 pub mod xdmcp;

@@ -36,6 +36,7 @@ fn skip() -> Option<String> {
         "cpio",
         "curl",
         "udhcpc",
+        "nft",
     ])
 }
 

@@ -27,9 +27,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{AccelChoice, Config, Display, Mac};
-use crate::{dhcp, lan, xdmcp};
+use crate::{dhcp, lan, tapfilter, xdmcp};
 use qemu::{Accel, Vm, VmDisplay, VmSpec};
 use qemu_ctl::qmp::Qmp;
+
+/// An error with its causes, for a log line or an `Error::Lan` message.
+fn report(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
 
 /// How long a failed X11 session stays visible to `GET /api/v1/sessions/ID`.
 pub const FAILED_KEPT: Duration = Duration::from_secs(300);
@@ -331,6 +343,13 @@ impl Dispatcher {
             lan,
             me: me.clone(),
         });
+        if me.lan.is_some() {
+            tapfilter::install().map_err(|e| Error::Lan(report(&e)))?;
+            info!(
+                table = tapfilter::TABLE,
+                "X11 guests' taps filtered to what README's table allows"
+            );
+        }
         me.adopt().await;
         if me.lan.is_some() {
             let keep: Vec<String> = {
@@ -343,6 +362,17 @@ impl Dispatcher {
             lan::sweep_taps(&keep)
                 .await
                 .map_err(|e| Error::Lan(format!("{e:#}")))?;
+            // The adopted guests through the tap filter again (installed empty above).
+            let adopted: Vec<X11Rec> = {
+                let st = me.state.lock().await;
+                st.sessions
+                    .values()
+                    .filter_map(|s| s.rec.x11.clone())
+                    .collect()
+            };
+            for x in adopted {
+                tapfilter::admit(&x.tap, x.mac).map_err(|e| Error::Lan(report(&e)))?;
+            }
         }
         Ok(me)
     }
@@ -709,12 +739,20 @@ impl Dispatcher {
             };
             info!(session = %id, mac = %seat, guest_mac = %mac, %ip, "address reserved for the X11 guest");
             let name = lan::tap_name(id);
+            // Through the filter before the tap exists: no frame of this guest ever
+            // passes unchecked.
+            if let Err(e) = tapfilter::admit(&name, mac) {
+                lan.leases.release(mac, ip);
+                let _ = std::fs::remove_dir_all(&folder);
+                return Err(Error::Lan(report(&e)));
+            }
             match lan::open_tap(&name, &lan.bridge).await {
                 Ok(t) => {
                     info!(session = %id, mac = %seat, guest_mac = %mac, tap = %name, bridge = %lan.bridge, "tap created");
                     tap = Some(t);
                 }
                 Err(e) => {
+                    let _ = tapfilter::forget(&name, mac);
                     lan.leases.release(mac, ip);
                     let _ = std::fs::remove_dir_all(&folder);
                     return Err(Error::Lan(format!("{e:#}")));
@@ -748,6 +786,7 @@ impl Dispatcher {
         drop(tap);
         let release = |x: &Option<X11Rec>| {
             if let (Some(x), Some(l)) = (x, &self.lan) {
+                let _ = tapfilter::forget(&x.tap, x.mac);
                 l.leases.release(x.mac, x.ip);
             }
         };
@@ -933,6 +972,9 @@ impl Dispatcher {
         }
         let _ = std::fs::remove_dir_all(self.dir.join(&rec.id));
         if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {
+            if let Err(e) = tapfilter::forget(&x.tap, x.mac) {
+                warn!(session = %rec.id, tap = %x.tap, "tap filter: {}", report(&e));
+            }
             l.leases.release(x.mac, x.ip);
             info!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, "X11 guest's address released; its tap is gone with its VM");
         }
