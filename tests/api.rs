@@ -23,6 +23,8 @@ impl SeatLookup for Table {
 const TOKEN: &str = "0123456789abcdef0123";
 const SEAT1: &str = "52:54:00:00:bb:01";
 const SEAT2: &str = "52:54:00:00:bb:02";
+/// A seat with a reserved address, 127.0.0.50; its MAC is cloned at 127.0.0.52.
+const SEAT3: &str = "52:54:00:00:bb:03";
 
 fn ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 77, 0, n))
@@ -39,6 +41,9 @@ address = "127.0.0.1/8"
 state_dir = "{state}"
 [dhcp]
 mode = "off"
+[[dhcp.host]]
+mac = "{SEAT3}"
+address = "127.0.0.50"
 [http]
 admin_token = "{TOKEN}"
 [[guest]]
@@ -47,6 +52,11 @@ label = "Demo"
 image = "{img}"
 memory = "128M"
 description = "the banner"
+[[guest]]
+name = "kept"
+label = "Kept"
+image = "/nonexistent/kept.qcow2"
+persist = true
 [dispatch]
 max_vms = 1
 vnc_ports = "{base}-{base}"
@@ -60,6 +70,8 @@ shutdown_timeout = "2s"
     let seats = Table(HashMap::from([
         (ip(50), SEAT1.parse().unwrap()),
         (ip(51), SEAT2.parse().unwrap()),
+        ("127.0.0.50".parse().unwrap(), SEAT3.parse().unwrap()),
+        ("127.0.0.52".parse().unwrap(), SEAT3.parse().unwrap()),
     ]));
     Api {
         cfg,
@@ -124,7 +136,10 @@ async fn every_answer_of_the_session_api() {
     assert_eq!(st, 200);
     assert_eq!(
         v,
-        serde_json::json!([{"name": "demo", "label": "Demo", "display": "vnc", "description": "the banner"}])
+        serde_json::json!([
+            {"name": "demo", "label": "Demo", "display": "vnc", "description": "the banner"},
+            {"name": "kept", "label": "Kept", "display": "vnc", "description": ""}
+        ])
     );
     assert!(a
         .handle("GET", "/boot.ipxe", ip(50), None, None, b"")
@@ -374,5 +389,42 @@ async fn every_answer_of_the_session_api() {
     )
     .await;
     assert_eq!(st, 404);
+
+    // A kept disk (persist = true) opens only for a seat at its reserved address: from
+    // there the request passes on to the dispatcher (whose answer here is that the image
+    // is missing); a clone of its MAC elsewhere, or a seat with no reservation, is refused
+    // before anything starts.
+    let kept = r#"{"guest": "kept"}"#;
+    let (st, v) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        "127.0.0.50".parse().unwrap(),
+        None,
+        kept,
+    )
+    .await;
+    assert_eq!(st, 500, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("kept.qcow2"), "{v}");
+    let (st, v) = call(
+        &a,
+        "POST",
+        "/api/v1/sessions",
+        "127.0.0.52".parse().unwrap(),
+        None,
+        kept,
+    )
+    .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("127.0.0.50 reserved"),
+        "{v}"
+    );
+    let (st, v) = call(&a, "POST", "/api/v1/sessions", ip(50), None, kept).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("[[dhcp.host]]"),
+        "{v}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

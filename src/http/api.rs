@@ -240,6 +240,11 @@ impl Api {
             (Caller::Guest, _) => return guest_caller(peer),
             (Caller::Unknown, _) => return unknown_caller(peer),
         };
+        if caller != Caller::Admin {
+            if let Err(r) = self.may_open_kept_disk(seat, peer, &req.guest) {
+                return r;
+            }
+        }
         let running = d
             .list(Some(seat))
             .await
@@ -362,6 +367,41 @@ impl Api {
         match d.reset(id, who).await {
             Ok(s) => reply(200, json!(s)),
             Err(e) => dispatch_error(e),
+        }
+    }
+}
+
+impl Api {
+    /// A `persist = true` guest keeps a disk per seat, keyed on the seat's MAC. A MAC is
+    /// easy to clone, so a seat reaches its kept disk only from the address the admin
+    /// reserved for it (`[[dhcp.host]] address`): a LAN host that clones a seat's MAC but
+    /// keeps its own address is refused. (One that takes the seat's address too while the
+    /// seat is off is that seat as far as any server can tell: switch port security is
+    /// the measure there; see README's security section.) The admin is not asked.
+    fn may_open_kept_disk(&self, seat: Mac, peer: IpAddr, guest: &str) -> Result<(), Reply> {
+        let Some(g) = self.cfg.guests.iter().find(|g| g.name == guest) else {
+            return Ok(()); // The dispatcher answers an unknown guest.
+        };
+        if !g.persist {
+            return Ok(());
+        }
+        let reserved = self.cfg.host(&seat).and_then(|h| h.address);
+        match reserved {
+            Some(ip) if IpAddr::V4(ip) == peer.to_canonical() => Ok(()),
+            Some(ip) => {
+                warn!(%peer, mac = %seat, reserved = %ip, guest, "a kept disk was asked for from another address than the seat's reservation (a cloned MAC?); refused");
+                Err(error(
+                    403,
+                    format!("{} keeps a disk per seat; seat {seat} has address {ip} reserved, and this request came from {peer}", g.label),
+                ))
+            }
+            None => {
+                warn!(%peer, mac = %seat, guest, "a kept disk was asked for by a seat without a reserved address; refused");
+                Err(error(
+                    403,
+                    format!("{} keeps a disk per seat, which needs a reserved address for the seat: ask the admin to add [[dhcp.host]] mac = \"{seat}\" with an address", g.label),
+                ))
+            }
         }
     }
 }
