@@ -88,6 +88,9 @@ enum Bench {
     Nbd(xtask::bench::nbd::Args),
     /// TFTP: vdd vs dnsmasq, tftpd-hpa and atftpd; 1 and N clients, lockstep and windowsize.
     Tftp(xtask::bench::tftp::Args),
+    /// vdd's memory (VmRSS, VmHWM) under floods from the LAN (TFTP, HTTP, NBD, DHCP), and
+    /// whether a well-behaved client is still served during each.
+    Floods(xtask::bench::floods::Args),
     /// DHCP: perfdhcp against vdd, kea-dhcp4 and dnsmasq at stepped rates (DORA/s, drops).
     Dhcp {
         /// Shorter steps (3 s instead of 10 s).
@@ -359,6 +362,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Bench::Tftp(a),
         } => xtask::bench::tftp::run(a),
+        Cmd::Bench {
+            which: Bench::Floods(a),
+        } => xtask::bench::floods::run(a),
         Cmd::Bench {
             which:
                 Bench::Dhcp {

@@ -3,6 +3,7 @@
 
 pub mod bootmenu;
 pub mod dhcp;
+pub mod floods;
 pub mod http;
 pub mod nbd;
 pub mod tftp;
