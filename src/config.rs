@@ -139,6 +139,7 @@ struct WireDhcp {
     domain: Option<String>,
     port: Option<u16>,
     proxy_port: Option<u16>,
+    new_clients_per_minute: Option<usize>,
     #[serde(default)]
     host: Vec<WireHost>,
 }
@@ -326,6 +327,11 @@ pub struct Dhcp {
     pub port: u16,
     /// PXE boot-server port of proxy mode (PXE 2.1), 4011 by default.
     pub proxy_port: u16,
+    /// Clients vdd has never seen (no lease record, no reservation) that may get an
+    /// address per minute, with as many at once: a host faking new MACs cannot drain the
+    /// pool in a second (`dhcp.new_clients_per_minute`). Default: a quarter of the pool,
+    /// at least 64.
+    pub new_clients_per_minute: usize,
     pub hosts: BTreeMap<Mac, Host>,
 }
 
@@ -796,6 +802,12 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
         domain: w.dhcp.domain,
         port: w.dhcp.port.unwrap_or(67),
         proxy_port: w.dhcp.proxy_port.unwrap_or(4011),
+        new_clients_per_minute: at_least_one(
+            "dhcp.new_clients_per_minute",
+            w.dhcp.new_clients_per_minute,
+            pool.as_ref().map_or(64, |p| (p.len() as usize / 4).max(64)),
+            "at least 1: how many never-seen clients may get an address per minute",
+        )?,
         hosts,
     };
     if let Some(net) = subnet {

@@ -418,6 +418,63 @@ fn blind_requests_bind_nothing() {
     assert!(lab.is_running(pid));
 }
 
+/// A host that sends DISCOVERs from made-up MACs gets `dhcp.new_clients_per_minute`
+/// offers, not the pool; a seat vdd knows is answered all the while.
+#[test]
+fn made_up_macs_get_only_the_new_client_budget() {
+    if let Some(why) = lab::missing(&["udhcpc", "python3"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("newc");
+    write_config(
+        &dir.0,
+        &FULL.replace("[dhcp]\n", "[dhcp]\nnew_clients_per_minute = 8\n"),
+    );
+    let mut lab = Lab::new("dhcpn").unwrap();
+    let pid = start_vdd(&mut lab, &dir.0, 0);
+    // A seat seen before the flood.
+    let seat = lab.add_client(None).unwrap();
+    let first = udhcpc_once(&dir.0, &seat, &[])["ip"].clone();
+    assert!(in_pool(&first));
+    let attacker = lab.add_client(None).unwrap();
+    lab::ip([
+        "-n",
+        &attacker.ns,
+        "addr",
+        "add",
+        "10.77.0.9/24",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let st = Lab::cmd(&attacker.ns, "python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dhcp_blind_requests.py"))
+        .args(["10.77.0.1", "10.77.0.100", "40", "discover"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let log_path = dir.0.join("vdd-0.log");
+    wait_for(Duration::from_secs(10), || {
+        read(&log_path).contains("more never-seen clients than dhcp.new_clients_per_minute")
+    })
+    .unwrap_or_else(|| panic!("no warning about the flood:\n{}", read(&log_path)));
+    let offers = read(&log_path)
+        .lines()
+        .filter(|l| l.contains("02:ba:d0") && l.contains(" offer"))
+        .count();
+    // 8 at once, one of them taken by the seat when it was new; at most one more per
+    // 7.5 s while the flood was sent.
+    assert!((7..=8).contains(&offers), "{offers} offers to made-up MACs");
+    // The seat vdd knows gets its address again at once.
+    assert_eq!(udhcpc_once(&dir.0, &seat, &[])["ip"], first);
+    assert!(lab.is_running(pid));
+}
+
 #[test]
 fn perfdhcp_load_without_losses() {
     if let Some(why) = lab::missing(&["perfdhcp"]) {
@@ -427,7 +484,8 @@ fn perfdhcp_load_without_losses() {
     let dir = Dir::new("load");
     write_config(
         &dir.0,
-        "[dhcp]\npool = \"10.77.0.10-10.77.0.250\"\nlease_time = \"1h\"\nrouter = \"10.77.0.1\"\n",
+        // perfdhcp's 200 made-up MACs arrive at once: a load test, not an attack.
+        "[dhcp]\npool = \"10.77.0.10-10.77.0.250\"\nlease_time = \"1h\"\nrouter = \"10.77.0.1\"\nnew_clients_per_minute = 100000\n",
     );
     let mut lab = Lab::new("dhcpl").unwrap();
     // Per-lease info lines would only measure the terminal.

@@ -10,7 +10,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -150,6 +150,7 @@ impl Driver {
         let mut pbuf = vec![0u8; 4096];
         // At most one warning a second from a misbehaving network; the rest are counted.
         let limiter = WarnLimit::new(1, Duration::from_secs(1));
+        let mut new_clients = NewClients::new(cfg.dhcp.new_clients_per_minute, Instant::now());
         let result = loop {
             let (n, peer, port) = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -187,6 +188,17 @@ impl Driver {
                     continue;
                 }
             };
+            if port == Port::Dhcp
+                && is_new_client(&p, &cfg, &table)
+                && !new_clients.take(Instant::now())
+            {
+                // Unanswered, the client retries its DISCOVER in a few seconds (RFC 2131
+                // 4.1), by which time the bucket has refilled a little.
+                if let Some(dropped) = limiter.allow() {
+                    warn!(mac = %p.mac, dropped, per_minute = cfg.dhcp.new_clients_per_minute, "more never-seen clients than dhcp.new_clients_per_minute; DISCOVER left unanswered (a host faking MACs to drain the pool?)");
+                }
+                continue;
+            }
             let now = unix_now();
             let ctx = Ctx {
                 cfg: &cfg,
@@ -338,6 +350,46 @@ impl std::fmt::Display for Xid {
     }
 }
 
+/// A DISCOVER for the pool from a client vdd has no record of: no reservation, no lease
+/// (even an expired one), no offer pending. Known seats never wait for the bucket below.
+fn is_new_client(p: &codec::Packet, cfg: &Config, table: &LeaseTable) -> bool {
+    p.kind == dhcproto::v4::MessageType::Discover
+        && cfg.dhcp.pool.is_some()
+        && cfg.host(&p.mac).is_none()
+        && table.of_mac(&p.mac).is_none()
+}
+
+/// The token bucket of [`Config`]'s `dhcp.new_clients_per_minute`: that many new clients
+/// at once, refilled at that many a minute. One host sending DISCOVERs from random MACs
+/// (the classic pool-starvation attack) gets that many addresses a minute, not the pool.
+struct NewClients {
+    per_minute: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl NewClients {
+    fn new(per_minute: usize, now: Instant) -> NewClients {
+        NewClients {
+            per_minute: per_minute as f64,
+            tokens: per_minute as f64,
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let secs = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + secs * self.per_minute / 60.0).min(self.per_minute);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The group-commit writer: one append + one fdatasync per batch, then the batch's ACKs.
 fn writer(mut j: Journal, sock: std::net::UdpSocket, rx: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::new();
@@ -407,4 +459,27 @@ fn send_blocking(sock: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
         }
     }
     warn!(peer = %to, "send buffer full for 100 ms; ACK dropped (the client will retry)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_clients_come_in_bursts_then_at_the_configured_rate() {
+        let t = Instant::now();
+        let mut b = NewClients::new(6, t);
+        assert_eq!(
+            (0..10).filter(|_| b.take(t)).count(),
+            6,
+            "a burst of one minute's worth"
+        );
+        assert!(!b.take(t + Duration::from_secs(5)));
+        // Six a minute: one every ten seconds.
+        assert!(b.take(t + Duration::from_secs(11)));
+        assert!(!b.take(t + Duration::from_secs(12)));
+        // A long quiet time refills no more than one burst.
+        let later = t + Duration::from_secs(3600);
+        assert_eq!((0..10).filter(|_| b.take(later)).count(), 6);
+    }
 }

@@ -180,7 +180,7 @@ fn one_step(server: &str, vdd: &Path, dir: &Path, rate: u32, secs: u32) -> Resul
             std::fs::write(
                 &cfg,
                 format!(
-                    "[server]\ninterface = \"br0\"\nstate_dir = \"{}\"\n[dhcp]\npool = \"{}-{}\"\nlease_time = \"1h\"\nrouter = \"10.77.0.1\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[nbd]\nenabled = false\n",
+                    "[server]\ninterface = \"br0\"\nstate_dir = \"{}\"\n[dhcp]\npool = \"{}-{}\"\nlease_time = \"1h\"\nrouter = \"10.77.0.1\"\nnew_clients_per_minute = 10000000\n[tftp]\nenabled = false\n[http]\nenabled = false\n[nbd]\nenabled = false\n",
                     dir.join("state").display(),
                     POOL.0,
                     POOL.1
