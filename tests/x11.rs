@@ -577,6 +577,22 @@ fn x11_session_is_ready_when_the_display_manager_answers() {
     assert!(ready.get("error").is_none());
     assert_eq!((&ready["host"], &ready["port"]), (&s["host"], &s["port"]));
     assert!(read(&log).contains("X11 guest ready"), "{}", read(&log));
+    // The guest is in the server's neighbour table like a seat, but is none: an API call
+    // from its MAC and address starts nothing (finding 9 of the hardening audit).
+    for (method, body) in [("GET", None), ("POST", Some(r#"{"guest": "desk"}"#))] {
+        let mut c = Lab::cmd(&guest.ns, "curl");
+        c.args(["-s", "-m", "30", "-X", method, "-w", "\n%{http_code}"]);
+        if let Some(b) = body {
+            c.args(["-H", "Content-Type: application/json", "--data", b]);
+        }
+        let out = c
+            .arg(format!("http://10.77.0.1:{PORT}/api/v1/sessions"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.ends_with("\n403"), "{method} from the guest: {text:?}");
+        assert!(text.contains("is a guest VM of this server"), "{text}");
+    }
     // It stays ready (no timeout later), in the list too.
     let (_, all) = api(&ns, "GET", "/api/v1/sessions", None);
     assert_eq!(all[0]["state"], "ready", "{all}");
