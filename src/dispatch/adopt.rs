@@ -1,0 +1,111 @@
+//! Crash adoption: after a `kill -9`, the next vdd reads `STATE_DIR/sessions/*/session.json`
+//! and takes over each VM that still runs as that session (same pid, its command line
+//! names the session), restores an X11 guest's DHCP binding, and cleans up after the rest;
+//! a VM whose record was lost is found by its command line and stopped.
+
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::qemu::{self, Vm};
+use super::{Dispatcher, Record, Session, SessionState};
+
+impl Dispatcher {
+    /// Adopts or cleans up what a previous run left in the sessions folder.
+    pub(super) async fn adopt(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut st = self.state.lock().await;
+        for e in entries.flatten() {
+            let folder = e.path();
+            let rec: Option<Record> = std::fs::read(folder.join("session.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match rec {
+                Some(rec) if qemu::alive(rec.pid) && qemu::is_our_vm(rec.pid, &rec.id) => {
+                    info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, pid = rec.pid, "adopted the VM of a previous run");
+                    let mut vm = Vm {
+                        pid: rec.pid,
+                        qmp: folder.join("qmp.sock"),
+                        child: None,
+                    };
+                    let mut state = SessionState::Ready;
+                    let mut probe = None;
+                    if let Some(x) = &rec.x11 {
+                        // Its DHCP binding back (the journal has it too, unless it expired),
+                        // then ask its display manager again: it may have been starting.
+                        let bound = match &self.lan {
+                            Some(l) => l
+                                .leases
+                                .reserve(x.mac, Some(x.ip))
+                                .await
+                                .map_err(|e| e.to_string()),
+                            None => Err("this vdd serves X11 guests no LAN".to_string()),
+                        };
+                        match bound {
+                            Ok(ip) if ip == x.ip => {
+                                info!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, "adopted X11 guest's address restored");
+                                state = SessionState::Starting;
+                                probe = Some(self.spawn_probe(&rec.id, x.ip, Instant::now()));
+                            }
+                            other => {
+                                let why = match other {
+                                    Ok(ip) => {
+                                        if let Some(l) = &self.lan {
+                                            l.leases.release(x.mac, ip);
+                                        }
+                                        format!("{} went to another client", x.ip)
+                                    }
+                                    Err(e) => e,
+                                };
+                                warn!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, "adopted X11 VM cannot keep its address ({why}); stopping it");
+                                qemu::stop(&mut vm, self.cfg.dispatch.shutdown_timeout).await;
+                                if !rec.persist {
+                                    let _ = std::fs::remove_file(&rec.overlay);
+                                }
+                                let _ = std::fs::remove_dir_all(&folder);
+                                continue;
+                            }
+                        }
+                    }
+                    st.sessions.insert(
+                        rec.id.clone(),
+                        Session {
+                            rec,
+                            vm,
+                            last_seen: Instant::now(),
+                            state,
+                            probe,
+                        },
+                    );
+                }
+                rec => {
+                    // A VM without a live record (vdd killed between its start and its
+                    // record, or a record lost) would keep its VNC port for good.
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    for pid in qemu::vms_of(&id) {
+                        warn!(session = %id, pid, "a VM of a previous run has no record; stopping it");
+                        let mut vm = Vm {
+                            pid,
+                            qmp: folder.join("qmp.sock"),
+                            child: None,
+                        };
+                        qemu::stop(&mut vm, Duration::from_secs(1)).await;
+                    }
+                    if let Some(rec) = &rec {
+                        info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, "VM of a previous run is gone; cleaning up");
+                        if !rec.persist {
+                            let _ = std::fs::remove_file(&rec.overlay);
+                        }
+                        // Its tap went with its QEMU; its address is free again.
+                        if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {
+                            l.leases.release(x.mac, x.ip);
+                        }
+                    }
+                    let _ = std::fs::remove_dir_all(&folder);
+                }
+            }
+        }
+    }
+}

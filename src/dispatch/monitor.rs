@@ -1,0 +1,129 @@
+//! The dispatcher's watch over its VMs, every 2 s until shutdown: a VM that exits ends its
+//! session; a seat not seen for `dispatch.idle_timeout` (no API call, no VNC viewer) gets
+//! its VMs stopped; X11 guests' DHCP bindings are renewed by vdd itself; failed sessions
+//! are forgotten after [`FAILED_KEPT`]. On shutdown every VM is stopped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qemu_ctl::qmp::Qmp;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use super::{qemu, Dispatcher, Session, X11Rec, FAILED_KEPT};
+
+impl Dispatcher {
+    /// Watches the VMs until shutdown: a VM that dies ends its session; a seat not seen
+    /// (no API call, no VNC viewer connected) for `idle_timeout` gets its VMs stopped.
+    /// On shutdown every VM is stopped.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut n: u64 = 0;
+        let refresh_ticks = (self.cfg.dhcp.lease_time.as_secs() / 4).max(1);
+        let mut refresh: Vec<(String, X11Rec)> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            n += 1;
+            let mut dead = Vec::new();
+            let mut probe = Vec::new();
+            {
+                let mut st = self.state.lock().await;
+                for (id, s) in st.sessions.iter_mut() {
+                    let exited = match s.vm.child.as_mut() {
+                        Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+                        None => !qemu::alive(s.vm.pid),
+                    };
+                    if exited {
+                        dead.push(id.clone());
+                    } else if n % 5 == 0 {
+                        probe.push((id.clone(), s.vm.qmp.clone()));
+                    }
+                }
+                for id in &dead {
+                    if let Some(mut s) = st.sessions.remove(id) {
+                        error!(session = %id, mac = %s.rec.seat, guest = %s.rec.guest, "VM exited on its own; session ended");
+                        if let Some(p) = s.probe.take() {
+                            p.abort();
+                        }
+                        self.cleanup(&s.rec);
+                    }
+                }
+                st.failed.retain(|_, f| f.since.elapsed() < FAILED_KEPT);
+                if n % refresh_ticks == 0 {
+                    refresh = st
+                        .sessions
+                        .values()
+                        .filter_map(|s| s.rec.x11.clone().map(|x| (s.rec.id.clone(), x)))
+                        .collect();
+                }
+            }
+            // An X11 guest's binding is renewed by vdd too, at half the lease time: a guest
+            // that does not ask DHCP again (or asks late) never loses its address while
+            // its session runs.
+            if let Some(l) = &self.lan {
+                for (id, x) in std::mem::take(&mut refresh) {
+                    match l.leases.reserve(x.mac, Some(x.ip)).await {
+                        Ok(ip) if ip == x.ip => {}
+                        Ok(ip) => {
+                            l.leases.release(x.mac, ip);
+                            error!(session = %id, guest_mac = %x.mac, ip = %x.ip, "the X11 guest's address was taken by another client");
+                        }
+                        Err(e) => {
+                            warn!(session = %id, guest_mac = %x.mac, ip = %x.ip, "renewing the X11 guest's address: {e}")
+                        }
+                    }
+                }
+            }
+            // Every 10 s: a connected VNC viewer means the seat is there.
+            for (id, path) in probe {
+                let viewing = match Qmp::connect(&path, Duration::from_secs(2)).await {
+                    Ok(mut q) => q
+                        .execute("query-vnc", None)
+                        .await
+                        .ok()
+                        .and_then(|v| v["clients"].as_array().map(|c| !c.is_empty()))
+                        .unwrap_or(false),
+                    Err(_) => false,
+                };
+                let idle = {
+                    let mut st = self.state.lock().await;
+                    match st.sessions.get_mut(&id) {
+                        Some(s) if viewing => {
+                            s.last_seen = Instant::now();
+                            None
+                        }
+                        Some(s) if s.last_seen.elapsed() > self.cfg.dispatch.idle_timeout => {
+                            st.sessions.remove(&id)
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(s) = idle {
+                    warn!(session = %id, mac = %s.rec.seat, guest = %s.rec.guest, "seat gone for dispatch.idle_timeout; stopping its VM");
+                    self.finish(s, "ended (idle)").await;
+                }
+            }
+        }
+        // VMs still starting finish starting (and stop themselves, seeing `closing`) before
+        // the running ones are collected: none may be left behind.
+        self.state.lock().await.closing = true;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.state.lock().await.pending_vms > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let all: Vec<Session> = {
+            let mut st = self.state.lock().await;
+            std::mem::take(&mut st.sessions).into_values().collect()
+        };
+        // In parallel: each shutdown may wait out its grace period.
+        let mut stops = tokio::task::JoinSet::new();
+        for s in all {
+            let me = self.clone();
+            stops.spawn(async move { me.finish(s, "ended (vdd stopping)").await });
+        }
+        while stops.join_next().await.is_some() {}
+    }
+}
