@@ -41,8 +41,8 @@ use qemu::{Accel, Vm, VmDisplay, VmSpec};
 use qemu_ctl::qmp::Qmp;
 use record::{new_key, write_record, Record, X11Rec};
 
-/// An error with its causes, for a log line or an `Error::Lan` message.
-fn report(e: &dyn std::error::Error) -> String {
+/// An error with its causes, for a log line or the message a seat sees.
+pub fn report(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -79,17 +79,32 @@ pub enum Error {
     NoPassword(String),
     #[error("the base image of guest {guest} is missing: {path}")]
     MissingImage { guest: String, path: PathBuf },
-    #[error("{0} failed: {1}")]
-    Tool(String, String),
+    #[error("starting {tool}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} failed: {said}")]
+    ToolFailed { tool: String, said: String },
     #[error("state folder {0}")]
     State(PathBuf, #[source] std::io::Error),
     #[error("the VM exited at once ({0}); QEMU said: {1}")]
     VmExited(String, String),
-    #[error("QMP: {0}")]
-    Qmp(String),
-    /// The guest's LAN side (bridge, tap, DHCP reservation) could not be set up.
-    #[error("the guest's network: {0}")]
-    Lan(String),
+    #[error("QMP")]
+    Qmp(#[from] qemu_ctl::qmp::Error),
+    #[error("QEMU's QMP socket never came up")]
+    QmpNeverUp,
+    /// An X11 guest was asked of a vdd that serves no LAN for it.
+    #[error("{0}")]
+    NoLan(String),
+    /// The guest's LAN side (bridge, tap) could not be set up.
+    #[error("the X11 guest's network")]
+    Lan(#[source] lan::Error),
+    #[error("the filter of the X11 guests' taps")]
+    TapFilter(#[source] tapfilter::Error),
+    #[error("reserving the X11 guest's address")]
+    Reserve(#[source] dhcp::ReserveError),
 }
 
 /// Where an X11 guest's NIC sits: the bridge its tap joins and vdd's DHCP leases.
@@ -244,9 +259,7 @@ fn random<const N: usize>() -> [u8; N] {
 /// Sets a new one-time password on the VM behind `qmp_path` and returns it.
 async fn fresh_password(qmp_path: &std::path::Path) -> Result<String, Error> {
     let password = new_password();
-    let mut q = Qmp::connect(qmp_path, Duration::from_secs(5))
-        .await
-        .map_err(|e| Error::Qmp(e.to_string()))?;
+    let mut q = Qmp::connect(qmp_path, Duration::from_secs(5)).await?;
     qemu::set_password(&mut q, &password).await?;
     Ok(password)
 }
@@ -306,7 +319,7 @@ impl Dispatcher {
             me: me.clone(),
         });
         if me.lan.is_some() {
-            tapfilter::install().map_err(|e| Error::Lan(report(&e)))?;
+            tapfilter::install().map_err(Error::TapFilter)?;
             info!(
                 table = tapfilter::TABLE,
                 "X11 guests' taps filtered to what README's table allows"
@@ -321,9 +334,7 @@ impl Dispatcher {
                     .filter_map(|s| s.rec.x11.as_ref().map(|x| x.tap.clone()))
                     .collect()
             };
-            lan::sweep_taps(&keep)
-                .await
-                .map_err(|e| Error::Lan(format!("{e:#}")))?;
+            lan::sweep_taps(&keep).await.map_err(Error::Lan)?;
             // The adopted guests through the tap filter again (installed empty above).
             let adopted: Vec<X11Rec> = {
                 let st = me.state.lock().await;
@@ -333,7 +344,7 @@ impl Dispatcher {
                     .collect()
             };
             for x in adopted {
-                tapfilter::admit(&x.tap, x.mac).map_err(|e| Error::Lan(report(&e)))?;
+                tapfilter::admit(&x.tap, x.mac).map_err(Error::TapFilter)?;
             }
         }
         Ok(me)
@@ -465,7 +476,7 @@ impl Dispatcher {
                     p
                 }
                 None if self.lan.is_none() => {
-                    return Err(Error::Lan(format!(
+                    return Err(Error::NoLan(format!(
                         "{} is an X11 guest, and this vdd runs without its DHCP server and LAN bridge",
                         guest.label
                     )));
@@ -552,7 +563,7 @@ impl Dispatcher {
                     let _ = std::fs::remove_dir_all(&folder);
                     return Err(match e {
                         dhcp::ReserveError::Refused(why) => Error::Full(why.to_string()),
-                        e => Error::Lan(e.to_string()),
+                        e => Error::Reserve(e),
                     });
                 }
             };
@@ -563,7 +574,7 @@ impl Dispatcher {
             if let Err(e) = tapfilter::admit(&name, mac) {
                 lan.leases.release(mac, ip);
                 let _ = std::fs::remove_dir_all(&folder);
-                return Err(Error::Lan(report(&e)));
+                return Err(Error::TapFilter(e));
             }
             match lan::open_tap(&name, &lan.bridge).await {
                 Ok(t) => {
@@ -574,7 +585,7 @@ impl Dispatcher {
                     let _ = tapfilter::forget(&name, mac);
                     lan.leases.release(mac, ip);
                     let _ = std::fs::remove_dir_all(&folder);
-                    return Err(Error::Lan(format!("{e:#}")));
+                    return Err(Error::Lan(e));
                 }
             }
             x11 = Some(X11Rec { mac, ip, tap: name });

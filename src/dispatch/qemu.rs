@@ -83,15 +83,21 @@ async fn image_format(base: &Path) -> Result<String, Error> {
         .arg(base)
         .output()
         .await
-        .map_err(|e| Error::Tool("qemu-img info".into(), e.to_string()))?;
+        .map_err(|source| Error::Spawn {
+            tool: "qemu-img info".into(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(Error::Tool(
-            format!("qemu-img info {}", base.display()),
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+        return Err(Error::ToolFailed {
+            tool: format!("qemu-img info {}", base.display()),
+            said: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| Error::Tool("qemu-img info".into(), e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| Error::ToolFailed {
+            tool: format!("qemu-img info {}", base.display()),
+            said: format!("not JSON: {e}"),
+        })?;
     Ok(v["format"].as_str().unwrap_or("raw").to_string())
 }
 
@@ -117,12 +123,15 @@ pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
         .arg(overlay)
         .output()
         .await
-        .map_err(|e| Error::Tool("qemu-img create".into(), e.to_string()))?;
+        .map_err(|source| Error::Spawn {
+            tool: "qemu-img create".into(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(Error::Tool(
-            "qemu-img create".into(),
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+        return Err(Error::ToolFailed {
+            tool: "qemu-img create".into(),
+            said: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     // What the guest writes is the seat's: 0600 as nbd overlays are.
     use std::os::unix::fs::PermissionsExt;
@@ -200,9 +209,10 @@ pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
         .stderr(log)
         // Its own process group: signals to vdd's group (Ctrl-C) leave the VMs running.
         .process_group(0);
-    let child = cmd
-        .spawn()
-        .map_err(|e| Error::Tool(spec.qemu.clone(), e.to_string()))?;
+    let child = cmd.spawn().map_err(|source| Error::Spawn {
+        tool: spec.qemu.clone(),
+        source,
+    })?;
     let pid = child.id().unwrap_or(0);
     let mut vm = Vm {
         pid,
@@ -226,7 +236,7 @@ pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
     }
     let Some(mut q) = q else {
         stop(&mut vm, Duration::from_secs(1)).await;
-        return Err(Error::Qmp("QMP socket never came up".into()));
+        return Err(Error::QmpNeverUp);
     };
     if let Some(password) = password {
         if let Err(e) = set_password(&mut q, password).await {
@@ -244,14 +254,12 @@ pub async fn set_password(q: &mut Qmp, password: &str) -> Result<(), Error> {
         "set_password",
         Some(json!({"protocol": "vnc", "password": password})),
     )
-    .await
-    .map_err(|e| Error::Qmp(e.to_string()))?;
+    .await?;
     q.execute(
         "expire_password",
         Some(json!({"protocol": "vnc", "time": "+60"})),
     )
-    .await
-    .map_err(|e| Error::Qmp(e.to_string()))?;
+    .await?;
     Ok(())
 }
 

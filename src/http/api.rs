@@ -431,16 +431,23 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
         E::NoPassword(_) => 409,
         E::Full(_) => 503,
         E::MissingImage { .. }
-        | E::Tool(..)
+        | E::Spawn { .. }
+        | E::ToolFailed { .. }
         | E::State(..)
         | E::VmExited(..)
         | E::Qmp(_)
-        | E::Lan(_) => 500,
+        | E::QmpNeverUp
+        | E::NoLan(_)
+        | E::Lan(_)
+        | E::TapFilter(_)
+        | E::Reserve(_) => 500,
     };
+    // With its causes: the admin (and the seat's screen) must see the errno.
+    let message = dispatch::report(&e);
     if status == 500 {
-        tracing::error!("{e}");
+        tracing::error!("{message}");
     }
-    error(status, e.to_string())
+    error(status, message)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
