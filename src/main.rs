@@ -349,7 +349,9 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
     if cfg.http.enabled {
         let api = Arc::new(vdd::http::api::Api {
             cfg: cfg.clone(),
-            dispatcher: dispatcher.clone(),
+            dispatcher: dispatcher
+                .clone()
+                .map(|d| d as Arc<dyn vdd::dispatch::Sessions>),
             seats: Arc::new(vdd::http::api::Neighbours {
                 interface: cfg.server.interface.clone(),
             }),

@@ -174,8 +174,9 @@ impl Who<'_> {
         }
     }
 
-    /// May this caller use the session of `seat` with `key`?
-    fn check(&self, id: &str, seat: &str, key: &str) -> Result<(), Error> {
+    /// Whether this caller may act on session `id` of `seat` whose key is `key`: the
+    /// admin always; a seat only its own, with the key (compared in constant time).
+    pub fn check(&self, id: &str, seat: &str, key: &str) -> Result<(), Error> {
         match self {
             Who::Admin => Ok(()),
             Who::Seat { mac, .. } if mac.to_string() != seat => Err(Error::NotYours(id.into())),
@@ -224,6 +225,64 @@ struct State {
     /// Set when vdd stops: VMs still starting are stopped as soon as they are up.
     closing: bool,
     failed: BTreeMap<String, Failed>,
+}
+
+/// A boxed future of the [`Sessions`] interface.
+pub type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What the HTTP API asks of the dispatcher: the seam between the two. [`Dispatcher`]
+/// is the real one; the API's tests fill it with a fake, so every refusal of the API is
+/// tested without QEMU (tests/api_paths.rs). Boxed futures, so it works as a trait object.
+pub trait Sessions: Send + Sync {
+    /// Whether `mac` is the NIC of one of our guests (an X11 guest on the LAN).
+    fn is_guest_mac(&self, mac: Mac) -> Pending<'_, bool>;
+    /// Running sessions (without passwords or keys), of one seat or all.
+    fn list(&self, seat: Option<Mac>) -> Pending<'_, Vec<SessionInfo>>;
+    /// [`Dispatcher::create`].
+    fn create<'a>(
+        &'a self,
+        seat: Mac,
+        guest: &'a str,
+        who: Who<'a>,
+    ) -> Pending<'a, Result<SessionInfo, Error>>;
+    fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
+    fn end<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<(), Error>>;
+    fn password<'a>(&'a self, id: &'a str, who: Who<'a>)
+        -> Pending<'a, Result<SessionInfo, Error>>;
+    fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
+}
+
+impl Sessions for Dispatcher {
+    fn is_guest_mac(&self, mac: Mac) -> Pending<'_, bool> {
+        Box::pin(Dispatcher::is_guest_mac(self, mac))
+    }
+    fn list(&self, seat: Option<Mac>) -> Pending<'_, Vec<SessionInfo>> {
+        Box::pin(Dispatcher::list(self, seat))
+    }
+    fn create<'a>(
+        &'a self,
+        seat: Mac,
+        guest: &'a str,
+        who: Who<'a>,
+    ) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::create(self, seat, guest, who))
+    }
+    fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::get(self, id, who))
+    }
+    fn end<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<(), Error>> {
+        Box::pin(Dispatcher::end(self, id, who))
+    }
+    fn password<'a>(
+        &'a self,
+        id: &'a str,
+        who: Who<'a>,
+    ) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::password(self, id, who))
+    }
+    fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::reset(self, id, who))
+    }
 }
 
 /// Runs the sessions of one server.

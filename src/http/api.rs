@@ -13,7 +13,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::config::{Config, Mac};
-use crate::dispatch::{self, Dispatcher, Who};
+use crate::dispatch::{self, Sessions, Who};
 
 /// Maps a request's source address to the seat (MAC) it belongs to.
 pub trait SeatLookup: Send + Sync {
@@ -99,7 +99,8 @@ pub const KEY_HEADER: &str = "x-vdd-session-key";
 /// The API's state.
 pub struct Api {
     pub cfg: Arc<Config>,
-    pub dispatcher: Option<Arc<Dispatcher>>,
+    /// The sessions: the dispatcher, or a test's fake of it.
+    pub dispatcher: Option<Arc<dyn Sessions>>,
     pub seats: Arc<dyn SeatLookup>,
 }
 
@@ -182,7 +183,7 @@ impl Api {
         }
     }
 
-    fn dispatcher(&self) -> Result<&Arc<Dispatcher>, Reply> {
+    fn dispatcher(&self) -> Result<&Arc<dyn Sessions>, Reply> {
         self.dispatcher.as_ref().ok_or_else(|| {
             error(
                 503,
@@ -287,7 +288,7 @@ impl Api {
         &self,
         peer: IpAddr,
         auth: Option<&str>,
-    ) -> Result<(&Arc<Dispatcher>, Option<Mac>), Reply> {
+    ) -> Result<(&Arc<dyn Sessions>, Option<Mac>), Reply> {
         let d = self.dispatcher()?;
         match self.caller(peer, auth).await {
             Caller::Admin => Ok((d, None)),
@@ -303,7 +304,7 @@ impl Api {
         peer: IpAddr,
         auth: Option<&str>,
         key: Option<&'k str>,
-    ) -> Result<(&Arc<Dispatcher>, Who<'k>), Reply> {
+    ) -> Result<(&Arc<dyn Sessions>, Who<'k>), Reply> {
         let d = self.dispatcher()?;
         match self.caller(peer, auth).await {
             Caller::Admin => Ok((d, Who::Admin)),
