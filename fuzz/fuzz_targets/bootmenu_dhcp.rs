@@ -5,7 +5,7 @@
 //! Input: datagrams separated by `SEP`; an empty one stands for the deadline passing.
 //! Invariants: what the client sends is a BOOTREQUEST from our MAC with our current xid
 //! that encodes; a lease it binds has a usable address and a prefix of at most 32; a
-//! deadline never lies in the past of the event that set it.
+//! deadline never lies in the past of the event that set it; nothing panics PID 1.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -46,12 +46,14 @@ fn check(c: &Client, out: &[Output], now: Instant) {
             _ => {}
         }
     }
+}
+
+/// A deadline the client set in answer to an event is not in that event's past. (A
+/// packet it ignores leaves an older deadline standing, which the driver then meets at
+/// once: not checked.)
+fn check_deadline(c: &Client, now: Instant) {
     if let Some(d) = c.deadline() {
-        assert!(
-            d >= now || matches!(c.state, dhcp::State::Bound(_)),
-            "{:?}",
-            c.state
-        );
+        assert!(d >= now, "deadline in the past: {:?}", c.state);
     }
 }
 
@@ -61,8 +63,10 @@ fuzz_target!(|data: &[u8]| {
     let mut c = Client::new(MAC, XID);
     let out = c.start(now);
     check(&c, &out, now);
+    check_deadline(&c, now);
     for d in split(data).into_iter().take(16) {
         now += Duration::from_millis(250);
+        let before = c.state.clone();
         let out = if d.is_empty() {
             now = c.deadline().unwrap_or(now).max(now);
             c.timeout(now)
@@ -76,5 +80,8 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         check(&c, &out, now);
+        if d.is_empty() || c.state != before {
+            check_deadline(&c, now);
+        }
     }
 });
