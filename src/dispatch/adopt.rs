@@ -3,14 +3,13 @@
 //! names the session), restores an X11 guest's DHCP binding, and cleans up after the rest;
 //! a VM whose record was lost is found by its command line and stopped.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{info, warn};
 
-use super::qemu::{self, Vm};
-use super::{Dispatcher, Record, Session, SessionState};
+use super::{Backend, Dispatcher, Record, Session, SessionState};
 
-impl Dispatcher {
+impl<B: Backend> Dispatcher<B> {
     /// Adopts or cleans up what a previous run left in the sessions folder.
     pub(super) async fn adopt(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -19,17 +18,15 @@ impl Dispatcher {
         let mut st = self.state.lock().await;
         for e in entries.flatten() {
             let folder = e.path();
-            let rec: Option<Record> = std::fs::read(folder.join("session.json"))
+            let rec: Option<Record<B::Saved>> = std::fs::read(folder.join("session.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
-            match rec {
-                Some(rec) if qemu::alive(rec.pid) && qemu::is_our_vm(rec.pid, &rec.id) => {
-                    info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, pid = rec.pid, "adopted the VM of a previous run");
-                    let mut vm = Vm {
-                        pid: rec.pid,
-                        qmp: folder.join("qmp.sock"),
-                        child: None,
-                    };
+            let adopted = rec
+                .as_ref()
+                .and_then(|r| self.backend.adopt(&folder, &r.id, &r.vm));
+            match (rec, adopted) {
+                (Some(rec), Some(mut vm)) => {
+                    info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, vm = ?rec.vm, "adopted the VM of a previous run");
                     let mut state = SessionState::Ready;
                     let mut probe = None;
                     if let Some(x) = &rec.x11 {
@@ -60,7 +57,9 @@ impl Dispatcher {
                                     Err(e) => e,
                                 };
                                 warn!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, "adopted X11 VM cannot keep its address ({why}); stopping it");
-                                qemu::stop(&mut vm, self.cfg.dispatch.shutdown_timeout).await;
+                                self.backend
+                                    .stop(&mut vm, self.cfg.dispatch.shutdown_timeout)
+                                    .await;
                                 if !rec.persist {
                                     let _ = std::fs::remove_file(&rec.overlay);
                                 }
@@ -80,18 +79,13 @@ impl Dispatcher {
                         },
                     );
                 }
-                rec => {
+                (rec, _) => {
                     // A VM without a live record (vdd killed between its start and its
                     // record, or a record lost) would keep its VNC port for good.
                     let id = e.file_name().to_string_lossy().into_owned();
-                    for pid in qemu::vms_of(&id) {
-                        warn!(session = %id, pid, "a VM of a previous run has no record; stopping it");
-                        let mut vm = Vm {
-                            pid,
-                            qmp: folder.join("qmp.sock"),
-                            child: None,
-                        };
-                        qemu::stop(&mut vm, Duration::from_secs(1)).await;
+                    let strays = self.backend.stop_strays(&folder, &id).await;
+                    if strays > 0 {
+                        warn!(session = %id, strays, "VMs of a previous run without a record stopped");
                     }
                     if let Some(rec) = &rec {
                         info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, "VM of a previous run is gone; cleaning up");

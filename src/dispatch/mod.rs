@@ -14,11 +14,14 @@
 //! [`FAILED_KEPT`].
 //!
 //! Here: the API's view (sessions, who may do what) and a session's start and end.
-//! Beside it: `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the
-//! record on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over
-//! running VMs), `x11.rs` (an X11 guest's way to ready), `qemu.rs` (the VMs themselves).
+//! Beside it: `backend.rs` (the trait the VMs run behind), `qemu.rs` (the local QEMU
+//! backend), `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
+//! on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over running
+//! VMs), `x11.rs` (an X11 guest's way to ready). The X11 guest's LAN side (its DHCP
+//! reservation, tap and tap filter) is still set up here, for the QEMU backend's taps.
 
 mod adopt;
+pub mod backend;
 mod ledger;
 mod monitor;
 pub mod qemu;
@@ -37,8 +40,8 @@ use tracing::{info, warn};
 
 use crate::config::{AccelChoice, Config, Display, Mac};
 use crate::{dhcp, lan, tapfilter, xdmcp};
-use qemu::{Accel, Vm, VmDisplay, VmSpec};
-use qemu_ctl::qmp::Qmp;
+pub use backend::Backend;
+use qemu::{Accel, Qemu, VmDisplay, VmSpec};
 use record::{new_key, write_record, Record, X11Rec};
 
 /// An error with its causes, for a log line or the message a seat sees.
@@ -195,9 +198,9 @@ impl Who<'_> {
     }
 }
 
-struct Session {
-    rec: Record,
-    vm: Vm,
+struct Session<B: Backend> {
+    rec: Record<B::Saved>,
+    vm: B::Vm,
     last_seen: Instant,
     /// `Ready` for VNC; for X11 it follows the XDMCP probe.
     state: SessionState,
@@ -212,9 +215,8 @@ struct Failed {
     since: Instant,
 }
 
-#[derive(Default)]
-struct State {
-    sessions: BTreeMap<String, Session>,
+struct State<B: Backend> {
+    sessions: BTreeMap<String, Session<B>>,
     /// Ports and memory promised to VMs still starting, so concurrent creates never
     /// share a port or overrun the budget while the lock is not held.
     pending_ports: Vec<u16>,
@@ -225,6 +227,20 @@ struct State {
     /// Set when vdd stops: VMs still starting are stopped as soon as they are up.
     closing: bool,
     failed: BTreeMap<String, Failed>,
+}
+
+impl<B: Backend> Default for State<B> {
+    fn default() -> Self {
+        State {
+            sessions: BTreeMap::new(),
+            pending_ports: Vec::new(),
+            pending_vms: 0,
+            pending_mib: 0,
+            pending_seats: Vec::new(),
+            closing: false,
+            failed: BTreeMap::new(),
+        }
+    }
 }
 
 /// A boxed future of the [`Sessions`] interface.
@@ -252,12 +268,12 @@ pub trait Sessions: Send + Sync {
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
 }
 
-impl Sessions for Dispatcher {
+impl<B: Backend> Sessions for Dispatcher<B> {
     fn is_guest_mac(&self, mac: Mac) -> Pending<'_, bool> {
-        Box::pin(Dispatcher::is_guest_mac(self, mac))
+        Box::pin(Dispatcher::<B>::is_guest_mac(self, mac))
     }
     fn list(&self, seat: Option<Mac>) -> Pending<'_, Vec<SessionInfo>> {
-        Box::pin(Dispatcher::list(self, seat))
+        Box::pin(Dispatcher::<B>::list(self, seat))
     }
     fn create<'a>(
         &'a self,
@@ -265,39 +281,39 @@ impl Sessions for Dispatcher {
         guest: &'a str,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>> {
-        Box::pin(Dispatcher::create(self, seat, guest, who))
+        Box::pin(Dispatcher::<B>::create(self, seat, guest, who))
     }
     fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
-        Box::pin(Dispatcher::get(self, id, who))
+        Box::pin(Dispatcher::<B>::get(self, id, who))
     }
     fn end<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<(), Error>> {
-        Box::pin(Dispatcher::end(self, id, who))
+        Box::pin(Dispatcher::<B>::end(self, id, who))
     }
     fn password<'a>(
         &'a self,
         id: &'a str,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>> {
-        Box::pin(Dispatcher::password(self, id, who))
+        Box::pin(Dispatcher::<B>::password(self, id, who))
     }
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
-        Box::pin(Dispatcher::reset(self, id, who))
+        Box::pin(Dispatcher::<B>::reset(self, id, who))
     }
 }
 
-/// Runs the sessions of one server.
-pub struct Dispatcher {
+/// Runs the sessions of one server, its VMs on backend `B` (the local QEMU by default).
+pub struct Dispatcher<B: Backend = Qemu> {
     cfg: Arc<Config>,
-    accel: Accel,
+    backend: B,
     vnc_addr: Ipv4Addr,
     budget_mib: u64,
     dir: PathBuf,
-    state: Mutex<State>,
+    state: Mutex<State<B>>,
     /// The bridge and leases X11 guests use; `None` when vdd serves no LAN (tests, or
     /// DHCP not in full mode), and then X11 sessions are refused.
     lan: Option<LanSide>,
     /// Itself, for the XDMCP probes that outlive the request that started them.
-    me: Weak<Dispatcher>,
+    me: Weak<Dispatcher<B>>,
 }
 
 fn now_unix() -> u64 {
@@ -315,14 +331,6 @@ fn random<const N: usize>() -> [u8; N] {
 }
 
 /// A VNC password: 8 characters, the most RFB's DES authentication uses.
-/// Sets a new one-time password on the VM behind `qmp_path` and returns it.
-async fn fresh_password(qmp_path: &std::path::Path) -> Result<String, Error> {
-    let password = new_password();
-    let mut q = Qmp::connect(qmp_path, Duration::from_secs(5)).await?;
-    qemu::set_password(&mut q, &password).await?;
-    Ok(password)
-}
-
 fn new_password() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789";
     random::<8>()
@@ -344,7 +352,7 @@ fn machine_memory_mib() -> u64 {
         .unwrap_or(1024)
 }
 
-impl Dispatcher {
+impl Dispatcher<Qemu> {
     /// Probes the accelerator and adopts (or cleans up after) the VMs a previous vdd left.
     /// Without a LAN side: VNC guests only.
     pub async fn new(cfg: Arc<Config>) -> Result<Arc<Dispatcher>, Error> {
@@ -364,11 +372,31 @@ impl Dispatcher {
             AccelChoice::Tcg => Accel::Tcg,
             AccelChoice::Auto => qemu::probe_accel(&d.qemu, Duration::from_secs(5)).await,
         };
+        let backend = Qemu {
+            binary: d.qemu.clone(),
+            accel,
+        };
+        Dispatcher::with_backend(cfg, lan, backend).await
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.backend.accel
+    }
+}
+
+impl<B: Backend> Dispatcher<B> {
+    /// A dispatcher whose VMs run on `backend`; adopts what a previous run left.
+    pub async fn with_backend(
+        cfg: Arc<Config>,
+        lan: Option<LanSide>,
+        backend: B,
+    ) -> Result<Arc<Dispatcher<B>>, Error> {
+        let d = &cfg.dispatch;
         let dir = cfg.server.state_dir.join("sessions");
         qemu::private_dir(&dir)?;
         let budget_mib = d.memory_budget_mib.unwrap_or(machine_memory_mib() * 8 / 10);
         let me = Arc::new_cyclic(|me| Dispatcher {
-            accel,
+            backend,
             vnc_addr: cfg.server_ip().unwrap_or(Ipv4Addr::LOCALHOST),
             budget_mib,
             dir,
@@ -417,11 +445,7 @@ impl Dispatcher {
         }
     }
 
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
-
-    fn info(&self, s: &Session, password: Option<String>) -> SessionInfo {
+    fn info(&self, s: &Session<B>, password: Option<String>) -> SessionInfo {
         let rec = &s.rec;
         let (protocol, host, port, mac) = match &rec.x11 {
             None => ("vnc", Some(self.vnc_addr), rec.port, None),
@@ -488,10 +512,11 @@ impl Dispatcher {
                     return Ok(self.info(s, None));
                 }
                 let rec = s.rec.clone();
-                let qmp_path = s.vm.qmp.clone();
+                let control = self.backend.control(&s.vm);
                 let reattached = self.info(s, None);
                 drop(st);
-                let password = fresh_password(&qmp_path).await?;
+                let password = new_password();
+                self.backend.set_password(control, password.clone()).await?;
                 info!(session = %rec.id, mac = %seat, guest = %rec.guest, "session reattached");
                 return Ok(SessionInfo {
                     password: Some(password),
@@ -570,9 +595,9 @@ impl Dispatcher {
         }
         if let Some(x) = &session.rec.x11 {
             session.probe = Some(self.spawn_probe(&id, x.ip, Instant::now()));
-            info!(session = %id, mac = %seat, guest = %guest.name, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, accel = self.accel.as_str(), "X11 VM started; waiting for XDMCP");
+            info!(session = %id, mac = %seat, guest = %guest.name, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, backend = %self.backend.describe(), "X11 VM started; waiting for XDMCP");
         } else {
-            info!(session = %id, mac = %seat, guest = %guest.name, port, accel = self.accel.as_str(), "VM started");
+            info!(session = %id, mac = %seat, guest = %guest.name, port, backend = %self.backend.describe(), "VM started");
         }
         let info = SessionInfo {
             key: Some(session.rec.key.clone()),
@@ -589,7 +614,7 @@ impl Dispatcher {
         guest: &crate::config::Guest,
         port: u16,
         key: String,
-    ) -> Result<(Session, Option<String>), Error> {
+    ) -> Result<(Session<B>, Option<String>), Error> {
         if !guest.image.exists() {
             return Err(Error::MissingImage {
                 guest: guest.name.clone(),
@@ -665,11 +690,9 @@ impl Dispatcher {
             dir: folder.clone(),
             overlay: overlay.clone(),
             display,
-            accel: self.accel,
-            qemu: self.cfg.dispatch.qemu.clone(),
         };
         let password = x11.is_none().then(new_password);
-        let started = qemu::start(&spec, password.as_deref()).await;
+        let started = self.backend.start(spec, password.clone()).await;
         // QEMU has its own copy now (or failed): vdd's goes, so the tap lives exactly as
         // long as the VM.
         drop(tap);
@@ -679,8 +702,8 @@ impl Dispatcher {
                 l.leases.release(x.mac, x.ip);
             }
         };
-        let vm = match started {
-            Ok(vm) => vm,
+        let (vm, saved) = match started {
+            Ok(x) => x,
             Err(e) => {
                 release(&x11);
                 let _ = std::fs::remove_dir_all(&folder);
@@ -692,7 +715,7 @@ impl Dispatcher {
             seat,
             guest: guest.name.clone(),
             port,
-            pid: vm.pid,
+            vm: saved,
             started: now_unix(),
             overlay,
             persist: guest.persist,
@@ -702,7 +725,7 @@ impl Dispatcher {
         };
         let mut vm = vm;
         if let Err(e) = write_record(&folder, &rec) {
-            qemu::stop(&mut vm, Duration::from_secs(1)).await;
+            self.backend.stop(&mut vm, Duration::from_secs(1)).await;
             release(&rec.x11);
             let _ = std::fs::remove_dir_all(&folder);
             return Err(e);
@@ -773,7 +796,7 @@ impl Dispatcher {
     /// since the session was created (an old PC may need minutes to mount its root and start
     /// X, and a password set at the pick would have expired by then).
     pub async fn password(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
-        let (qmp_path, info) = {
+        let (control, info) = {
             let mut st = self.state.lock().await;
             let Some(s) = st.sessions.get_mut(id) else {
                 if let Some(f) = st.failed.get(id) {
@@ -788,9 +811,10 @@ impl Dispatcher {
             if who.seat().is_some() {
                 s.last_seen = Instant::now();
             }
-            (s.vm.qmp.clone(), self.info(s, None))
+            (self.backend.control(&s.vm), self.info(s, None))
         };
-        let password = fresh_password(&qmp_path).await?;
+        let password = new_password();
+        self.backend.set_password(control, password.clone()).await?;
         info!(session = %id, mac = %info.seat, guest = %info.guest, "new one-time VNC password handed out");
         Ok(SessionInfo {
             password: Some(password),
@@ -844,18 +868,20 @@ impl Dispatcher {
         self.create_keyed(seat_mac, &guest, who, key).await
     }
 
-    async fn finish(&self, mut s: Session, why: &str) {
+    async fn finish(&self, mut s: Session<B>, why: &str) {
         if let Some(p) = s.probe.take() {
             p.abort();
         }
-        qemu::stop(&mut s.vm, self.cfg.dispatch.shutdown_timeout).await;
+        self.backend
+            .stop(&mut s.vm, self.cfg.dispatch.shutdown_timeout)
+            .await;
         self.cleanup(&s.rec);
         info!(session = %s.rec.id, mac = %s.rec.seat, guest = %s.rec.guest, "session {why}");
     }
 
     /// What a session leaves once its VM is gone: overlay, folder, DHCP binding. (Its tap
     /// went with QEMU's last file descriptor.)
-    fn cleanup(&self, rec: &Record) {
+    fn cleanup(&self, rec: &Record<B::Saved>) {
         if !rec.persist {
             let _ = std::fs::remove_file(&rec.overlay);
         }

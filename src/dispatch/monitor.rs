@@ -6,13 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qemu_ctl::qmp::Qmp;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::{qemu, Dispatcher, Session, X11Rec, FAILED_KEPT};
+use super::{Backend, Dispatcher, Session, X11Rec, FAILED_KEPT};
 
-impl Dispatcher {
+impl<B: Backend> Dispatcher<B> {
     /// Watches the VMs until shutdown: a VM that dies ends its session; a seat not seen
     /// (no API call, no VNC viewer connected) for `idle_timeout` gets its VMs stopped.
     /// On shutdown every VM is stopped.
@@ -32,14 +31,11 @@ impl Dispatcher {
             {
                 let mut st = self.state.lock().await;
                 for (id, s) in st.sessions.iter_mut() {
-                    let exited = match s.vm.child.as_mut() {
-                        Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-                        None => !qemu::alive(s.vm.pid),
-                    };
+                    let exited = self.backend.exited(&mut s.vm);
                     if exited {
                         dead.push(id.clone());
                     } else if n % 5 == 0 {
-                        probe.push((id.clone(), s.vm.qmp.clone()));
+                        probe.push((id.clone(), self.backend.control(&s.vm)));
                     }
                 }
                 for id in &dead {
@@ -78,16 +74,8 @@ impl Dispatcher {
                 }
             }
             // Every 10 s: a connected VNC viewer means the seat is there.
-            for (id, path) in probe {
-                let viewing = match Qmp::connect(&path, Duration::from_secs(2)).await {
-                    Ok(mut q) => q
-                        .execute("query-vnc", None)
-                        .await
-                        .ok()
-                        .and_then(|v| v["clients"].as_array().map(|c| !c.is_empty()))
-                        .unwrap_or(false),
-                    Err(_) => false,
-                };
+            for (id, control) in probe {
+                let viewing = self.backend.has_viewer(control).await;
                 let idle = {
                     let mut st = self.state.lock().await;
                     match st.sessions.get_mut(&id) {
@@ -114,7 +102,7 @@ impl Dispatcher {
         while self.state.lock().await.pending_vms > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let all: Vec<Session> = {
+        let all: Vec<Session<B>> = {
             let mut st = self.state.lock().await;
             std::mem::take(&mut st.sessions).into_values().collect()
         };

@@ -39,6 +39,91 @@ pub async fn probe_accel(qemu: &str, limit: Duration) -> Accel {
     a
 }
 
+/// The local QEMU backend: `binary` with `accel`, one process per VM.
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    pub binary: String,
+    pub accel: Accel,
+}
+
+/// What a session's record keeps of a QEMU VM: its pid (checked against the VM's command
+/// line on adoption, so a recycled pid is not taken for it). Flattened into the record,
+/// as `"pid"`, which older records have too.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub pid: u32,
+}
+
+impl super::backend::Backend for Qemu {
+    type Vm = Vm;
+    /// The QMP socket.
+    type Control = PathBuf;
+    type Saved = Saved;
+
+    fn describe(&self) -> String {
+        format!("qemu, {}", self.accel.as_str())
+    }
+
+    async fn start(&self, spec: VmSpec, password: Option<String>) -> Result<(Vm, Saved), Error> {
+        let vm = start(self, &spec, password.as_deref()).await?;
+        let saved = Saved { pid: vm.pid };
+        Ok((vm, saved))
+    }
+
+    fn adopt(&self, dir: &Path, session: &str, saved: &Saved) -> Option<Vm> {
+        (alive(saved.pid) && is_our_vm(saved.pid, session)).then(|| Vm {
+            pid: saved.pid,
+            qmp: dir.join("qmp.sock"),
+            child: None,
+        })
+    }
+
+    async fn stop_strays(&self, dir: &Path, session: &str) -> usize {
+        let pids = vms_of(session);
+        for &pid in &pids {
+            let mut vm = Vm {
+                pid,
+                qmp: dir.join("qmp.sock"),
+                child: None,
+            };
+            stop(&mut vm, Duration::from_secs(1)).await;
+        }
+        pids.len()
+    }
+
+    async fn stop(&self, vm: &mut Vm, grace: Duration) {
+        stop(vm, grace).await
+    }
+
+    fn control(&self, vm: &Vm) -> PathBuf {
+        vm.qmp.clone()
+    }
+
+    async fn set_password(&self, qmp: PathBuf, password: String) -> Result<(), Error> {
+        let mut q = Qmp::connect(&qmp, Duration::from_secs(5)).await?;
+        set_password(&mut q, &password).await
+    }
+
+    async fn has_viewer(&self, qmp: PathBuf) -> bool {
+        match Qmp::connect(&qmp, Duration::from_secs(2)).await {
+            Ok(mut q) => q
+                .execute("query-vnc", None)
+                .await
+                .ok()
+                .and_then(|v| v["clients"].as_array().map(|c| !c.is_empty()))
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    fn exited(&self, vm: &mut Vm) -> bool {
+        match vm.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => !alive(vm.pid),
+        }
+    }
+}
+
 /// Everything needed to start one VM.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
@@ -49,8 +134,6 @@ pub struct VmSpec {
     /// The qcow2 overlay to run on (created here if missing).
     pub overlay: PathBuf,
     pub display: VmDisplay,
-    pub accel: Accel,
-    pub qemu: String,
 }
 
 /// How the guest is seen and reached.
@@ -140,7 +223,7 @@ pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
 }
 
 /// Starts the VM and, for a VNC guest, sets its password over QMP.
-pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
+pub async fn start(qemu: &Qemu, spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
     if !spec.overlay.exists() {
         create_overlay(&spec.guest.image, &spec.overlay).await?;
     }
@@ -156,10 +239,10 @@ pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
             .open(spec.dir.join("qemu.log"))
             .map_err(|e| Error::State(spec.dir.clone(), e))?
     };
-    let mut cmd = Command::new(&spec.qemu);
+    let mut cmd = Command::new(&qemu.binary);
     cmd.arg("-name")
         .arg(format!("vdd-{},process=vdd-{}", spec.session, spec.session))
-        .args(["-accel", spec.accel.as_str(), "-M", "q35"])
+        .args(["-accel", qemu.accel.as_str(), "-M", "q35"])
         .args(["-m", &spec.guest.memory_mib.to_string()])
         .args(["-smp", &spec.guest.cpus.to_string()])
         .arg("-drive")
@@ -210,7 +293,7 @@ pub async fn start(spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
         // Its own process group: signals to vdd's group (Ctrl-C) leave the VMs running.
         .process_group(0);
     let child = cmd.spawn().map_err(|source| Error::Spawn {
-        tool: spec.qemu.clone(),
+        tool: qemu.binary.clone(),
         source,
     })?;
     let pid = child.id().unwrap_or(0);

@@ -15,13 +15,16 @@ pub(super) fn new_key() -> String {
 }
 
 /// What is written to disk for each session, for adoption after a crash.
+/// `S` is the backend's own way to find its VM again ([`super::backend::Backend::Saved`]),
+/// flattened in: for QEMU, `"pid"`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub(super) struct Record {
+pub(super) struct Record<S> {
     pub(super) id: String,
     pub(super) seat: Mac,
     pub(super) guest: String,
     pub(super) port: u16,
-    pub(super) pid: u32,
+    #[serde(flatten)]
+    pub(super) vm: S,
     pub(super) started: u64,
     pub(super) overlay: PathBuf,
     pub(super) persist: bool,
@@ -57,7 +60,10 @@ impl<'de> serde::Deserialize<'de> for Mac {
     }
 }
 
-pub(super) fn write_record(folder: &std::path::Path, rec: &Record) -> Result<(), Error> {
+pub(super) fn write_record<S: Serialize>(
+    folder: &std::path::Path,
+    rec: &Record<S>,
+) -> Result<(), Error> {
     // Written to a temporary name, synced, then renamed: a crash leaves the old record
     // or the new one, never half of one.
     let tmp = folder.join("session.json.tmp");
@@ -91,7 +97,7 @@ mod tests {
             seat: "52:54:00:00:00:01".parse().unwrap(),
             guest: "demo".into(),
             port: 5910,
-            pid: 42,
+            vm: super::super::qemu::Saved { pid: 42 },
             started: 1,
             overlay: "/var/lib/vdd/sessions/x/overlay.qcow2".into(),
             persist: false,
@@ -101,7 +107,8 @@ mod tests {
         };
         let j = serde_json::to_string(&rec).unwrap();
         assert!(j.contains("\"seat\":\"52:54:00:00:00:01\""), "{j}");
-        let back: Record = serde_json::from_str(&j).unwrap();
-        assert_eq!(back.seat, rec.seat);
+        assert!(j.contains("\"pid\":42"), "{j}");
+        let back: Record<super::super::qemu::Saved> = serde_json::from_str(&j).unwrap();
+        assert_eq!((back.seat, back.vm.pid), (rec.seat, 42));
     }
 }

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::{Dispatcher, Failed, SessionState};
+use super::{Backend, Dispatcher, Failed, SessionState};
 use crate::xdmcp;
 
-impl Dispatcher {
+impl<B: Backend> Dispatcher<B> {
     /// Starts the probe of session `id` at `ip`; its handle stops it when the session ends.
     pub(super) fn spawn_probe(
         &self,

@@ -1,0 +1,64 @@
+//! The seam between the dispatcher and what runs its VMs. The dispatcher decides (who gets
+//! a VM, admission, sessions, records, the LAN side of X11 guests); a backend starts,
+//! finds again, watches and stops the VMs. The local QEMU backend (`qemu.rs`) is the one
+//! there is; another (libvirt on several hosts) fits behind the same trait.
+//!
+//! As in firecracker's building blocks, a backend reports through return values and logs
+//! nothing about sessions itself; what it needs to find a VM again after a crash is its
+//! own type ([`Backend::Saved`]), kept in the session's record, not a pid the dispatcher
+//! has to understand.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::qemu::VmSpec;
+use super::Error;
+
+pub trait Backend: Send + Sync + 'static {
+    /// A running VM, as the dispatcher holds it.
+    type Vm: Send + Sync + 'static;
+    /// What talks to a VM (password, viewers) without holding the dispatcher's lock.
+    type Control: Clone + Send + Sync + 'static;
+    /// What the session's record keeps to find the VM again after a crash.
+    type Saved: Clone + std::fmt::Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// For log lines: what runs the VMs ("qemu, tcg").
+    fn describe(&self) -> String;
+
+    /// Starts the VM of `spec`; a VNC guest's display takes `password`.
+    fn start(
+        &self,
+        spec: VmSpec,
+        password: Option<String>,
+    ) -> impl Future<Output = Result<(Self::Vm, Self::Saved), Error>> + Send;
+
+    /// The VM of session `session` (folder `dir`) that a previous run left, if it still
+    /// runs as that session.
+    fn adopt(&self, dir: &Path, session: &str, saved: &Self::Saved) -> Option<Self::Vm>;
+
+    /// Stops whatever VM of `session` still runs without a usable record (vdd killed
+    /// between the start and the record, or a record lost); returns how many.
+    fn stop_strays(&self, dir: &Path, session: &str) -> impl Future<Output = usize> + Send;
+
+    /// Shuts the VM down, politely first, each step within `grace`.
+    fn stop(&self, vm: &mut Self::Vm, grace: Duration) -> impl Future<Output = ()> + Send;
+
+    fn control(&self, vm: &Self::Vm) -> Self::Control;
+
+    /// Sets a new one-time display password (it replaces the one before).
+    fn set_password(
+        &self,
+        vm: Self::Control,
+        password: String,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Whether a viewer is connected to the VM's display now.
+    fn has_viewer(&self, vm: Self::Control) -> impl Future<Output = bool> + Send;
+
+    /// Whether the VM has exited (on its own, or killed).
+    fn exited(&self, vm: &mut Self::Vm) -> bool;
+}
