@@ -34,7 +34,7 @@ pub struct Args {
     /// Source addresses the flood clients send from (10.77.1.1 on), at most 250.
     #[arg(long, default_value_t = 16)]
     sources: usize,
-    /// Seconds each flood holds what it opened (at most 120).
+    /// Seconds each flood holds what it opened (at most 300).
     #[arg(long, default_value_t = 15)]
     hold: u64,
     /// RRQs of the TFTP window flood (the slot-holding flood sends twice as many).
@@ -46,6 +46,10 @@ pub struct Args {
     /// Made-up MACs of each DHCP flood.
     #[arg(long, default_value_t = 1000)]
     dhcp_macs: usize,
+    /// Only these floods (comma-separated keys of the table: tftp-window, tftp-hold, http,
+    /// nbd, dhcp-request, dhcp-discover); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Use this vdd binary instead of building target/release/vdd.
     #[arg(long)]
     vdd: Option<PathBuf>,
@@ -492,11 +496,16 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(why) = lab::missing(&["atftp", "curl", "busybox", "python3"]) {
         bail!("cannot run the flood benchmark here: {why}");
     }
-    if !(1..=250).contains(&a.sources) || !(1..=120).contains(&a.hold) {
-        bail!("--sources must be 1..=250 and --hold 1..=120");
+    if !(1..=250).contains(&a.sources) || !(1..=300).contains(&a.hold) {
+        bail!("--sources must be 1..=250 and --hold 1..=300");
     }
     if a.rrqs == 0 || a.rrqs > 1000 || a.http_conns > 5000 || a.dhcp_macs > 10000 {
         bail!("--rrqs must be 1..=1000, --http-conns at most 5000, --dhcp-macs at most 10000");
+    }
+    let keys = plan(&a, &["10.77.1.1".to_string()]);
+    if let Some(k) = a.only.iter().find(|k| !keys.iter().any(|f| f.key == *k)) {
+        let all: Vec<&str> = keys.iter().map(|f| f.key).collect();
+        bail!("--only {k:?}: no such flood; there are {all:?}");
     }
     let python = lab::which("python3").context("python3")?;
     let libnbd_python = [PathBuf::from("/usr/bin/python3"), python.clone()]
@@ -659,7 +668,8 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     let sampler = Sampler::start(vdd_pid);
-    let floods = plan(&a, &sources);
+    let mut floods = plan(&a, &sources);
+    floods.retain(|f| a.only.is_empty() || a.only.iter().any(|k| k == f.key));
     let mut rows = Vec::new();
     for f in &floods {
         ctx.control_ns = match f.key {
