@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use super::qemu::VmSpec;
 use super::Error;
+use crate::config::Mac;
 
 pub trait Backend: Send + Sync + 'static {
     /// A running VM, as the dispatcher holds it.
@@ -61,4 +62,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether the VM has exited (on its own, or killed).
     fn exited(&self, vm: &mut Self::Vm) -> bool;
+
+    /// Readies the LAN side of X11 guests at start, after adoption: `adopted` are the
+    /// (tap, MAC) of the X11 guests a previous run left and this one adopted.
+    fn prepare_lan(
+        &self,
+        adopted: &[(String, Mac)],
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Undoes an X11 guest's LAN side once its VM is gone.
+    fn release_lan(&self, tap: &str, mac: Mac) -> Result<(), Error>;
 }

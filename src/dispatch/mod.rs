@@ -17,8 +17,8 @@
 //! Beside it: `backend.rs` (the trait the VMs run behind), `qemu.rs` (the local QEMU
 //! backend), `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
 //! on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over running
-//! VMs), `x11.rs` (an X11 guest's way to ready). The X11 guest's LAN side (its DHCP
-//! reservation, tap and tap filter) is still set up here, for the QEMU backend's taps.
+//! VMs), `x11.rs` (an X11 guest's way to ready). An X11 guest's DHCP reservation is made
+//! here; its NIC (for QEMU: a tap in the bridge, behind the tap filter) by the backend.
 
 mod adopt;
 pub mod backend;
@@ -405,34 +405,16 @@ impl<B: Backend> Dispatcher<B> {
             lan,
             me: me.clone(),
         });
-        if me.lan.is_some() {
-            tapfilter::install().map_err(Error::TapFilter)?;
-            info!(
-                table = tapfilter::TABLE,
-                "X11 guests' taps filtered to what README's table allows"
-            );
-        }
         me.adopt().await;
         if me.lan.is_some() {
-            let keep: Vec<String> = {
+            let adopted: Vec<(String, Mac)> = {
                 let st = me.state.lock().await;
                 st.sessions
                     .values()
-                    .filter_map(|s| s.rec.x11.as_ref().map(|x| x.tap.clone()))
+                    .filter_map(|s| s.rec.x11.as_ref().map(|x| (x.tap.clone(), x.mac)))
                     .collect()
             };
-            lan::sweep_taps(&keep).await.map_err(Error::Lan)?;
-            // The adopted guests through the tap filter again (installed empty above).
-            let adopted: Vec<X11Rec> = {
-                let st = me.state.lock().await;
-                st.sessions
-                    .values()
-                    .filter_map(|s| s.rec.x11.clone())
-                    .collect()
-            };
-            for x in adopted {
-                tapfilter::admit(&x.tap, x.mac).map_err(Error::TapFilter)?;
-            }
+            me.backend.prepare_lan(&adopted).await?;
         }
         Ok(me)
     }
@@ -633,11 +615,9 @@ impl<B: Backend> Dispatcher<B> {
         } else {
             folder.join("overlay.qcow2")
         };
-        // An X11 guest's NIC: its address first (so it is known before the guest asks),
-        // then its tap. The tap's fd is dropped at the end of this function whatever
-        // happens; after a successful spawn QEMU holds the only copy.
+        // An X11 guest's NIC: its address first, so it is known before the guest asks; the
+        // backend makes the NIC itself (for QEMU: a tap in the bridge).
         let mut x11 = None;
-        let mut tap = None;
         if guest.display == Display::X11 {
             let lan = self.lan.as_ref().expect("checked in create");
             let mac = lan::guest_mac(random::<5>());
@@ -652,32 +632,16 @@ impl<B: Backend> Dispatcher<B> {
                 }
             };
             info!(session = %id, mac = %seat, guest_mac = %mac, %ip, "address reserved for the X11 guest");
-            let name = lan::tap_name(id);
-            // Through the filter before the tap exists: no frame of this guest ever
-            // passes unchecked.
-            if let Err(e) = tapfilter::admit(&name, mac) {
-                lan.leases.release(mac, ip);
-                let _ = std::fs::remove_dir_all(&folder);
-                return Err(Error::TapFilter(e));
-            }
-            match lan::open_tap(&name, &lan.bridge).await {
-                Ok(t) => {
-                    info!(session = %id, mac = %seat, guest_mac = %mac, tap = %name, bridge = %lan.bridge, "tap created");
-                    tap = Some(t);
-                }
-                Err(e) => {
-                    let _ = tapfilter::forget(&name, mac);
-                    lan.leases.release(mac, ip);
-                    let _ = std::fs::remove_dir_all(&folder);
-                    return Err(Error::Lan(e));
-                }
-            }
-            x11 = Some(X11Rec { mac, ip, tap: name });
+            x11 = Some(X11Rec {
+                mac,
+                ip,
+                tap: lan::tap_name(id),
+            });
         }
-        let display = match (&x11, &tap) {
-            (Some(x), Some(t)) => VmDisplay::Lan {
-                tap_fd: std::os::fd::AsRawFd::as_raw_fd(&t.fd),
+        let display = match (&x11, &self.lan) {
+            (Some(x), Some(lan)) => VmDisplay::Lan {
                 mac: x.mac,
+                bridge: lan.bridge.clone(),
             },
             _ => VmDisplay::Vnc {
                 addr: self.vnc_addr,
@@ -693,19 +657,19 @@ impl<B: Backend> Dispatcher<B> {
         };
         let password = x11.is_none().then(new_password);
         let started = self.backend.start(spec, password.clone()).await;
-        // QEMU has its own copy now (or failed): vdd's goes, so the tap lives exactly as
-        // long as the VM.
-        drop(tap);
-        let release = |x: &Option<X11Rec>| {
+        // The backend undid its own part of a failed start; this is the dispatcher's.
+        let release = |x: &Option<X11Rec>, vm_ran: bool| {
             if let (Some(x), Some(l)) = (x, &self.lan) {
-                let _ = tapfilter::forget(&x.tap, x.mac);
+                if vm_ran {
+                    let _ = self.backend.release_lan(&x.tap, x.mac);
+                }
                 l.leases.release(x.mac, x.ip);
             }
         };
         let (vm, saved) = match started {
             Ok(x) => x,
             Err(e) => {
-                release(&x11);
+                release(&x11, false);
                 let _ = std::fs::remove_dir_all(&folder);
                 return Err(e);
             }
@@ -726,7 +690,7 @@ impl<B: Backend> Dispatcher<B> {
         let mut vm = vm;
         if let Err(e) = write_record(&folder, &rec) {
             self.backend.stop(&mut vm, Duration::from_secs(1)).await;
-            release(&rec.x11);
+            release(&rec.x11, true);
             let _ = std::fs::remove_dir_all(&folder);
             return Err(e);
         }
@@ -887,8 +851,8 @@ impl<B: Backend> Dispatcher<B> {
         }
         let _ = std::fs::remove_dir_all(self.dir.join(&rec.id));
         if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {
-            if let Err(e) = tapfilter::forget(&x.tap, x.mac) {
-                warn!(session = %rec.id, tap = %x.tap, "tap filter: {}", report(&e));
+            if let Err(e) = self.backend.release_lan(&x.tap, x.mac) {
+                warn!(session = %rec.id, tap = %x.tap, "{}", report(&e));
             }
             l.leases.release(x.mac, x.ip);
             info!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, ip = %x.ip, tap = %x.tap, "X11 guest's address released; its tap is gone with its VM");

@@ -18,7 +18,8 @@ use tokio::process::Command;
 use tracing::{info, warn};
 
 use super::Error;
-use crate::config::Guest;
+use crate::config::{Guest, Mac};
+use crate::{lan, tapfilter};
 use qemu_ctl::qmp::Qmp;
 
 pub use qemu_ctl::accel::Accel;
@@ -64,10 +65,57 @@ impl super::backend::Backend for Qemu {
         format!("qemu, {}", self.accel.as_str())
     }
 
+    /// An X11 guest's NIC is a tap `vdt-<session>` in the bridge, let through the tap
+    /// filter (`tapfilter.rs`) before it exists, so no frame of the guest ever passes
+    /// unchecked. QEMU inherits the tap's only other descriptor; vdd's goes right after
+    /// the spawn, so the tap lives exactly as long as the VM.
     async fn start(&self, spec: VmSpec, password: Option<String>) -> Result<(Vm, Saved), Error> {
-        let vm = start(self, &spec, password.as_deref()).await?;
+        let tap = match &spec.display {
+            VmDisplay::Vnc { .. } => None,
+            VmDisplay::Lan { mac, bridge } => {
+                let name = lan::tap_name(&spec.session);
+                tapfilter::admit(&name, *mac).map_err(Error::TapFilter)?;
+                match lan::open_tap(&name, bridge).await {
+                    Ok(t) => {
+                        info!(session = %spec.session, guest_mac = %mac, tap = %name, %bridge, "tap created");
+                        Some((t, *mac))
+                    }
+                    Err(e) => {
+                        let _ = tapfilter::forget(&name, *mac);
+                        return Err(Error::Lan(e));
+                    }
+                }
+            }
+        };
+        let tap_fd = tap
+            .as_ref()
+            .map(|(t, _)| std::os::fd::AsRawFd::as_raw_fd(&t.fd));
+        let started = start(self, &spec, tap_fd, password.as_deref()).await;
+        if let (Err(_), Some((t, mac))) = (&started, &tap) {
+            let _ = tapfilter::forget(&t.name, *mac);
+        }
+        drop(tap);
+        let vm = started?;
         let saved = Saved { pid: vm.pid };
         Ok((vm, saved))
+    }
+
+    async fn prepare_lan(&self, adopted: &[(String, Mac)]) -> Result<(), Error> {
+        tapfilter::install().map_err(Error::TapFilter)?;
+        info!(
+            table = tapfilter::TABLE,
+            "X11 guests' taps filtered to what README's table allows"
+        );
+        let keep: Vec<String> = adopted.iter().map(|(t, _)| t.clone()).collect();
+        lan::sweep_taps(&keep).await.map_err(Error::Lan)?;
+        for (tap, mac) in adopted {
+            tapfilter::admit(tap, *mac).map_err(Error::TapFilter)?;
+        }
+        Ok(())
+    }
+
+    fn release_lan(&self, tap: &str, mac: Mac) -> Result<(), Error> {
+        tapfilter::forget(tap, mac).map_err(Error::TapFilter)
     }
 
     fn adopt(&self, dir: &Path, session: &str, saved: &Saved) -> Option<Vm> {
@@ -141,11 +189,10 @@ pub struct VmSpec {
 pub enum VmDisplay {
     /// QEMU's VNC server on `addr:port` behind a password; user-mode NAT networking.
     Vnc { addr: std::net::Ipv4Addr, port: u16 },
-    /// A virtio NIC with `mac` on the open tap `tap_fd` (inherited by QEMU only; vdd
-    /// closes its copy after the spawn, so the tap dies with the VM). No screen.
+    /// A virtio NIC with `mac` in the LAN `bridge`. No screen.
     Lan {
-        tap_fd: std::os::fd::RawFd,
         mac: crate::config::Mac,
+        bridge: String,
     },
 }
 
@@ -223,7 +270,13 @@ pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), Error> {
 }
 
 /// Starts the VM and, for a VNC guest, sets its password over QMP.
-pub async fn start(qemu: &Qemu, spec: &VmSpec, password: Option<&str>) -> Result<Vm, Error> {
+/// `tap_fd`: the open tap of a `VmDisplay::Lan` guest.
+pub async fn start(
+    qemu: &Qemu,
+    spec: &VmSpec,
+    tap_fd: Option<std::os::fd::RawFd>,
+    password: Option<&str>,
+) -> Result<Vm, Error> {
     if !spec.overlay.exists() {
         create_overlay(&spec.guest.image, &spec.overlay).await?;
     }
@@ -261,7 +314,8 @@ pub async fn start(qemu: &Qemu, spec: &VmSpec, password: Option<&str>) -> Result
                 .arg("-vnc")
                 .arg(format!("{addr}:{},password=on", port - 5900));
         }
-        &VmDisplay::Lan { tap_fd, mac } => {
+        &VmDisplay::Lan { mac, .. } => {
+            let tap_fd = tap_fd.expect("a LAN guest's tap is open");
             cmd.arg("-netdev")
                 .arg(format!("tap,id=lan,fd={tap_fd}"))
                 .arg("-device")
