@@ -96,6 +96,7 @@ struct WireConfig {
 struct WireDispatch {
     max_vms: Option<usize>,
     memory_budget: Option<String>,
+    disk_reserve: Option<String>,
     vnc_ports: Option<String>,
     idle_timeout: Option<String>,
     accel: Option<String>,
@@ -461,6 +462,9 @@ pub struct Dispatch {
     pub max_vms: usize,
     /// MiB of guest memory all sessions together may use; `None`: 80% of the machine's.
     pub memory_budget_mib: Option<u64>,
+    /// MiB that must stay free on the state disk for a new VM to start: overlays grow
+    /// there, beside the lease journal (`dispatch.disk_reserve`).
+    pub disk_reserve_mib: u64,
     /// TCP ports for the VMs' VNC servers, inclusive.
     pub vnc_ports: (u16, u16),
     /// A seat whose client has not been seen this long gets its VMs stopped.
@@ -1084,6 +1088,16 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
                     "\"auto\" (80% of the machine's memory) or a size such as \"16G\"",
                 )
             })?),
+        },
+        disk_reserve_mib: match wd.disk_reserve.as_deref() {
+            None => 1024,
+            Some(m) => parse_mib(m).ok_or_else(|| {
+                invalid(
+                    "dispatch.disk_reserve",
+                    m,
+                    "a size such as \"1G\" (\"0\": no reserve)",
+                )
+            })?,
         },
         vnc_ports,
         idle_timeout: dur("dispatch.idle_timeout", &wd.idle_timeout, 600)?,

@@ -23,6 +23,11 @@ use crate::config::{Mac, Pool};
 
 /// File name of the journal inside `state_dir`.
 pub const JOURNAL: &str = "dhcp-leases.journal";
+/// Space set aside beside the journal (a file of its own, allocated at start): guest
+/// overlays share the state disk, and when they fill it the journal gives this back and
+/// goes on, so ACKs keep leaving. 16 MiB is some 150,000 lease records.
+pub const RESERVE: &str = "dhcp-leases.reserve";
+pub const RESERVE_BYTES: u64 = 16 << 20;
 
 /// Why the lease store could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +303,8 @@ pub struct Journal {
     mirror: LeaseTable,
     /// Records appended since the last compaction.
     records: u64,
+    /// The reserve's size, 0 once given back.
+    reserve_bytes: u64,
 }
 
 fn jerr(path: &Path) -> impl FnOnce(std::io::Error) -> LeaseError + '_ {
@@ -311,6 +318,15 @@ impl Journal {
     /// Opens (or creates) the journal in `dir`, replays it, and compacts it so the file
     /// starts clean (a torn tail is cut off before anything is appended after it).
     pub fn open(dir: &Path, now: u64) -> Result<(Journal, LeaseTable), LeaseError> {
+        Journal::open_with_reserve(dir, now, RESERVE_BYTES)
+    }
+
+    /// [`Journal::open`] with a reserve of `reserve_bytes` (tests use a small one).
+    pub fn open_with_reserve(
+        dir: &Path,
+        now: u64,
+        reserve_bytes: u64,
+    ) -> Result<(Journal, LeaseTable), LeaseError> {
         let path = dir.join(JOURNAL);
         std::fs::create_dir_all(dir).map_err(jerr(dir))?;
         let mut file = OpenOptions::new()
@@ -332,9 +348,44 @@ impl Journal {
             file,
             mirror: table.clone(),
             records: 0,
+            reserve_bytes,
         };
         j.compact(now)?;
+        j.refill_reserve();
         Ok((j, table))
+    }
+
+    /// Allocates the reserve (again), when there is room for it.
+    fn refill_reserve(&mut self) {
+        let path = self.dir.join(RESERVE);
+        let made = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|f| {
+                nix::fcntl::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    nix::fcntl::FallocateFlags::empty(),
+                    0,
+                    self.reserve_bytes as i64,
+                )
+                .map_err(std::io::Error::from)
+            });
+        if let Err(e) = made {
+            tracing::warn!(path = %path.display(), "lease journal: no room for its {} MiB reserve: {e}", self.reserve_bytes >> 20);
+        }
+    }
+
+    /// On a full disk: gives the reserve back, once. True when there was one to give.
+    fn release_reserve(&mut self) -> bool {
+        let path = self.dir.join(RESERVE);
+        let had = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+        if had && std::fs::write(&path, b"").is_ok() {
+            tracing::error!(state_dir = %self.dir.display(), "the state disk is full: the lease journal gave back its reserve and goes on; free space there (guest overlays?) now");
+            return true;
+        }
+        false
     }
 
     /// Appends records and waits until they are on disk: the group commit point.
@@ -348,16 +399,23 @@ impl Journal {
             return Ok(());
         }
         let before = self.file.metadata().map_err(jerr(&self.path))?.len();
-        // fdatasync, not fsync: the file's size is data for fdatasync, and mtime is not
-        // worth a second disk write per batch.
-        let written = self
-            .file
-            .write_all(buf.as_bytes())
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
+        let mut retried = false;
+        loop {
+            // fdatasync, not fsync: the file's size is data for fdatasync, and mtime is
+            // not worth a second disk write per batch.
+            let written = self
+                .file
+                .write_all(buf.as_bytes())
+                .and_then(|()| self.file.sync_data());
+            let Err(e) = written else { break };
             // A short write (disk full) must not leave half a record for the next
             // append to run into: cut the file back to its last whole record.
             let _ = self.file.set_len(before);
+            let full = e.raw_os_error() == Some(nix::libc::ENOSPC);
+            if full && !retried && self.release_reserve() {
+                retried = true;
+                continue;
+            }
             return Err(jerr(&self.path)(e));
         }
         for c in durable {
@@ -377,10 +435,19 @@ impl Journal {
     pub fn compact(&mut self, now: u64) -> Result<(), LeaseError> {
         let tmp = self.dir.join(format!("{JOURNAL}.tmp"));
         let snap = self.mirror.snapshot(now);
-        {
-            let mut f = File::create(&tmp).map_err(jerr(&tmp))?;
-            f.write_all(snap.as_bytes()).map_err(jerr(&tmp))?;
-            f.sync_all().map_err(jerr(&tmp))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(snap.as_bytes())?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            // A full disk: the reserve pays for the snapshot, as for an append.
+            let full = e.raw_os_error() == Some(nix::libc::ENOSPC);
+            if !(full && self.release_reserve()) {
+                return Err(jerr(&tmp)(e));
+            }
+            write().map_err(jerr(&tmp))?;
         }
         std::fs::rename(&tmp, &self.path).map_err(jerr(&self.path))?;
         File::open(&self.dir)
@@ -531,6 +598,62 @@ mod tests {
             mac: mac(1),
         });
         assert!(!t.of_mac(&mac(1)).unwrap().active(10));
+    }
+
+    /// Finding 8 of the hardening audit: guest overlays filled the state disk and every
+    /// ACK waited on a journal write that could not happen. On a 1 MiB tmpfs filled to
+    /// the last byte, the journal gives back its reserve and its commit succeeds.
+    #[test]
+    fn a_full_disk_takes_the_reserve_and_acks_go_on() {
+        if !xtask::lab::is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must run this as root"
+            );
+            eprintln!("skipping: not root (mounts a tmpfs)");
+            return;
+        }
+        let d = tmpdir("full");
+        std::fs::create_dir_all(&d).unwrap();
+        struct Mounted(PathBuf);
+        impl Drop for Mounted {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=1m",
+                "vdd-test",
+                d.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        let _m = Mounted(d.clone());
+        let (mut j, _) = Journal::open_with_reserve(&d, 0, 256 << 10).unwrap();
+        assert_eq!(std::fs::metadata(d.join(RESERVE)).unwrap().len(), 256 << 10);
+        // Everything else the disk has goes to an overlay.
+        let mut filler = File::create(d.join("overlay.qcow2")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        let bind = |n| Change::Bind {
+            ip: ip(100 + n),
+            mac: mac(n),
+            until: 3600,
+        };
+        assert!(
+            filler.write_all(&[0u8; 4096]).is_err(),
+            "the disk is full now"
+        );
+        j.commit(&[bind(1)]).expect("the reserve pays for this ACK");
+        assert_eq!(std::fs::metadata(d.join(RESERVE)).unwrap().len(), 0);
+        // What was acknowledged is on disk, whole.
+        let table = read_table(&d).unwrap();
+        assert_eq!(table.of_mac(&mac(1)).map(|l| l.ip), Some(ip(101)));
     }
 
     #[test]

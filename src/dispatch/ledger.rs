@@ -8,6 +8,8 @@
 pub struct Limits {
     pub max_vms: usize,
     pub budget_mib: u64,
+    /// MiB the state disk must keep free (`dispatch.disk_reserve`).
+    pub disk_reserve_mib: u64,
     /// Inclusive.
     pub vnc_ports: (u16, u16),
 }
@@ -18,6 +20,8 @@ pub struct InUse<'a> {
     pub vms: usize,
     pub mib: u64,
     pub ports: &'a [u16],
+    /// MiB free on the state disk now (`None`: unknown, not checked).
+    pub disk_free_mib: Option<u64>,
 }
 
 /// What the new VM needs.
@@ -31,7 +35,7 @@ pub struct Need<'a> {
 }
 
 /// `Ok(Some(port))` for a VNC guest, `Ok(None)` for one without a screen, or why not
-/// (checked in this order: VM slots, memory, ports).
+/// (checked in this order: VM slots, memory, the state disk, ports).
 pub fn admit(
     l: &Limits,
     used: &InUse<'_>,
@@ -53,6 +57,12 @@ pub fn admit(
             l.budget_mib
         ));
     }
+    if let Some(free) = used.disk_free_mib.filter(|f| *f < l.disk_reserve_mib) {
+        return Err(format!(
+            "only {free} MiB are free on the state disk, which must keep {} MiB (dispatch.disk_reserve) for the lease journal and the running guests' overlays",
+            l.disk_reserve_mib
+        ));
+    }
     if !need.vnc {
         return Ok(None);
     }
@@ -70,6 +80,7 @@ mod tests {
     const L: Limits = Limits {
         max_vms: 2,
         budget_mib: 1024,
+        disk_reserve_mib: 100,
         vnc_ports: (5910, 5912),
     };
 
@@ -88,6 +99,7 @@ mod tests {
             vms: 0,
             mib: 0,
             ports: &[],
+            disk_free_mib: None,
         };
         assert_eq!(admit(&L, &idle, &need(512, true), free), Ok(Some(5910)));
         assert_eq!(admit(&L, &idle, &need(512, false), free), Ok(None));
@@ -95,6 +107,7 @@ mod tests {
             vms: 2,
             mib: 0,
             ports: &[],
+            disk_free_mib: None,
         };
         let e = admit(&L, &full, &need(1, true), free).unwrap_err();
         assert!(e.starts_with("2 of 2 VMs are running"), "{e}");
@@ -102,6 +115,7 @@ mod tests {
             vms: 1,
             mib: 768,
             ports: &[5910],
+            disk_free_mib: Some(1000),
         };
         let e = admit(&L, &heavy, &need(512, true), free).unwrap_err();
         assert_eq!(
@@ -110,6 +124,15 @@ mod tests {
         );
         // Exactly the budget fits.
         assert_eq!(admit(&L, &heavy, &need(256, true), free), Ok(Some(5911)));
+        let disk_full = InUse {
+            disk_free_mib: Some(99),
+            ..heavy
+        };
+        let e = admit(&L, &disk_full, &need(256, false), free).unwrap_err();
+        assert!(
+            e.starts_with("only 99 MiB are free on the state disk"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -118,6 +141,7 @@ mod tests {
             vms: 0,
             mib: 0,
             ports: &[5910],
+            disk_free_mib: Some(1000),
         };
         // 5911 is taken by a process vdd has no record of (an orphaned VM, another server).
         assert_eq!(

@@ -339,6 +339,12 @@ fn new_password() -> String {
         .collect()
 }
 
+/// MiB free (for an unprivileged writer) on the file system of `dir`.
+fn free_mib(dir: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some((st.blocks_available() as u64 * st.fragment_size() as u64) >> 20)
+}
+
 fn machine_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -423,6 +429,7 @@ impl<B: Backend> Dispatcher<B> {
         ledger::Limits {
             max_vms: self.cfg.dispatch.max_vms,
             budget_mib: self.budget_mib,
+            disk_reserve_mib: self.cfg.dispatch.disk_reserve_mib,
             vnc_ports: self.cfg.dispatch.vnc_ports,
         }
     }
@@ -524,6 +531,7 @@ impl<B: Backend> Dispatcher<B> {
                 vms: st.sessions.len() + st.pending_vms,
                 mib: st.sessions.values().map(|s| s.rec.memory_mib).sum::<u64>() + st.pending_mib,
                 ports: &ports,
+                disk_free_mib: free_mib(&self.dir),
             };
             let need = ledger::Need {
                 label: &guest.label,
