@@ -847,3 +847,37 @@ fn a_larger_replaced_image_is_refused_past_the_old_end() {
         assert_eq!(d, image[4096..4608]);
     }
 }
+
+/// A client that sends reads and never takes their replies is closed once a reply has
+/// waited WRITE_TIMEOUT, and its slot is free again (`cargo xtask bench floods` found such
+/// connections open for good: the writer gave up, the reader waited on).
+#[test]
+fn a_client_that_takes_no_replies_is_closed() {
+    let s = Server::start_caps("deaf", 8, 1);
+    let (mut deaf, _) = Raw::go(s.addr, "ro");
+    for c in 0..32u64 {
+        deaf.request(codec::CMD_READ, c, 0, 4 << 20, &[]);
+    }
+    let t0 = std::time::Instant::now();
+    let limit = vdd::nbd::session::WRITE_TIMEOUT + Duration::from_secs(35);
+    // Its address may hold one connection: a newcomer is closed at once until the deaf
+    // one is gone, then greeted.
+    let greeted = loop {
+        let mut g = [0u8; 18];
+        let mut r = Raw::connect(s.addr);
+        r.0.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if r.0.read_exact(&mut g).is_ok() {
+            break true;
+        }
+        if t0.elapsed() > limit {
+            break false;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    assert!(
+        greeted,
+        "the deaf client still holds its slot after {limit:?}"
+    );
+    assert!(t0.elapsed() >= vdd::nbd::session::WRITE_TIMEOUT - Duration::from_secs(5));
+    drop(deaf);
+}

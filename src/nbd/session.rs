@@ -147,7 +147,7 @@ pub async fn serve(
     let stats = Arc::new(Stats::default());
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Reply>(IN_FLIGHT * 2);
-    let writer = tokio::spawn(writer(wr, rx, stats.clone()));
+    let mut writer = tokio::spawn(writer(wr, rx, stats.clone()));
     let mut conn = Conn {
         rd: BufReader::with_capacity(128 << 10, rd),
         tx,
@@ -159,15 +159,26 @@ pub async fn serve(
         shared: shared.clone(),
         stats: stats.clone(),
     };
+    // The writer ending first (a client that takes no reply for WRITE_TIMEOUT) ends the
+    // connection too: the reader may be waiting on a client that sends nothing more, and
+    // the connection would hold its slot for good.
+    let mut written = None;
     let ended = tokio::select! {
         r = conn.requests() => r,
+        w = &mut writer => {
+            written = Some(w);
+            Ok("replies could not be written")
+        }
         _ = shutdown.cancelled() => Ok("server shutting down"),
     };
     let export = conn.info.name.clone();
     // Dropping the reader's sender lets the writer finish once every in-flight request
     // has answered: replies already promised are still delivered.
     drop(conn);
-    let wres = writer.await;
+    let wres = match written {
+        Some(w) => w,
+        None => writer.await,
+    };
     drop(lease);
     let how = match ended {
         Ok(how) => how.to_string(),
@@ -180,7 +191,9 @@ pub async fn serve(
         Err(e) => e.to_string(),
     };
     if let Ok(Err(e)) = wres {
-        debug!(%peer, export = %export, "writing replies failed: {e}");
+        if let Some(dropped) = shared.warn.allow() {
+            warn!(%peer, dropped, export = %export, "writing replies failed, connection closed: {e}");
+        }
     }
     info!(
         %peer,
