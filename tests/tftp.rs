@@ -51,6 +51,11 @@ impl Drop for Server {
 
 impl Server {
     async fn start(tag: &str, max_transfers: usize) -> Server {
+        Server::start_caps(tag, max_transfers, 4).await
+    }
+
+    /// Every test client comes from 127.0.0.1: `max_per_address` is its share.
+    async fn start_caps(tag: &str, max_transfers: usize, max_per_address: usize) -> Server {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("vdd=info")
@@ -61,7 +66,7 @@ impl Server {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&ipxe).unwrap();
         let text = format!(
-            "[server]\ninterface=\"lo\"\n[dhcp]\nmode=\"off\"\n[boot]\nipxe_dir=\"{}\"\n[tftp]\nroot=\"{}\"\nmax_transfers={max_transfers}\n",
+            "[server]\ninterface=\"lo\"\n[dhcp]\nmode=\"off\"\n[boot]\nipxe_dir=\"{}\"\n[tftp]\nroot=\"{}\"\nmax_transfers={max_transfers}\nmax_per_address={max_per_address}\n",
             ipxe.display(),
             root.display()
         );
@@ -326,6 +331,63 @@ async fn netascii_window_memory_is_bounded() {
     assert_eq!(blocks.first(), Some(&1));
     assert!(blocks.iter().all(|b| (1..=16).contains(b)), "{blocks:?}");
     send_error(&s, from, 0).await;
+}
+
+/// The netascii windows of all transfers together are bounded too: 40 transfers asking
+/// for the largest window get 32 MiB between them (and one block each past that), not
+/// 40 MiB (`cargo xtask bench floods`: 256 transfers held 316 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netascii_windows_share_one_budget() {
+    need!();
+    let srv = Server::start_caps("nabudget", 64, 64).await;
+    std::fs::write(srv.root().join("big.txt"), "line\n".repeat(1 << 20)).unwrap();
+    let mut socks = Vec::new();
+    let mut bytes = 0u64;
+    let mut last = 0u64;
+    for _ in 0..40 {
+        let s = raw_socket().await;
+        send_rrq(
+            &s,
+            srv.addr,
+            b"big.txt",
+            "netascii",
+            &[("blksize", "65464"), ("windowsize", "65535")],
+        )
+        .await;
+        let (b, _) = recv(&s, Duration::from_secs(10)).await.unwrap();
+        let Ok(Packet::Oack(opts)) = Packet::parse(&b) else {
+            panic!("no OACK: {:?}", Packet::parse(&b));
+        };
+        let w: u64 = opts
+            .iter()
+            .find(|(k, _)| k == "windowsize")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap();
+        last = w;
+        bytes += w * 65464;
+        socks.push(s);
+    }
+    assert!(bytes <= (32 << 20) + 40 * 65464, "{bytes} bytes of windows");
+    assert_eq!(last, 1, "the budget was spent: one block each");
+    let held = srv
+        .metrics
+        .netascii_bytes
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(held, bytes);
+    // Every transfer ends (ERROR from the client): the budget is whole again.
+    for s in &socks {
+        let mut v = Vec::new();
+        codec::encode_error(&mut v, 0, "abort");
+        let _ = s.send(&v).await;
+    }
+    drop(socks);
+    assert!(srv.idle(Duration::from_secs(40)).await);
+    assert_eq!(
+        srv.metrics
+            .netascii_bytes
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,20 @@ pub struct OwnedRequest {
     pub mode: Mode,
     pub mode_text: String,
     pub options: Vec<(String, String)>,
+}
+
+/// A netascii window's share of [`super::Metrics::netascii_bytes`], given back on Drop.
+struct WindowBytes {
+    metrics: Arc<super::Metrics>,
+    bytes: u64,
+}
+
+impl Drop for WindowBytes {
+    fn drop(&mut self) {
+        self.metrics
+            .netascii_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Where DATA payloads come from: the file as is, or converted to netascii.
@@ -437,8 +452,25 @@ pub fn transfer(
     };
     let size_known = session::wire_size_known(req.mode);
     let mut n = session::negotiate(&req.options, size_known.then_some(opened.size));
+    // A netascii transfer's window out of the service's budget; given back on every
+    // way out of this function.
+    let mut _window = None;
     if req.mode != Mode::Octet {
-        session::bound_window(&mut n, session::NETASCII_WINDOW_BYTES);
+        let asked = n.clone();
+        let mut bytes = 0;
+        let _ = metrics
+            .netascii_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                n = asked.clone();
+                let left = session::NETASCII_TOTAL_BYTES.saturating_sub(used);
+                session::bound_window(&mut n, session::NETASCII_WINDOW_BYTES.min(left));
+                bytes = u64::from(n.windowsize) * u64::from(n.blksize);
+                Some(used + bytes)
+            });
+        _window = Some(WindowBytes {
+            metrics: metrics.clone(),
+            bytes,
+        });
     }
     let blksize = n.blksize;
     let blocks = size_known.then(|| session::block_count(opened.size, blksize));

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub refused_busy: AtomicU64,
     /// Requests refused because their address had `tftp.max_per_address` transfers running.
     pub refused_per_address: AtomicU64,
+    /// Bytes of netascii windows held by running transfers (see
+    /// [`session::NETASCII_TOTAL_BYTES`]).
+    pub netascii_bytes: AtomicU64,
     /// At most 50 warn lines per 10 s: a flood of bad requests must not flood the log.
     warns: WarnLimit,
 }
@@ -71,6 +74,7 @@ impl Default for Metrics {
             completed: AtomicU64::new(0),
             refused_busy: AtomicU64::new(0),
             refused_per_address: AtomicU64::new(0),
+            netascii_bytes: AtomicU64::new(0),
             warns: WarnLimit::new(50, Duration::from_secs(10)),
         }
     }

@@ -44,6 +44,10 @@ pub const MAX_TRANSFER: Duration = Duration::from_secs(600);
 /// here. Unbounded, four never-acknowledged netascii RRQs with the largest blksize and
 /// windowsize held 265 MB. Octet transfers re-read the file and keep at most one refill.
 pub const NETASCII_WINDOW_BYTES: u64 = 1 << 20;
+/// Most bytes of netascii windows all transfers together keep: 256 transfers of 1 MiB
+/// each held 316 MiB (`cargo xtask bench floods`). Past it, a new netascii transfer gets
+/// the window that is left, one block at least.
+pub const NETASCII_TOTAL_BYTES: u64 = 32 << 20;
 
 /// What was agreed with the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
