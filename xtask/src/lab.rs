@@ -268,9 +268,11 @@ impl Lab {
     pub fn kill(&mut self, pid: u32, signal: &str) -> Result<()> {
         if let Some(i) = self.children.iter().position(|(_, c)| c.id() == pid) {
             let (_, mut child) = self.children.remove(i);
-            let _ = Command::new("kill")
-                .args([&format!("-{signal}"), &pid.to_string()])
-                .status();
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = Command::new("kill")
+                    .args([&format!("-{signal}"), &pid.to_string()])
+                    .status();
+            }
             let _ = child.wait();
         }
         Ok(())
@@ -309,10 +311,14 @@ impl Drop for Lab {
         // SIGTERM first: a server gets to stop what it started (vdd stops its guest VMs,
         // which run in their own process group); SIGKILL whatever is left after 15 s.
         for (_, child) in &mut self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
+            // Only a child not reaped yet: once `is_running` has collected it, its pid may
+            // be another process's.
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         for (_, child) in &mut self.children {
