@@ -42,14 +42,29 @@ enum Cmd {
     },
 }
 
+/// Tells systemd the service's state; nothing when systemd did not start us.
+fn notify(state: sd_notify::NotifyState) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, &[state]) {
+            warn!("telling systemd (NOTIFY_SOCKET): {e}");
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    // Under systemd the journal stamps every line itself: no second timestamp, and no
+    // terminal colours in it.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        log.without_time().with_ansi(false).init();
+    } else {
+        log.init();
+    }
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -375,6 +390,8 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
         ip = %cfg.server_ip().map_or("-".into(), |i| i.to_string()),
         "vdd serving"
     );
+    // Every service listens now: tell systemd (Type=notify), when it started us.
+    notify(sd_notify::NotifyState::Ready);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
@@ -384,6 +401,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
         Some(r) = tasks.join_next() => r.context("service task panicked").and_then(|r| r),
     };
     info!("shutting down");
+    notify(sd_notify::NotifyState::Stopping);
     shutdown.cancel();
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {

@@ -104,3 +104,57 @@ fn tempdir() -> TempDir {
     std::fs::create_dir_all(&d).unwrap();
     TempDir(d)
 }
+
+/// Under systemd (`Type=notify`), `vdd serve` says READY=1 once every service listens,
+/// and STOPPING=1 when it is told to stop; the journal gets no second timestamp.
+#[test]
+fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempdir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = dir.join("c.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[server]\ninterface = \"lo\"\naddress = \"127.0.0.1/8\"\nstate_dir = \"state\"\n\
+             [dhcp]\nmode = \"off\"\n[boot]\nipv6_ra = false\n[tftp]\nenabled = false\n\
+             [http]\nport = {port}\n[nbd]\nenabled = false\n"
+        ),
+    )
+    .unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vdd"))
+        .args(["serve", "--config", p.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("JOURNAL_STREAM", "8:12345")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    // Ready means listening.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    let first = log.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(" INFO") || first.starts_with("INFO"),
+        "a timestamp or colours in the journal's line: {first:?}"
+    );
+}
