@@ -1,4 +1,4 @@
-//! The `vdd` command: `serve`, `check`, `leases`.
+//! The `vdd` command: `serve`, `check`, `leases`, `status`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,12 @@ enum Cmd {
     },
     /// Print the DHCP lease table from the state directory.
     Leases {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Ask the running server for its summary (sessions, VMs and memory, leases), through
+    /// its admin API with the token from the config.
+    Status {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -112,7 +118,79 @@ fn run(cli: Cli) -> Result<()> {
             vdd::dhcp::print_leases(&cfg, &mut std::io::stdout().lock())?;
             Ok(())
         }
+        Cmd::Status { config } => {
+            let cfg = load_bound(config.as_deref(), false)?;
+            status(&cfg, &mut std::io::stdout().lock())
+        }
     }
+}
+
+/// `vdd status`: GET /api/v1/status from the server this config describes. A plain
+/// HTTP/1.1 request over a TcpStream: one GET to an IP literal needs no client library.
+fn status(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
+    use std::io::Read;
+    let Some(token) = &cfg.http.admin_token else {
+        bail!("http.admin_token is not set in the config: the status is for the admin; set it, restart vdd, and ask again");
+    };
+    let ip = cfg.server_ip().context(
+        "server.address: the config names no address to ask (and the interface has none)",
+    )?;
+    let addr = std::net::SocketAddr::from((ip, cfg.http.port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to vdd at {addr} (is it running?)"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET /api/v1/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).context("reading vdd's answer")?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).unwrap_or("?");
+    let v: serde_json::Value = serde_json::from_str(body.trim())
+        .with_context(|| format!("vdd answered {code} with no JSON: {body:?}"))?;
+    if code != "200" {
+        bail!(
+            "vdd answered {code}: {}",
+            v["error"].as_str().unwrap_or("?")
+        );
+    }
+    let n = |v: &serde_json::Value| v.as_u64().map_or("-".into(), |n| n.to_string());
+    let s = &v["sessions"];
+    writeln!(
+        out,
+        "vdd {} on {} ({})",
+        v["version"].as_str().unwrap_or("?"),
+        v["interface"].as_str().unwrap_or("?"),
+        v["address"].as_str().unwrap_or("-")
+    )?;
+    if s.is_null() {
+        writeln!(out, "  sessions   none (no [[guest]] configured)")?;
+    } else {
+        writeln!(
+            out,
+            "  sessions   {} VMs of at most {} ({} starting), {} seats",
+            n(&s["vms"]),
+            n(&s["max_vms"]),
+            n(&s["starting"]),
+            n(&s["seats"])
+        )?;
+        writeln!(
+            out,
+            "  memory     {} of {} MiB",
+            n(&s["memory_mib"]),
+            n(&s["memory_budget_mib"])
+        )?;
+    }
+    writeln!(
+        out,
+        "  leases     {} active of a pool of {}",
+        n(&v["leases"]["active"]),
+        n(&v["leases"]["pool"])
+    )?;
+    writeln!(out, "  guests     {}", n(&v["guests"]))?;
+    Ok(())
 }
 
 /// Loads the config and checks it against the LAN interface. Without the interface,
@@ -348,7 +426,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
     } else {
         // The config allows X11 guests only with full DHCP, so both are there together.
         let lan = bridge
-            .zip(leases)
+            .zip(leases.clone())
             .map(|(bridge, leases)| vdd::dispatch::LanSide { bridge, leases });
         let d = vdd::dispatch::Dispatcher::with_lan(cfg.clone(), lan)
             .await
@@ -367,6 +445,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
             dispatcher: dispatcher
                 .clone()
                 .map(|d| d as Arc<dyn vdd::dispatch::Sessions>),
+            leases: leases.clone(),
             seats: Arc::new(vdd::http::api::Neighbours {
                 interface: cfg.server.interface.clone(),
             }),

@@ -76,6 +76,7 @@ shutdown_timeout = "2s"
     Api {
         cfg,
         dispatcher: Some(dispatcher),
+        leases: None,
         seats: Arc::new(seats),
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use vdd::config::{Config, Mac};
-use vdd::dispatch::{Error, Pending, SessionInfo, SessionState, Sessions, Who};
+use vdd::dispatch::{Error, Pending, SessionInfo, SessionState, Sessions, Usage, Who};
 use vdd::http::api::{Api, SeatLookup};
 
 const TOKEN: &str = "0123456789abcdef0123";
@@ -146,6 +146,16 @@ impl Sessions for Fake {
             })
         })
     }
+    fn usage(&self) -> Pending<'_, Usage> {
+        let vms = self.sessions.lock().unwrap().len();
+        Box::pin(async move {
+            Usage {
+                vms,
+                max_vms: 4,
+                ..Usage::default()
+            }
+        })
+    }
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(async move {
             let (s, key) = self.find(id, who)?;
@@ -172,6 +182,7 @@ fn api(with_sessions: bool) -> Api {
     Api {
         cfg,
         dispatcher: with_sessions.then(|| Arc::new(Fake::default()) as Arc<dyn Sessions>),
+        leases: None,
         seats: Arc::new(seats),
     }
 }
@@ -342,6 +353,17 @@ async fn who_may_ask_what() {
         (200, Some(key)),
         "a reset keeps the key"
     );
+
+    // The admin's summary, for the admin only.
+    let (st, v) = call(&a, "GET", "/api/v1/status", ip(99), admin, None, "").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["sessions"]["vms"].as_u64(), v["guests"].as_u64()),
+        (Some(2), Some(1)),
+        "{v}"
+    );
+    let (st, v) = call(&a, "GET", "/api/v1/status", ip(50), None, None, "").await;
+    assert_eq!(st, 403, "a seat asked for the status: {v}");
 
     // Wrong methods and paths.
     assert_eq!(

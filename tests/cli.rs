@@ -122,7 +122,7 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
         format!(
             "[server]\ninterface = \"lo\"\naddress = \"127.0.0.1/8\"\nstate_dir = \"state\"\n\
              [dhcp]\nmode = \"off\"\n[boot]\nipv6_ra = false\n[tftp]\nenabled = false\n\
-             [http]\nport = {port}\n[nbd]\nenabled = false\n"
+             [http]\nport = {port}\nadmin_token = \"status-token-0123456789\"\n[nbd]\nenabled = false\n"
         ),
     )
     .unwrap();
@@ -140,8 +140,14 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
     assert_eq!(&buf[..n], b"READY=1\n");
-    // Ready means listening.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // Ready means listening; `vdd status` asks it for its summary with the config's token.
+    let (ok, out, err) = vdd(&["status", "--config", p.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("sessions   none (no [[guest]] configured)"),
+        "{out}"
+    );
+    assert!(out.contains("leases     - active"), "{out}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -271,6 +271,11 @@ fn lease_cmd(cmd: super::LeaseCmd, cfg: &Config, table: &mut LeaseTable) -> Vec<
                 }
             }
         }
+        super::LeaseCmd::Count { reply } => {
+            let now = unix_now();
+            let _ = reply.send(table.all().iter().filter(|l| l.active(now)).count());
+            vec![]
+        }
         super::LeaseCmd::Release { mac, ip } => {
             if table.get(ip).is_some_and(|l| l.mac == Some(mac)) {
                 let c = Change::Free { ip, mac };

@@ -69,6 +69,10 @@ pub(crate) enum LeaseCmd {
         mac: crate::config::Mac,
         ip: std::net::Ipv4Addr,
     },
+    /// Leases active now, for `GET /api/v1/status`.
+    Count {
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
 }
 
 /// The dispatcher's way into the lease table: it binds an address to a guest VM's MAC
@@ -94,6 +98,13 @@ impl Leases {
         rx.await
             .map_err(|_| ReserveError::Stopped)?
             .map_err(ReserveError::Refused)
+    }
+
+    /// How many leases are active now (`None`: the DHCP service is not running).
+    pub async fn active(&self) -> Option<usize> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(LeaseCmd::Count { reply }).ok()?;
+        rx.await.ok()
     }
 
     /// Frees the lease of `mac` on `ip` (a no-op if it is no longer theirs).

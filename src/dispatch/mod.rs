@@ -266,6 +266,21 @@ pub trait Sessions: Send + Sync {
     fn password<'a>(&'a self, id: &'a str, who: Who<'a>)
         -> Pending<'a, Result<SessionInfo, Error>>;
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
+    /// What runs now, for the admin's summary.
+    fn usage(&self) -> Pending<'_, Usage>;
+}
+
+/// The dispatcher's load, for `GET /api/v1/status`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Running sessions (VMs), and VMs still starting.
+    pub vms: usize,
+    pub starting: usize,
+    /// Seats with at least one session.
+    pub seats: usize,
+    pub memory_mib: u64,
+    pub memory_budget_mib: u64,
+    pub max_vms: usize,
 }
 
 impl<B: Backend> Sessions for Dispatcher<B> {
@@ -298,6 +313,23 @@ impl<B: Backend> Sessions for Dispatcher<B> {
     }
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(Dispatcher::<B>::reset(self, id, who))
+    }
+    fn usage(&self) -> Pending<'_, Usage> {
+        Box::pin(async move {
+            let st = self.state.lock().await;
+            let mut seats: Vec<Mac> = st.sessions.values().map(|s| s.rec.seat).collect();
+            seats.sort_by_key(|m| m.0);
+            seats.dedup();
+            Usage {
+                vms: st.sessions.len(),
+                starting: st.pending_vms,
+                seats: seats.len(),
+                memory_mib: st.sessions.values().map(|s| s.rec.memory_mib).sum::<u64>()
+                    + st.pending_mib,
+                memory_budget_mib: self.budget_mib,
+                max_vms: self.cfg.dispatch.max_vms,
+            }
+        })
     }
 }
 

@@ -101,6 +101,8 @@ pub struct Api {
     pub cfg: Arc<Config>,
     /// The sessions: the dispatcher, or a test's fake of it.
     pub dispatcher: Option<Arc<dyn Sessions>>,
+    /// vdd's DHCP leases, for the admin's summary (`None`: not in full DHCP mode).
+    pub leases: Option<crate::dhcp::Leases>,
     pub seats: Arc<dyn SeatLookup>,
 }
 
@@ -141,6 +143,8 @@ impl Api {
         let parts: Vec<&str> = rest.split('/').collect();
         let r = match (method, parts.as_slice()) {
             ("GET" | "HEAD", ["guests"]) => self.guests(),
+            ("GET" | "HEAD", ["status"]) => self.status(peer, authorization).await,
+            (_, ["status"]) => error(405, "use GET"),
             (_, ["guests"]) => error(405, "use GET"),
             ("GET" | "HEAD", ["sessions"]) => self.list(peer, authorization).await,
             ("POST", ["sessions"]) => self.create(peer, authorization, body).await,
@@ -174,6 +178,41 @@ impl Api {
             })
             .collect();
         reply(200, json!(list))
+    }
+
+    /// The admin's summary of the running server (`vdd status` prints it).
+    async fn status(&self, peer: IpAddr, auth: Option<&str>) -> Reply {
+        match self.caller(peer, auth).await {
+            Caller::Admin => {}
+            Caller::Guest => return guest_caller(peer),
+            _ => {
+                warn!(ip = %peer, "status asked without the admin token");
+                return error(
+                    403,
+                    "the status is for the admin (Authorization: Bearer [http] admin_token)",
+                );
+            }
+        }
+        let usage = match &self.dispatcher {
+            Some(d) => Some(d.usage().await),
+            None => None,
+        };
+        let leases = match &self.leases {
+            Some(l) => l.active().await,
+            None => None,
+        };
+        let pool = self.cfg.dhcp.pool.as_ref().map(|p| p.len());
+        reply(
+            200,
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "interface": self.cfg.server.interface,
+                "address": self.cfg.server_ip(),
+                "guests": self.cfg.guests.len(),
+                "sessions": usage,
+                "leases": {"active": leases, "pool": pool},
+            }),
+        )
     }
 
     async fn is_guest(&self, mac: Mac) -> bool {

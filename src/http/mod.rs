@@ -116,6 +116,7 @@ impl Service {
         let api = Arc::new(api::Api {
             cfg: cfg.clone(),
             dispatcher: None,
+            leases: None,
             seats: Arc::new(api::Neighbours {
                 interface: cfg.server.interface.clone(),
             }),
