@@ -151,7 +151,9 @@ fn seed(root: &Path, target: &str) -> Result<PathBuf> {
 }
 
 /// Builds the targets and runs each for `seconds`; all of them when `targets` is empty.
-pub fn run(seconds: u64, targets: &[String], toolchain: Toolchain) -> Result<()> {
+/// `dev`: an unoptimised build, several times faster to make and slower to run: for CI's
+/// few seconds per target, where the build is most of the time.
+pub fn run(seconds: u64, targets: &[String], toolchain: Toolchain, dev: bool) -> Result<()> {
     for t in targets {
         if !TARGETS.contains(&t.as_str()) {
             bail!("no fuzz target {t:?}; there are: {}", TARGETS.join(", "));
@@ -171,15 +173,22 @@ pub fn run(seconds: u64, targets: &[String], toolchain: Toolchain) -> Result<()>
     // crash here, not a wrapped length. No sanitizer: every decoder is safe Rust, whose
     // bugs are panics, so ASan would only halve the executions and lengthen the build.
     let mut build = cargo(tc);
-    build
-        .current_dir(&root)
-        .args(["fuzz", "build", "-O", "-a", "--sanitizer", "none"]);
+    build.current_dir(&root).args(["fuzz", "build"]);
+    build.args(if dev {
+        &["--dev"][..]
+    } else {
+        &["-O", "-a"][..]
+    });
+    build.args(["--sanitizer", "none"]);
     if !targets.is_empty() && chosen.len() == 1 {
         build.arg(chosen[0]);
     }
     crate::run(&mut build)?;
     eprintln!("xtask fuzz: built in {} s", built.elapsed().as_secs());
-    let bin_dir = root.join("fuzz/target/x86_64-unknown-linux-gnu/release");
+    let profile = if dev { "debug" } else { "release" };
+    let bin_dir = root
+        .join("fuzz/target/x86_64-unknown-linux-gnu")
+        .join(profile);
     let logs = root.join("fuzz/target/logs");
     fs::create_dir_all(&logs)?;
     let mut crashed = Vec::new();

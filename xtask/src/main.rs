@@ -65,6 +65,9 @@ enum Cmd {
         /// with RUSTC_BOOTSTRAP=1.
         #[arg(long, value_enum, default_value = "auto")]
         toolchain: xtask::fuzz::Toolchain,
+        /// An unoptimised build: quicker to make, slower to run (CI's brief runs).
+        #[arg(long)]
+        dev: bool,
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
@@ -167,8 +170,9 @@ fn main() -> Result<()> {
         Cmd::Fuzz {
             seconds,
             toolchain,
+            dev,
             targets,
-        } => xtask::fuzz::run(seconds, &targets, toolchain),
+        } => xtask::fuzz::run(seconds, &targets, toolchain, dev),
         Cmd::Image { name, force } => match name.as_str() {
             "thin-client" => xtask::image::thin_client(force).map(drop),
             "guest-demo" => xtask::image::guest_demo(force).map(drop),
