@@ -1,0 +1,97 @@
+//! The seam between the HTTP API and the dispatcher: what the API asks, as a trait object
+//! a test can fill with a fake (tests/api_paths.rs).
+
+use serde::Serialize;
+
+use super::{Backend, Dispatcher, Error, SessionInfo, Who};
+use crate::config::Mac;
+
+/// A boxed future of the [`Sessions`] interface.
+pub type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What the HTTP API asks of the dispatcher: the seam between the two. [`Dispatcher`]
+/// is the real one; the API's tests fill it with a fake, so every refusal of the API is
+/// tested without QEMU (tests/api_paths.rs). Boxed futures, so it works as a trait object.
+pub trait Sessions: Send + Sync {
+    /// Whether `mac` is the NIC of one of our guests (an X11 guest on the LAN).
+    fn is_guest_mac(&self, mac: Mac) -> Pending<'_, bool>;
+    /// Running sessions (without passwords or keys), of one seat or all.
+    fn list(&self, seat: Option<Mac>) -> Pending<'_, Vec<SessionInfo>>;
+    /// [`Dispatcher::create`].
+    fn create<'a>(
+        &'a self,
+        seat: Mac,
+        guest: &'a str,
+        who: Who<'a>,
+    ) -> Pending<'a, Result<SessionInfo, Error>>;
+    fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
+    fn end<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<(), Error>>;
+    fn password<'a>(&'a self, id: &'a str, who: Who<'a>)
+        -> Pending<'a, Result<SessionInfo, Error>>;
+    fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
+    /// What runs now, for the admin's summary.
+    fn usage(&self) -> Pending<'_, Usage>;
+}
+
+/// The dispatcher's load, for `GET /api/v1/status`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Running sessions (VMs), and VMs still starting.
+    pub vms: usize,
+    pub starting: usize,
+    /// Seats with at least one session.
+    pub seats: usize,
+    pub memory_mib: u64,
+    pub memory_budget_mib: u64,
+    pub max_vms: usize,
+}
+
+impl<B: Backend> Sessions for Dispatcher<B> {
+    fn is_guest_mac(&self, mac: Mac) -> Pending<'_, bool> {
+        Box::pin(Dispatcher::<B>::is_guest_mac(self, mac))
+    }
+    fn list(&self, seat: Option<Mac>) -> Pending<'_, Vec<SessionInfo>> {
+        Box::pin(Dispatcher::<B>::list(self, seat))
+    }
+    fn create<'a>(
+        &'a self,
+        seat: Mac,
+        guest: &'a str,
+        who: Who<'a>,
+    ) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::<B>::create(self, seat, guest, who))
+    }
+    fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::<B>::get(self, id, who))
+    }
+    fn end<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<(), Error>> {
+        Box::pin(Dispatcher::<B>::end(self, id, who))
+    }
+    fn password<'a>(
+        &'a self,
+        id: &'a str,
+        who: Who<'a>,
+    ) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::<B>::password(self, id, who))
+    }
+    fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
+        Box::pin(Dispatcher::<B>::reset(self, id, who))
+    }
+    fn usage(&self) -> Pending<'_, Usage> {
+        Box::pin(async move {
+            let st = self.state.lock().await;
+            let mut seats: Vec<Mac> = st.sessions.values().map(|s| s.rec.seat).collect();
+            seats.sort_by_key(|m| m.0);
+            seats.dedup();
+            Usage {
+                vms: st.sessions.len(),
+                starting: st.pending_vms,
+                seats: seats.len(),
+                memory_mib: st.sessions.values().map(|s| s.rec.memory_mib).sum::<u64>()
+                    + st.pending_mib,
+                memory_budget_mib: self.budget_mib,
+                max_vms: self.cfg.dispatch.max_vms,
+            }
+        })
+    }
+}
