@@ -523,24 +523,7 @@ pub fn run(a: Args) -> Result<()> {
         .parent()
         .context("workspace root")?
         .to_path_buf();
-    let vdd = match a.vdd.clone() {
-        Some(p) => p,
-        None => {
-            eprintln!("bench: building vdd (release)");
-            let st = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args(["build", "--release", "--package", "vdd", "--bin", "vdd"])
-                .current_dir(&workspace)
-                .status()
-                .context("running cargo build")?;
-            if !st.success() {
-                bail!("cargo build --release failed");
-            }
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace.join("target"))
-                .join("release/vdd")
-        }
-    };
+    let vdd = super::vdd_release(a.vdd.clone())?;
     check()?;
 
     // On disk, not tmpfs: the 64 MiB file then costs no RAM beside the page cache.
@@ -1039,17 +1022,9 @@ fn tail(p: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// Pseudo-random content (xorshift from `seed`): incompressible, reproducible; returns it.
+/// Pseudo-random content (see [`super::pseudo_random`]) written to `path`; returns it.
 fn write_random(path: &Path, len: usize, seed: u64) -> Result<Vec<u8>> {
-    let mut x = seed;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
+    let v = super::pseudo_random(len, seed);
     std::fs::write(path, &v).with_context(|| format!("writing {}", path.display()))?;
     Ok(v)
 }

@@ -226,15 +226,7 @@ fn clk_tck() -> f64 {
 
 /// Writes `len` pseudo-random bytes and returns their sha256.
 fn write_pattern(path: &Path, len: usize) -> Result<String> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
+    let v = super::pseudo_random(len, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(path, &v).with_context(|| format!("writing {}", path.display()))?;
     file_sha256(path)
 }

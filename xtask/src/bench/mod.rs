@@ -8,6 +8,49 @@ pub mod http;
 pub mod nbd;
 pub mod tftp;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// vdd's release binary: `given` (a bench's `--vdd`), or the workspace's, built now.
+pub fn vdd_release(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    eprintln!("bench: building vdd (release)");
+    let st = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--release", "--package", "vdd", "--bin", "vdd"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo build")?;
+    if !st.success() {
+        bail!("cargo build --release failed");
+    }
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("release/vdd"))
+}
+
+/// `len` pseudo-random bytes (xorshift from `seed`): incompressible, reproducible, quick.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
 /// The median of some samples (the mean of the middle two for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {

@@ -115,26 +115,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn vdd_binary() -> Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_path_buf();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(&root)
-        .args(["build", "--release", "--package", "vdd", "--bin", "vdd"])
-        .status()
-        .context("building vdd")?;
-    if !st.success() {
-        bail!("cargo build --release failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/vdd"))
-}
-
 /// One server under test.
 struct Target {
     name: &'static str,
@@ -156,7 +136,7 @@ fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc> {
 }
 
 fn start_vdd(dir: &Path, image: &Path) -> Result<Target> {
-    let bin = vdd_binary()?;
+    let bin = super::vdd_release(None)?;
     let port = free_port()?;
     let cfg = dir.join("vdd.toml");
     std::fs::write(

@@ -227,21 +227,7 @@ pub fn run(a: Args) -> Result<()> {
         .parent()
         .context("workspace root")?
         .to_path_buf();
-    let vdd = match a.vdd.clone() {
-        Some(p) => p,
-        None => {
-            eprintln!("bench: building vdd (release)");
-            let st = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args(["build", "--release", "--package", "vdd", "--bin", "vdd"])
-                .current_dir(&workspace)
-                .status()
-                .context("running cargo build")?;
-            if !st.success() {
-                bail!("cargo build --release failed");
-            }
-            workspace.join("target/release/vdd")
-        }
-    };
+    let vdd = super::vdd_release(a.vdd.clone())?;
 
     // tmpfs, so 20 clients writing 64 MiB each measure the network path, not the disk.
     let base = if Path::new("/dev/shm").is_dir() {
@@ -480,17 +466,9 @@ fn chmod(p: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("chmod {}", p.display()))
 }
 
-/// Pseudo-random content (xorshift): incompressible, reproducible, quick to make.
+/// Pseudo-random content (see [`super::pseudo_random`]), world-readable.
 fn write_random(path: &Path, len: usize) -> Result<()> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
+    let v = super::pseudo_random(len, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(path, v).with_context(|| format!("writing {}", path.display()))?;
     chmod(path, 0o644)
 }
