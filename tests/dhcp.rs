@@ -359,6 +359,33 @@ fn malformed_packets_do_not_hurt() {
     assert!(lab.is_running(pid));
 }
 
+/// Runs tests/data/dhcp_blind_requests.py with `args` from a new host of the lab at
+/// 10.77.0.9 (its made-up MACs are in the packets, not on its NIC); returns what it printed.
+fn blind_requests(lab: &mut Lab, args: &[&str]) -> String {
+    let attacker = lab.add_client(None).unwrap();
+    lab::ip([
+        "-n",
+        &attacker.ns,
+        "addr",
+        "add",
+        "10.77.0.9/24",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    let st = Lab::cmd(&attacker.ns, "python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dhcp_blind_requests.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    String::from_utf8_lossy(&st.stdout).into_owned()
+}
+
 /// RFC 2131 4.3.2: a REQUEST from a client the server has no record of gets silence. Ten
 /// blind INIT-REBOOT REQUESTs from made-up MACs once bound 9 of a 10-address pool, and a
 /// real client then got no lease.
@@ -375,27 +402,8 @@ fn blind_requests_bind_nothing() {
     );
     let mut lab = Lab::new("dhcpb").unwrap();
     let pid = start_vdd(&mut lab, &dir.0, 0);
-    let attacker = lab.add_client(None).unwrap();
-    lab::ip([
-        "-n",
-        &attacker.ns,
-        "addr",
-        "add",
-        "10.77.0.9/24",
-        "dev",
-        "eth0",
-    ])
-    .unwrap();
-    let st = Lab::cmd(&attacker.ns, "python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dhcp_blind_requests.py"))
-        .args(["10.77.0.1", "10.77.0.100", "10"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success() && String::from_utf8_lossy(&st.stdout).contains("sent 10"),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let out = blind_requests(&mut lab, &["10.77.0.1", "10.77.0.100", "10"]);
+    assert!(out.contains("sent 10"), "{out}");
     let log_path = dir.0.join("vdd-0.log");
     wait_for(Duration::from_secs(10), || {
         read(&log_path).matches("no record here").count() >= 10
@@ -437,27 +445,7 @@ fn made_up_macs_get_only_the_new_client_budget() {
     let seat = lab.add_client(None).unwrap();
     let first = udhcpc_once(&dir.0, &seat, &[])["ip"].clone();
     assert!(in_pool(&first));
-    let attacker = lab.add_client(None).unwrap();
-    lab::ip([
-        "-n",
-        &attacker.ns,
-        "addr",
-        "add",
-        "10.77.0.9/24",
-        "dev",
-        "eth0",
-    ])
-    .unwrap();
-    let st = Lab::cmd(&attacker.ns, "python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dhcp_blind_requests.py"))
-        .args(["10.77.0.1", "10.77.0.100", "40", "discover"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    blind_requests(&mut lab, &["10.77.0.1", "10.77.0.100", "40", "discover"]);
     let log_path = dir.0.join("vdd-0.log");
     wait_for(Duration::from_secs(10), || {
         read(&log_path).contains("more never-seen clients than dhcp.new_clients_per_minute")
