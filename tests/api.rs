@@ -3,32 +3,24 @@
 //! it is the DHCP leases and the neighbour table.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::Value;
-use vdd::config::{Config, Mac};
+use vdd::config::Config;
 use vdd::dispatch::Dispatcher;
-use vdd::http::api::{Api, SeatLookup};
+use vdd::http::api::Api;
 
-struct Table(HashMap<IpAddr, Mac>);
-
-impl SeatLookup for Table {
-    fn seat_of(&self, ip: IpAddr) -> Option<Mac> {
-        self.0.get(&ip).copied()
-    }
-}
+#[path = "common/api.rs"]
+mod common;
+use common::{call_key, ip, Table};
 
 const TOKEN: &str = "0123456789abcdef0123";
 const SEAT1: &str = "52:54:00:00:bb:01";
 const SEAT2: &str = "52:54:00:00:bb:02";
 /// A seat with a reserved address, 127.0.0.50; its MAC is cloned at 127.0.0.52.
 const SEAT3: &str = "52:54:00:00:bb:03";
-
-fn ip(n: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 77, 0, n))
-}
 
 async fn api(dir: &Path) -> Api {
     let img = xtask::image::guest_demo(false).expect("building the demo guest");
@@ -90,29 +82,6 @@ async fn call(
     body: &str,
 ) -> (u16, Value) {
     call_key(a, method, path, from, auth, None, body).await
-}
-
-/// A call that shows a session key (`X-Vdd-Session-Key`).
-async fn call_key(
-    a: &Api,
-    method: &str,
-    path: &str,
-    from: IpAddr,
-    auth: Option<&str>,
-    key: Option<&str>,
-    body: &str,
-) -> (u16, Value) {
-    let r = a
-        .handle(method, path, from, auth, key, body.as_bytes())
-        .await
-        .expect("an API path");
-    let v = if r.body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&r.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&r.body)))
-    };
-    (r.status, v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

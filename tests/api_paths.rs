@@ -4,31 +4,23 @@
 //! causes). No QEMU here; tests/api.rs runs the same API over the real dispatcher.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use vdd::config::{Config, Mac};
 use vdd::dispatch::{Error, Pending, SessionInfo, SessionState, Sessions, Usage, Who};
-use vdd::http::api::{Api, SeatLookup};
+use vdd::http::api::Api;
+
+#[path = "common/api.rs"]
+mod common;
+use common::{call_key as call, ip, Table};
 
 const TOKEN: &str = "0123456789abcdef0123";
 const SEAT1: &str = "52:54:00:00:dd:01";
 const SEAT2: &str = "52:54:00:00:dd:02";
 const GUEST_NIC: &str = "0a:00:00:00:dd:09";
-
-struct Table(HashMap<IpAddr, Mac>);
-
-impl SeatLookup for Table {
-    fn seat_of(&self, ip: IpAddr) -> Option<Mac> {
-        self.0.get(&ip).copied()
-    }
-}
-
-fn ip(n: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 77, 0, n))
-}
 
 /// Sessions in memory: `create` of guest "full" or "broken" fails as a full server or a
 /// QEMU that cannot start would; everything else is a VNC session keyed "key-N".
@@ -185,27 +177,6 @@ fn api(with_sessions: bool) -> Api {
         leases: None,
         seats: Arc::new(seats),
     }
-}
-
-async fn call(
-    a: &Api,
-    method: &str,
-    path: &str,
-    from: IpAddr,
-    auth: Option<&str>,
-    key: Option<&str>,
-    body: &str,
-) -> (u16, Value) {
-    let r = a
-        .handle(method, path, from, auth, key, body.as_bytes())
-        .await
-        .expect("an API path");
-    let v = if r.body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&r.body).unwrap()
-    };
-    (r.status, v)
 }
 
 /// A seat's POST /api/v1/sessions from 10.77.0.50.
