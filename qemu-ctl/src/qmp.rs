@@ -114,9 +114,17 @@ impl Qmp {
             wr,
             timeout,
         };
-        match q.read_message().await? {
-            Message::Greeting => {}
-            other => return Err(Error::Json(format!("not a QMP greeting: {other:?}"))),
+        // An event can come before the greeting: QEMU serves a socket monitor from its
+        // monitor thread and emits events from the main thread, and a monitor left in
+        // command mode by the previous client sends an event (VNC_DISCONNECTED, say) the
+        // moment the new connection is up, before its OPENED handler writes the greeting.
+        // Such an event belongs to nobody; anything else first is a protocol error.
+        loop {
+            match q.read_message().await? {
+                Message::Greeting => break,
+                Message::Event => {}
+                other => return Err(Error::Json(format!("not a QMP greeting: {other:?}"))),
+            }
         }
         q.execute("qmp_capabilities", None).await?;
         Ok(q)
@@ -169,7 +177,7 @@ mod tests {
     use tokio::net::UnixListener;
 
     /// The client against a scripted peer that speaks QMP's framing, including an event
-    /// between a command and its answer and an error reply.
+    /// before the greeting, an event between a command and its answer and an error reply.
     #[tokio::test]
     async fn greeting_capabilities_events_and_errors() {
         let dir = std::env::temp_dir().join(format!("vdd-qmp-{}", std::process::id()));
@@ -181,6 +189,10 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             let (rd, mut wr) = s.into_split();
             let mut rd = BufReader::new(rd);
+            // A stray event of the previous client's time first, then the greeting.
+            wr.write_all(b"{\"event\": \"VNC_DISCONNECTED\", \"data\": {}}\r\n")
+                .await
+                .unwrap();
             wr.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
                 .await
                 .unwrap();
