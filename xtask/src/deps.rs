@@ -121,6 +121,18 @@ pub fn ensure(p: Purpose) -> Result<()> {
             plan.install_args().join(" ")
         );
     }
+    // Two xtask runs installing at once (two developers' tests on one machine) would race
+    // on policy-rc.d below: the first to finish would remove it while the second's apt
+    // still starts services. One install at a time, and look again once it is our turn.
+    let lock = std::fs::File::create("/run/lock/vdd-xtask-deps.lock")
+        .context("creating /run/lock/vdd-xtask-deps.lock")?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .context("waiting for another xtask's package install")?;
+    let missing = not_installed(&wanted)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
     eprintln!(
         "xtask: {} needs {} Debian package(s) that are not installed; installing them:",
         p.command(),
@@ -307,6 +319,9 @@ fn version_gt(a: &str, b: &str) -> Result<bool> {
 fn apt() -> Command {
     let mut c = Command::new("apt-get");
     c.env("DEBIAN_FRONTEND", "noninteractive");
+    // Wait for dpkg's lock (unattended-upgrades, a package manager left open) rather than
+    // fail at once.
+    c.args(["-o", "DPkg::Lock::Timeout=600"]);
     c
 }
 
