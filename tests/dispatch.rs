@@ -3,12 +3,16 @@
 //! sessions are per seat, limits answer clearly, and a VM left by a "crashed" dispatcher
 //! is adopted by the next one and stopped without a leak.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vdd::config::{Config, Mac};
 use vdd::dispatch::{Dispatcher, Error, Who};
+
+#[path = "common/vmdir.rs"]
+mod vmdir;
+use vmdir::VmDir;
 
 fn skip() -> Option<String> {
     let mut why = Vec::new();
@@ -65,13 +69,6 @@ shutdown_timeout = "3s"
     Arc::new(Config::parse(&text, &dir.join("config.toml")).unwrap())
 }
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vdd-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// RFB authentication against the session's VNC server on loopback.
 fn vnc_auth(port: u16, password: Option<&str>) -> std::io::Result<bool> {
     xtask::rfb::vnc_auth(([127, 0, 0, 1], port).into(), password).map_err(std::io::Error::other)
@@ -113,7 +110,7 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
         eprintln!("skipping: {why}");
         return;
     }
-    let dir = tempdir("dispatch");
+    let dir = VmDir::new("dispatch");
     let base = 5960 + (std::process::id() % 20) as u16 * 2;
     let cfg = config(&dir, (base, base + 1), 2);
     let image = cfg.guests[0].image.clone();
@@ -132,6 +129,17 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     let s = d.create(seat(1), "demo", fresh_seat(1)).await.unwrap();
     assert_eq!((s.protocol.as_str(), s.port), ("vnc", base));
     let pw = s.password.clone().unwrap();
+    // QEMU's VNC server is up when create returns; the password lives 60 s from then, and
+    // a guest booting under TCG on a loaded machine can take longer than that to draw.
+    assert!(!vnc_auth(s.port, None).unwrap(), "no password accepted");
+    assert!(
+        !vnc_auth(s.port, Some("wrongpw1")).unwrap(),
+        "a wrong password accepted"
+    );
+    assert!(
+        vnc_auth(s.port, Some(&pw)).unwrap(),
+        "the session's password refused"
+    );
     wait_serial(&dir, &s.id, "banner drawn");
     // The session's folder (overlay, logs, the record with its key) is vdd's alone.
     {
@@ -149,16 +157,6 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
             }
         }
     }
-
-    assert!(!vnc_auth(s.port, None).unwrap(), "no password accepted");
-    assert!(
-        !vnc_auth(s.port, Some("wrongpw1")).unwrap(),
-        "a wrong password accepted"
-    );
-    assert!(
-        vnc_auth(s.port, Some(&pw)).unwrap(),
-        "the session's password refused"
-    );
 
     // Per seat: another seat neither sees nor ends it; the same seat reattaches.
     assert!(d.list(Some(seat(2))).await.is_empty());
@@ -311,7 +309,6 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
         image_sum,
         "the base image was written"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A VM that dies ends its session (the watchdog sees it within seconds, logs it, and
@@ -323,7 +320,7 @@ async fn a_dead_vm_ends_its_session_and_shutdown_stops_the_rest() {
         eprintln!("skipping: {why}");
         return;
     }
-    let dir = tempdir("dispatch-dead");
+    let dir = VmDir::new("dispatch-dead");
     let base = 5980 + (std::process::id() % 8) as u16 * 2;
     let cfg = config(&dir, (base, base + 1), 2);
     let d = Dispatcher::new(cfg).await.unwrap();
@@ -365,5 +362,4 @@ async fn a_dead_vm_ends_its_session_and_shutdown_stops_the_rest() {
     };
     assert!(gone(pb), "the VM outlived the dispatcher's shutdown");
     assert!(!dir.join("sessions").join(&b.id).exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

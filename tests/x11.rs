@@ -19,6 +19,8 @@ use xtask::lab::{self, ClientNs, Lab};
 
 #[path = "common/udhcpc.rs"]
 mod udhcpc;
+#[path = "common/vmdir.rs"]
+mod vmdir;
 #[path = "common/xdm.rs"]
 mod xdm;
 
@@ -40,46 +42,12 @@ fn skip() -> Option<String> {
     ])
 }
 
-/// The test's folder; on Drop, kills every VM a session record in it names (a VM whose
-/// vdd was killed is nobody's child), then removes the folder.
-struct Dir(PathBuf);
+/// The test's folder; on Drop, kills every VM under it (a VM whose vdd was killed is
+/// nobody's child), then removes the folder.
+type Dir = vmdir::VmDir;
 
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vdd-x11-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn vm_pids(&self) -> Vec<u32> {
-        let Ok(rd) = std::fs::read_dir(self.0.join("state/sessions")) else {
-            return vec![];
-        };
-        rd.flatten()
-            .filter_map(|e| std::fs::read(e.path().join("session.json")).ok())
-            .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-            .filter_map(|v| {
-                let pid = v["pid"].as_u64()? as u32;
-                let id = v["id"].as_str()?.to_string();
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                String::from_utf8_lossy(&cmd)
-                    .contains(&format!("vdd-{id}"))
-                    .then_some(pid)
-            })
-            .collect()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        for pid in self.vm_pids() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn vm_pids(dir: &Dir) -> Vec<u32> {
+    vmdir::vms_under(dir)
 }
 
 fn read(p: &Path) -> String {
@@ -269,9 +237,9 @@ fn x11_session_tap_and_address_lifecycle() {
     let t0 = Instant::now();
     let mut lab = Lab::new("x11").unwrap();
     // Declared after the lab, so dropped first: VMs die before their namespace.
-    let dir = Dir::new("life");
+    let dir = Dir::new("x11-life");
     let ns = lab.server_ns.clone();
-    config(&dir.0, "br0", "15s");
+    config(&dir, "br0", "15s");
     // A tap a crashed vdd left behind, which no VM holds: the start-up sweep removes it.
     lab::ip([
         "-n",
@@ -284,7 +252,7 @@ fn x11_session_tap_and_address_lifecycle() {
         "tap",
     ])
     .unwrap();
-    let (vdd, log) = start_vdd(&mut lab, &dir.0, 0);
+    let (vdd, log) = start_vdd(&mut lab, &dir, 0);
     assert!(taps(&ns).is_empty(), "stale tap kept: {:?}", taps(&ns));
 
     // POST: 201 at once, starting, the guest's reserved address, XDMCP port, its MAC.
@@ -309,10 +277,10 @@ fn x11_session_tap_and_address_lifecycle() {
     assert!(line.contains("master br0"), "{line}");
     // The address is bound to the guest's MAC in vdd's lease table (journaled).
     assert!(
-        wait_for(Duration::from_secs(10), || lease_line(&dir.0, &mac)
+        wait_for(Duration::from_secs(10), || lease_line(&dir, &mac)
             .is_some_and(|l| l.contains(&host) && l.contains("bound"))),
         "{}",
-        leases(&dir.0)
+        leases(&dir)
     );
     // An X11 session has no VNC password to hand out: 409 with the reason.
     let (st, p) = api(
@@ -332,7 +300,7 @@ fn x11_session_tap_and_address_lifecycle() {
 
     // The DHCP side: a client with the guest's MAC gets exactly the reserved address.
     let c = lab.add_client(Some(&mac)).unwrap();
-    assert_eq!(udhcpc(&dir.0, &c), host);
+    assert_eq!(udhcpc(&dir, &c), host);
 
     // The demo guest never answers XDMCP: failed, with the error, and the tap is gone.
     let mut failed = Value::Null;
@@ -356,10 +324,10 @@ fn x11_session_tap_and_address_lifecycle() {
         links(&ns)
     );
     assert!(
-        wait_for(Duration::from_secs(10), || lease_line(&dir.0, &mac)
+        wait_for(Duration::from_secs(10), || lease_line(&dir, &mac)
             .is_some_and(|l| l.contains("expired"))),
         "address not released: {}",
-        leases(&dir.0)
+        leases(&dir)
     );
     assert!(read(&log).contains("X11 session failed"), "{}", read(&log));
     // Still readable until DELETE; then gone.
@@ -404,7 +372,7 @@ fn x11_session_tap_and_address_lifecycle() {
         link_line(&ns, &tap3).is_some(),
         "the VM's tap went with vdd"
     );
-    let (_vdd2, log2) = start_vdd(&mut lab, &dir.0, 1);
+    let (_vdd2, log2) = start_vdd(&mut lab, &dir, 1);
     assert!(read(&log2).contains("adopted the VM"), "{}", read(&log2));
     let line = link_line(&ns, &tap3).expect("the adopted VM's tap");
     assert!(line.contains("master br0"), "{line}");
@@ -414,9 +382,9 @@ fn x11_session_tap_and_address_lifecycle() {
         (200, &"starting".into(), &s3["host"])
     );
     assert!(
-        lease_line(&dir.0, s3["mac"].as_str().unwrap()).is_some_and(|l| l.contains("bound")),
+        lease_line(&dir, s3["mac"].as_str().unwrap()).is_some_and(|l| l.contains("bound")),
         "{}",
-        leases(&dir.0)
+        leases(&dir)
     );
     assert_eq!(
         api(&ns, "DELETE", &format!("/api/v1/sessions/{id3}"), None).0,
@@ -427,7 +395,7 @@ fn x11_session_tap_and_address_lifecycle() {
         "tap {tap3} outlived DELETE after adoption"
     );
     assert!(taps(&ns).is_empty(), "left behind: {:?}", taps(&ns));
-    assert!(dir.vm_pids().is_empty(), "VMs left: {:?}", dir.vm_pids());
+    assert!(vm_pids(&dir).is_empty(), "VMs left: {:?}", vm_pids(&dir));
     eprintln!("x11 lifecycle: {:.1}s", t0.elapsed().as_secs_f32());
 }
 
@@ -441,7 +409,7 @@ fn plain_lan_interface_gets_a_bridge() {
         return;
     }
     let mut lab = Lab::new("x11br").unwrap();
-    let dir = Dir::new("bridge");
+    let dir = Dir::new("x11-bridge");
     let ns = lab.server_ns.clone();
     // The client's veth end in the server namespace becomes a plain LAN interface.
     let c = lab.add_client(None).unwrap();
@@ -468,10 +436,10 @@ fn plain_lan_interface_gets_a_bridge() {
                 .map(str::to_string)
         })
         .unwrap();
-    config(&dir.0, "vc0", "1h");
+    config(&dir, "vc0", "1h");
 
     for run in 0..2 {
-        let (vdd, log) = start_vdd(&mut lab, &dir.0, run);
+        let (vdd, log) = start_vdd(&mut lab, &dir, run);
         let br = link_line(&ns, "vddbr0").unwrap_or_else(|| panic!("no vddbr0: {}", links(&ns)));
         assert!(
             br.contains(&vc0_mac),
@@ -515,7 +483,7 @@ fn plain_lan_interface_gets_a_bridge() {
             read(&log)
         );
         // DHCP answers on the bridge.
-        let ip = udhcpc(&dir.0, &c);
+        let ip = udhcpc(&dir, &c);
         assert!(in_pool(&ip), "{ip}");
         // A session's tap joins vddbr0; a graceful stop ends the VM and so the tap.
         let (st, s) = create(&ns);
@@ -525,7 +493,7 @@ fn plain_lan_interface_gets_a_bridge() {
         assert!(line.contains("master vddbr0"), "{line}");
         lab.kill(vdd, "TERM").unwrap();
         assert!(taps(&ns).is_empty(), "left behind: {:?}", taps(&ns));
-        assert!(dir.vm_pids().is_empty());
+        assert!(vm_pids(&dir).is_empty());
     }
 }
 
@@ -540,17 +508,17 @@ fn x11_session_is_ready_when_the_display_manager_answers() {
         return;
     }
     let mut lab = Lab::new("x11rdy").unwrap();
-    let dir = Dir::new("ready");
+    let dir = Dir::new("x11-ready");
     let ns = lab.server_ns.clone();
-    config(&dir.0, "br0", "90s");
-    let (_vdd, log) = start_vdd(&mut lab, &dir.0, 0);
+    config(&dir, "br0", "90s");
+    let (_vdd, log) = start_vdd(&mut lab, &dir, 0);
     let (st, s) = create(&ns);
     assert_eq!(st, 201, "{s}");
     let id = s["id"].as_str().unwrap().to_string();
     let (host, mac) = (s["host"].as_str().unwrap(), s["mac"].as_str().unwrap());
 
     let guest = lab.add_client(Some(mac)).unwrap();
-    assert_eq!(udhcpc(&dir.0, &guest), host);
+    assert_eq!(udhcpc(&dir, &guest), host);
     lab::ip([
         "-n",
         &guest.ns,
@@ -561,7 +529,7 @@ fn x11_session_is_ready_when_the_display_manager_answers() {
         "eth0",
     ])
     .unwrap();
-    xdm::start(&mut lab, &guest.ns, &dir.0.join("xdm"), "*\n");
+    xdm::start(&mut lab, &guest.ns, &dir.join("xdm"), "*\n");
 
     let mut ready = Value::Null;
     assert!(
