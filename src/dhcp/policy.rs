@@ -262,6 +262,14 @@ fn request(
         Ipv4Net::new(m.giaddr(), ctx.subnet.prefix_len()).unwrap_or(ctx.subnet)
     };
     let reserved = ctx.cfg.host(&p.mac).and_then(|h| h.address);
+    // A lease bound before a reload shrank the pool: the client keeps the address until
+    // the lease ends (renewals get what is left of it, never more), then moves.
+    let left_over = t
+        .get(ip)
+        .filter(|l| {
+            l.mac == Some(p.mac) && l.state == super::leases::State::Bound && l.active(ctx.now)
+        })
+        .map(|l| l.until);
     // 4.3.2: "If the DHCP server has no record of this client, then it MUST remain
     // silent". A record is a lease of this MAC in any state, or a [[dhcp.host]] entry.
     // Without this, a LAN host binds any free address with one blind REQUEST per MAC
@@ -281,7 +289,7 @@ fn request(
         Some("client has a reservation for another address")
     } else if reserved == Some(ip) {
         None
-    } else if !ctx.cfg.dhcp.pool.is_some_and(|pool| pool.contains(ip)) {
+    } else if !ctx.cfg.dhcp.pool.is_some_and(|pool| pool.contains(ip)) && left_over.is_none() {
         Some("address outside the pool")
     } else if !t.available_to(ip, &p.mac, ctx.now) {
         Some("address leased to another client")
@@ -299,7 +307,11 @@ fn request(
             ..Default::default()
         };
     }
-    let lease = ctx.cfg.dhcp.lease_time.as_secs();
+    let in_pool = reserved == Some(ip) || ctx.cfg.dhcp.pool.is_some_and(|pool| pool.contains(ip));
+    let lease = match left_over {
+        Some(until) if !in_pool => until - ctx.now,
+        _ => ctx.cfg.dhcp.lease_time.as_secs(),
+    };
     let mut r = reply(m, MessageType::Ack, ctx);
     r.set_yiaddr(ip);
     add_config(&mut r, p, ctx, Some(lease));
@@ -609,6 +621,56 @@ hostname = "seat-01"
         assert!(reserve(Mac([0x0a, 0, 0, 0, 1, 0]), None, &full, &c, x.now)
             .unwrap_err()
             .contains("dhcp.pool"));
+    }
+
+    /// A reload shrinks the pool: a lease on an address now outside it is renewed for what
+    /// is left of it, then NAKed; the address is offered to nobody.
+    #[test]
+    fn a_shrunk_pool_keeps_its_leases_until_they_end() {
+        let c = cfg(CFG);
+        let x = ctx(&c);
+        let mut t = LeaseTable::default();
+        t.apply(&Change::Bind {
+            ip: ip(102),
+            mac: Mac(M1),
+            until: x.now + 3600,
+        });
+        let small = cfg(&CFG.replace("10.77.0.100-10.77.0.102", "10.77.0.100-10.77.0.101"));
+        let later = Ctx {
+            now: x.now + 600,
+            ..ctx(&small)
+        };
+        let renew = with_ciaddr(pkt(3, M1, &[]), ip(102));
+        let d = run(&renew, &mut t, &later);
+        assert_eq!(kind(&d), Some(MessageType::Ack));
+        assert_eq!(
+            d.reply
+                .as_ref()
+                .unwrap()
+                .0
+                .opts()
+                .get(OptionCode::AddressLeaseTime),
+            Some(&DhcpOption::AddressLeaseTime(3000)),
+            "renewed for what is left, not extended"
+        );
+        assert_eq!(
+            d.changes,
+            vec![Change::Bind {
+                ip: ip(102),
+                mac: Mac(M1),
+                until: x.now + 3600
+            }]
+        );
+        // Never offered to another client, in or out of the new pool.
+        let d = run(&pkt(1, [2, 0, 0, 0, 0, 9], &opt50(ip(102))), &mut t, &later);
+        assert_ne!(d.reply.as_ref().unwrap().0.yiaddr(), ip(102));
+        // Once the lease has ended the address is outside the pool like any other.
+        let after = Ctx {
+            now: x.now + 3601,
+            ..ctx(&small)
+        };
+        let d = run(&renew, &mut t, &after);
+        assert_eq!(kind(&d), Some(MessageType::Nak));
     }
 
     #[test]
