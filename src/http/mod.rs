@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::boot::{self, BootPart};
-use crate::config::Config;
+use crate::config::{Config, Live};
 
 use codec::{HeadError, Request, ResponseHead};
 use files::{FileError, Opened};
@@ -87,8 +87,8 @@ const COPY_BUF: usize = 256 * 1024;
 
 /// The http service with its socket bound.
 pub struct Service {
-    /// Read for every request, so a later config reload can swap it.
-    cfg: Arc<Config>,
+    /// The running config; each connection takes the one current when it was accepted.
+    cfg: Live,
     listener: TcpListener,
     /// Caps concurrent connections; a permit lives as long as its connection task.
     limit: Arc<Semaphore>,
@@ -102,14 +102,17 @@ pub struct Service {
 impl Service {
     /// Binds `[http] port` on the server's LAN address only: the API and the boot files
     /// are for the LAN, not for whatever else the server is plugged into.
-    pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
-        let ip = cfg.server_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
-        let addr = SocketAddr::from((ip, cfg.http.port));
+    pub async fn bind(cfg: impl Into<Live>) -> Result<Service, Error> {
+        let cfg = cfg.into();
+        let now = cfg.get();
+        let ip = now.server_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let addr = SocketAddr::from((ip, now.http.port));
         Self::bind_addr(cfg, addr).await
     }
 
     /// Binds `addr` instead (tests use 127.0.0.1:0).
-    pub async fn bind_addr(cfg: Arc<Config>, addr: SocketAddr) -> Result<Service, Error> {
+    pub async fn bind_addr(cfg: impl Into<Live>, addr: SocketAddr) -> Result<Service, Error> {
+        let cfg = cfg.into();
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr, source })?;
@@ -118,8 +121,9 @@ impl Service {
             dispatcher: None,
             leases: None,
             seats: Arc::new(api::Neighbours {
-                interface: cfg.server.interface.clone(),
+                interface: cfg.get().server.interface.clone(),
             }),
+            reload: None,
         });
         Ok(Service {
             cfg,
@@ -147,15 +151,16 @@ impl Service {
     /// a few seconds and drops the rest.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let addr = self.local_addr().map_err(Error::Accept)?;
+        let cfg = self.cfg.get();
         info!(
             %addr,
-            root = %self.cfg.http.root.display(),
-            sendfile = self.cfg.http.sendfile,
+            root = %cfg.http.root.display(),
+            sendfile = cfg.http.sendfile,
             "http serving"
         );
-        if !self.cfg.http.root.is_dir() {
+        if !cfg.http.root.is_dir() {
             warn!(
-                root = %self.cfg.http.root.display(),
+                root = %cfg.http.root.display(),
                 "[http] root is not a folder: every /files/ request will get 404"
             );
         }
@@ -172,7 +177,8 @@ impl Service {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let cap = self.cfg.http.max_per_address;
+                    let cfg = self.cfg.get();
+                    let cap = cfg.http.max_per_address;
                     let Some(slot) = self.per_address.take(peer.ip(), cap) else {
                         if let Some(dropped) = self.warns.allow() {
                             warn!(%peer, max_per_address = cap, dropped, "http: this address holds http.max_per_address connections already; refused");
@@ -186,14 +192,16 @@ impl Service {
                     };
                     let conn = Conn {
                         api: self.api.clone(),
-                        cfg: self.cfg.clone(),
+                        cfg,
                         peer,
                         warns: self.warns.clone(),
                         shutdown: shutdown.clone(),
                     };
                     conns.spawn(async move {
                         conn.serve(stream).await;
-                        drop((permit, slot));
+                        // The address's slot first: once the permit is back, the accept loop may
+                        // take the next connection from this address at once.
+                        drop((slot, permit));
                     });
                 }
                 // Out of descriptors or a connection reset before accept: transient.

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::Live;
 
 /// Why the nbd service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -48,35 +48,38 @@ pub struct Service {
     limit: Arc<Semaphore>,
     max: usize,
     per_address: crate::peers::PerAddress,
-    /// `nbd.max_per_address`.
-    per_address_cap: usize,
+    /// The running config, for `nbd.max_per_address` (live) and the exports.
+    cfg: Live,
     shared: Arc<session::Shared>,
 }
 
 impl Service {
     /// Binds `nbd.port` on the server's LAN address (all addresses when none is known).
-    pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
+    pub async fn bind(cfg: impl Into<Live>) -> Result<Service, Error> {
+        let cfg = cfg.into();
         let ip = cfg
+            .get()
             .server_ip()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V4);
-        let addr = SocketAddr::new(ip, cfg.nbd.port);
+        let addr = SocketAddr::new(ip, cfg.get().nbd.port);
         Self::bind_addr(cfg, addr).await
     }
 
     /// Binds an explicit address (tests use 127.0.0.1:0).
-    pub async fn bind_addr(cfg: Arc<Config>, addr: SocketAddr) -> Result<Service, Error> {
+    pub async fn bind_addr(cfg: impl Into<Live>, addr: SocketAddr) -> Result<Service, Error> {
+        let cfg: Live = cfg.into();
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::BindSocket { addr, source })?;
-        let max = cfg.nbd.max_connections;
+        let max = cfg.get().nbd.max_connections;
         Ok(Service {
             listener,
             limit: Arc::new(Semaphore::new(max)),
             max,
             per_address: crate::peers::PerAddress::default(),
-            per_address_cap: cfg.nbd.max_per_address,
+            cfg: cfg.clone(),
             shared: Arc::new(session::Shared {
-                exports: Arc::new(export::Exports::new(&cfg)),
+                exports: Arc::new(export::Exports::new(cfg.clone())),
                 bytes: Arc::new(Semaphore::new(TOTAL_BYTES_KIB)),
                 // At most a few warnings per second for misbehaving clients.
                 warn: WarnLimit::new(10, Duration::from_secs(1)),
@@ -111,16 +114,19 @@ impl Service {
                 },
                 _ = shutdown.cancelled() => break,
             };
-            let Some(slot) = self.per_address.take(peer.ip(), self.per_address_cap) else {
+            let cap = self.cfg.get().nbd.max_per_address;
+            let Some(slot) = self.per_address.take(peer.ip(), cap) else {
                 if let Some(dropped) = self.shared.warn.allow() {
-                    warn!(dropped, %peer, max_per_address = self.per_address_cap, "nbd: this address holds nbd.max_per_address connections already; closed");
+                    warn!(dropped, %peer, max_per_address = cap, "nbd: this address holds nbd.max_per_address connections already; closed");
                 }
                 continue;
             };
             let (shared, token) = (self.shared.clone(), shutdown.clone());
             tokio::spawn(async move {
                 session::serve(stream, peer, shared, token).await;
-                drop((permit, slot));
+                // The address's slot first: once the permit is back, the accept loop may
+                // take the next connection from this address at once.
+                drop((slot, permit));
             });
         }
         let all = self.max.min(u32::MAX as usize) as u32;

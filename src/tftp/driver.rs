@@ -358,7 +358,12 @@ struct ActiveGuard(
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        drop(self.1.take());
+        // The address's slot before the transfer's permit: once the permit is back, the
+        // next request from this address may come in at once.
+        if let Some((permit, slot)) = self.1.take() {
+            drop(slot);
+            drop(permit);
+        }
         self.0
             .active
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
