@@ -4,9 +4,10 @@
 //! `boot` for the policy they share, `config` for the admin's file, `lan` for the bridge
 //! and taps of X11 guests, `xdmcp` for asking their display managers whether they are up.
 //!
-//! Every service has the same shape: `Service::bind(Arc<Config>)` takes its sockets (so a
-//! port in use stops `vdd serve` before anything is served) and `Service::run(shutdown)`
-//! serves until the token is cancelled.
+//! Every service has the same shape: `Service::bind(config)` takes its sockets (so a port
+//! in use stops `vdd serve` before anything is served) and `Service::run(shutdown)` serves
+//! until the token is cancelled. The config is a `config::Live`: a reload (`reload.rs`)
+//! swaps it, and each service takes the current one per request.
 
 pub mod beneath;
 pub mod boot;
@@ -19,6 +20,7 @@ pub mod nbd;
 pub mod ndp;
 pub mod netif;
 pub mod peers;
+pub mod reload;
 pub mod tapfilter;
 pub mod tftp;
 pub mod warnlimit;

@@ -1,4 +1,4 @@
-//! The `vdd` command: `serve`, `check`, `leases`, `status`.
+//! The `vdd` command: `serve`, `check`, `leases`, `status`, `reload`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use vdd::config::{Config, DhcpMode, ExportMode};
+use vdd::config::{Config, DhcpMode, ExportMode, Live};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,12 @@ enum Cmd {
     /// Ask the running server for its summary (sessions, VMs and memory, leases), through
     /// its admin API with the token from the config.
     Status {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Make the running server read its config file again (as SIGHUP does) and print what
+    /// changed, or why the file was refused; through its admin API with the token.
+    Reload {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -83,7 +89,9 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => {
-            let mut cfg = Config::load(&Config::locate(config.as_deref())?)?;
+            // As written, for a reload to tell what the admin changed.
+            let file = Config::load(&Config::locate(config.as_deref())?)?;
+            let mut cfg = file.clone();
             tokio::runtime::Runtime::new()
                 .context("starting the tokio runtime")?
                 .block_on(async {
@@ -105,7 +113,7 @@ fn run(cli: Cli) -> Result<()> {
                         None
                     };
                     bind_interface(&mut cfg, true)?;
-                    serve(Arc::new(cfg), bridge).await
+                    serve(Arc::new(cfg), file, bridge).await
                 })
         }
         Cmd::Check { config } => {
@@ -122,15 +130,59 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = load_bound(config.as_deref(), false)?;
             status(&cfg, &mut std::io::stdout().lock())
         }
+        Cmd::Reload { config } => {
+            let cfg = load_bound(config.as_deref(), false)?;
+            reload(&cfg, &mut std::io::stdout().lock())
+        }
     }
 }
 
-/// `vdd status`: GET /api/v1/status from the server this config describes. A plain
-/// HTTP/1.1 request over a TcpStream: one GET to an IP literal needs no client library.
-fn status(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
+/// `vdd reload`: POST /api/v1/reload. The server validates the file itself and answers
+/// with what changed, or with the error `vdd check` would print.
+fn reload(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
+    let v = admin_call(cfg, "POST", "/api/v1/reload", "reloading")?;
+    let list = |k: &str| {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let changed = list("changed");
+    writeln!(
+        out,
+        "reloaded {}: {}",
+        cfg.path.display(),
+        if changed.is_empty() {
+            "nothing changed that runs".to_string()
+        } else {
+            format!("applied {changed}")
+        }
+    )?;
+    for (k, what) in [
+        ("guests_added", "guests added"),
+        ("guests_removed", "guests removed (running sessions go on)"),
+        ("guests_changed", "guests changed"),
+        ("restart", "waiting for a restart"),
+    ] {
+        let l = list(k);
+        if !l.is_empty() {
+            writeln!(out, "  {what}: {l}")?;
+        }
+    }
+    Ok(())
+}
+
+/// One request to the running vdd's admin API with `http.admin_token`: the JSON of a 200
+/// answer, or an error with the server's message. A plain HTTP/1.1 request over a
+/// TcpStream: one call to an IP literal needs no client library.
+fn admin_call(cfg: &Config, method: &str, path: &str, what: &str) -> Result<serde_json::Value> {
     use std::io::Read;
     let Some(token) = &cfg.http.admin_token else {
-        bail!("http.admin_token is not set in the config: the status is for the admin; set it, restart vdd, and ask again");
+        bail!("http.admin_token is not set in the config: {what} is for the admin; set it and restart vdd (`systemctl reload vdd` reloads without it)");
     };
     let ip = cfg.server_ip().context(
         "server.address: the config names no address to ask (and the interface has none)",
@@ -138,10 +190,10 @@ fn status(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
     let addr = std::net::SocketAddr::from((ip, cfg.http.port));
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .with_context(|| format!("connecting to vdd at {addr} (is it running?)"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     write!(
         s,
-        "GET /api/v1/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).context("reading vdd's answer")?;
@@ -151,11 +203,14 @@ fn status(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
     let v: serde_json::Value = serde_json::from_str(body.trim())
         .with_context(|| format!("vdd answered {code} with no JSON: {body:?}"))?;
     if code != "200" {
-        bail!(
-            "vdd answered {code}: {}",
-            v["error"].as_str().unwrap_or("?")
-        );
+        bail!("{}", v["error"].as_str().unwrap_or("?"));
     }
+    Ok(v)
+}
+
+/// `vdd status`: GET /api/v1/status from the server this config describes.
+fn status(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
+    let v = admin_call(cfg, "GET", "/api/v1/status", "the status")?;
     let n = |v: &serde_json::Value| v.as_u64().map_or("-".into(), |n| n.to_string());
     let s = &v["sessions"];
     writeln!(
@@ -386,8 +441,15 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
+async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result<()> {
     raise_fd_limit();
+    // Every service takes the running config per request; a reload swaps it.
+    let live = Live::new(cfg.clone());
+    let reloader = Arc::new(vdd::reload::Reloader::new(
+        cfg.path.clone(),
+        file,
+        live.clone(),
+    ));
     std::fs::create_dir_all(&cfg.server.state_dir).with_context(|| {
         format!(
             "creating server.state_dir {}",
@@ -399,7 +461,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
 
     let mut leases = None;
     if cfg.dhcp.mode != DhcpMode::Off {
-        let s = vdd::dhcp::Service::bind(cfg.clone())
+        let s = vdd::dhcp::Service::bind(live.clone())
             .await
             .context("starting DHCP")?;
         leases = Some(s.leases());
@@ -414,7 +476,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
         tasks.spawn(async move { s.run(t).await.context("IPv6 RA") });
     }
     if cfg.tftp.enabled {
-        let s = vdd::tftp::Service::bind(cfg.clone())
+        let s = vdd::tftp::Service::bind(live.clone())
             .await
             .context("starting TFTP")?;
         let t = shutdown.clone();
@@ -428,7 +490,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
         let lan = bridge
             .zip(leases.clone())
             .map(|(bridge, leases)| vdd::dispatch::LanSide { bridge, leases });
-        let d = vdd::dispatch::Dispatcher::with_lan(cfg.clone(), lan)
+        let d = vdd::dispatch::Dispatcher::with_lan(live.clone(), lan)
             .await
             .context("starting the dispatcher")?;
         let t = shutdown.clone();
@@ -441,7 +503,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
     };
     if cfg.http.enabled {
         let api = Arc::new(vdd::http::api::Api {
-            cfg: cfg.clone(),
+            cfg: live.clone(),
             dispatcher: dispatcher
                 .clone()
                 .map(|d| d as Arc<dyn vdd::dispatch::Sessions>),
@@ -449,8 +511,9 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
             seats: Arc::new(vdd::http::api::Neighbours {
                 interface: cfg.server.interface.clone(),
             }),
+            reload: Some(reloader.clone()),
         });
-        let s = vdd::http::Service::bind(cfg.clone())
+        let s = vdd::http::Service::bind(live.clone())
             .await
             .context("starting HTTP")?
             .with_api(api);
@@ -458,7 +521,7 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
         tasks.spawn(async move { s.run(t).await.context("HTTP") });
     }
     if cfg.nbd.enabled {
-        let s = vdd::nbd::Service::bind(cfg.clone())
+        let s = vdd::nbd::Service::bind(live.clone())
             .await
             .context("starting NBD")?;
         let t = shutdown.clone();
@@ -471,6 +534,23 @@ async fn serve(cfg: Arc<Config>, bridge: Option<String>) -> Result<()> {
     );
     // Every service listens now: tell systemd (Type=notify), when it started us.
     notify(sd_notify::NotifyState::Ready);
+
+    // SIGHUP (`systemctl reload vdd`) reads the config file again.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let t = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = t.cancelled() => return Ok(()),
+                _ = hup.recv() => {
+                    notify(sd_notify::NotifyState::Reloading);
+                    let r = reloader.clone();
+                    let _ = tokio::task::spawn_blocking(move || r.reload_logged()).await;
+                    notify(sd_notify::NotifyState::Ready);
+                }
+            }
+        }
+    });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {

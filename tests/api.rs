@@ -66,10 +66,11 @@ shutdown_timeout = "2s"
         ("127.0.0.52".parse().unwrap(), SEAT3.parse().unwrap()),
     ]));
     Api {
-        cfg,
+        cfg: cfg.into(),
         dispatcher: Some(dispatcher),
         leases: None,
         seats: Arc::new(seats),
+        reload: None,
     }
 }
 

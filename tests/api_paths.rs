@@ -172,10 +172,11 @@ fn api(with_sessions: bool) -> Api {
         (ip(60), GUEST_NIC.parse().unwrap()),
     ]));
     Api {
-        cfg,
+        cfg: cfg.into(),
         dispatcher: with_sessions.then(|| Arc::new(Fake::default()) as Arc<dyn Sessions>),
         leases: None,
         seats: Arc::new(seats),
+        reload: None,
     }
 }
 

@@ -20,6 +20,7 @@ mod dhcp;
 mod dispatch;
 mod guest;
 mod http;
+mod live;
 mod nbd;
 mod server;
 mod tftp;
@@ -40,6 +41,7 @@ pub use dhcp::{Dhcp, DhcpMode, Host};
 pub use dispatch::{AccelChoice, Dispatch};
 pub use guest::{Display, Guest};
 pub use http::Http;
+pub use live::Live;
 pub use nbd::{Export, ExportMode, Nbd};
 pub use server::{Server, DEFAULT_BRIDGE};
 pub use tftp::Tftp;
@@ -187,6 +189,15 @@ impl Config {
             dhcp::check_subnet(&self.dhcp, if_net)?;
         }
         Ok(())
+    }
+
+    /// Checks the pool, the router and the reservations against the LAN subnet, when
+    /// it is known (a reload checks the new file against the running one's).
+    pub fn check_subnet(&self) -> Result<(), ConfigError> {
+        match self.server.subnet {
+            Some(net) => dhcp::check_subnet(&self.dhcp, net),
+            None => Ok(()),
+        }
     }
 
     /// The address every boot URL and next-server field points at.

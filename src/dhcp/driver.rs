@@ -9,7 +9,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -21,7 +20,7 @@ use super::codec;
 use super::leases::{Change, Journal, LeaseTable};
 use super::policy::{self, Ctx, Decision, Dest, Event, Port};
 use super::{unix_now, Error};
-use crate::config::{Config, DhcpMode};
+use crate::config::{Config, DhcpMode, Live};
 use crate::warnlimit::WarnLimit;
 
 const CLIENT_PORT: u16 = 68;
@@ -36,7 +35,8 @@ struct Job {
 
 /// Bound sockets and the replayed table, ready to run.
 pub struct Driver {
-    cfg: Arc<Config>,
+    /// The running config: each packet is decided on the one current when it arrived.
+    cfg: Live,
     /// Our address on the LAN: server identifier and next-server.
     server: Ipv4Addr,
     subnet: ipnet::Ipv4Net,
@@ -82,9 +82,11 @@ fn udp_socket(interface: &str, port: u16) -> Result<Socket, Error> {
 
 impl Driver {
     pub(crate) fn bind(
-        cfg: Arc<Config>,
+        live: Live,
         cmds: tokio::sync::mpsc::UnboundedReceiver<super::LeaseCmd>,
     ) -> Result<Driver, Error> {
+        // Interface, address, ports and mode are fixed at start (a reload leaves them).
+        let cfg = live.get();
         let iface = cfg.server.interface.clone();
         let (Some(server), Some(subnet)) = (cfg.server_ip(), cfg.server.subnet) else {
             return Err(Error::NoAddress(iface));
@@ -104,7 +106,7 @@ impl Driver {
         let n = table.all().iter().filter(|l| l.active(unix_now())).count();
         info!(interface = %iface, ip = %server, leases = n, mode = ?cfg.dhcp.mode, "dhcp bound");
         Ok(Driver {
-            cfg,
+            cfg: live,
             server,
             subnet,
             sock,
@@ -117,7 +119,7 @@ impl Driver {
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Driver {
-            cfg,
+            cfg: live,
             server,
             subnet,
             sock,
@@ -150,8 +152,11 @@ impl Driver {
         let mut pbuf = vec![0u8; 4096];
         // At most one warning a second from a misbehaving network; the rest are counted.
         let limiter = WarnLimit::new(1, Duration::from_secs(1));
-        let mut new_clients = NewClients::new(cfg.dhcp.new_clients_per_minute, Instant::now());
+        let mut new_clients =
+            NewClients::new(live.get().dhcp.new_clients_per_minute, Instant::now());
         let result = loop {
+            let cfg = live.get();
+            new_clients.set_rate(cfg.dhcp.new_clients_per_minute);
             let (n, peer, port) = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(cmd) = cmds.recv() => {
@@ -380,6 +385,13 @@ impl NewClients {
             tokens: per_minute as f64,
             last: now,
         }
+    }
+
+    /// A reload changed `dhcp.new_clients_per_minute`: the bucket keeps what it holds, up
+    /// to the new size.
+    fn set_rate(&mut self, per_minute: usize) {
+        self.per_minute = per_minute as f64;
+        self.tokens = self.tokens.min(self.per_minute);
     }
 
     fn take(&mut self, now: Instant) -> bool {

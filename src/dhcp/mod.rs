@@ -10,12 +10,11 @@ pub mod driver;
 pub mod leases;
 pub mod policy;
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, Live};
 
 /// Why the dhcp service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -116,10 +115,10 @@ impl Leases {
 impl Service {
     /// Binds port 67 (and 4011 in proxy mode) on the configured interface and replays the
     /// lease journal, so a busy port or unreadable state stops `vdd serve` at start.
-    pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
+    pub async fn bind(cfg: impl Into<Live>) -> Result<Service, Error> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Service {
-            driver: driver::Driver::bind(cfg, rx)?,
+            driver: driver::Driver::bind(cfg.into(), rx)?,
             leases: Leases { tx },
         })
     }

@@ -58,7 +58,7 @@ impl<B: Backend> Dispatcher<B> {
                                 };
                                 warn!(session = %rec.id, mac = %rec.seat, guest_mac = %x.mac, "adopted X11 VM cannot keep its address ({why}); stopping it");
                                 self.backend
-                                    .stop(&mut vm, self.cfg.dispatch.shutdown_timeout)
+                                    .stop(&mut vm, self.cfg().dispatch.shutdown_timeout)
                                     .await;
                                 if !rec.persist {
                                     let _ = std::fs::remove_file(&rec.overlay);

@@ -41,7 +41,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::config::{AccelChoice, Config, Display, Mac};
+use crate::config::{AccelChoice, Config, Display, Live, Mac};
 use crate::{dhcp, lan, tapfilter, xdmcp};
 pub use backend::Backend;
 use qemu::{Accel, Qemu, VmDisplay, VmSpec};
@@ -249,10 +249,13 @@ impl<B: Backend> Default for State<B> {
 
 /// Runs the sessions of one server, its VMs on backend `B` (the local QEMU by default).
 pub struct Dispatcher<B: Backend = Qemu> {
-    cfg: Arc<Config>,
+    /// The running config: the menu and the limits change with a reload; a running
+    /// session keeps the guest it started with, even when a reload removes it.
+    cfg: Live,
     backend: B,
     vnc_addr: Ipv4Addr,
-    budget_mib: u64,
+    /// The machine's memory, for the default budget (80% of it).
+    machine_mib: u64,
     dir: PathBuf,
     state: Mutex<State<B>>,
     /// The bridge and leases X11 guests use; `None` when vdd serves no LAN (tests, or
@@ -307,7 +310,7 @@ fn machine_memory_mib() -> u64 {
 impl Dispatcher<Qemu> {
     /// Probes the accelerator and adopts (or cleans up after) the VMs a previous vdd left.
     /// Without a LAN side: VNC guests only.
-    pub async fn new(cfg: Arc<Config>) -> Result<Arc<Dispatcher>, Error> {
+    pub async fn new(cfg: impl Into<Live>) -> Result<Arc<Dispatcher>, Error> {
         Self::with_lan(cfg, None).await
     }
 
@@ -315,10 +318,12 @@ impl Dispatcher<Qemu> {
     /// their DHCP binding back and are probed again; `vdt-*` taps no adopted VM holds are
     /// deleted.
     pub async fn with_lan(
-        cfg: Arc<Config>,
+        cfg: impl Into<Live>,
         lan: Option<LanSide>,
     ) -> Result<Arc<Dispatcher>, Error> {
-        let d = &cfg.dispatch;
+        let cfg = cfg.into();
+        let now = cfg.get();
+        let d = &now.dispatch;
         let accel = match d.accel {
             AccelChoice::Kvm => Accel::Kvm,
             AccelChoice::Tcg => Accel::Tcg,
@@ -339,18 +344,18 @@ impl Dispatcher<Qemu> {
 impl<B: Backend> Dispatcher<B> {
     /// A dispatcher whose VMs run on `backend`; adopts what a previous run left.
     pub async fn with_backend(
-        cfg: Arc<Config>,
+        cfg: impl Into<Live>,
         lan: Option<LanSide>,
         backend: B,
     ) -> Result<Arc<Dispatcher<B>>, Error> {
-        let d = &cfg.dispatch;
-        let dir = cfg.server.state_dir.join("sessions");
+        let cfg = cfg.into();
+        let now = cfg.get();
+        let dir = now.server.state_dir.join("sessions");
         qemu::private_dir(&dir)?;
-        let budget_mib = d.memory_budget_mib.unwrap_or(machine_memory_mib() * 8 / 10);
         let me = Arc::new_cyclic(|me| Dispatcher {
             backend,
-            vnc_addr: cfg.server_ip().unwrap_or(Ipv4Addr::LOCALHOST),
-            budget_mib,
+            vnc_addr: now.server_ip().unwrap_or(Ipv4Addr::LOCALHOST),
+            machine_mib: machine_memory_mib(),
             dir,
             state: Mutex::new(State::default()),
             cfg,
@@ -371,12 +376,26 @@ impl<B: Backend> Dispatcher<B> {
         Ok(me)
     }
 
+    /// The config now (a reload may have replaced it since the last call).
+    fn cfg(&self) -> Arc<Config> {
+        self.cfg.get()
+    }
+
+    /// MiB of guest memory all VMs together may use (`dispatch.memory_budget`).
+    fn budget_mib(&self) -> u64 {
+        self.cfg()
+            .dispatch
+            .memory_budget_mib
+            .unwrap_or(self.machine_mib * 8 / 10)
+    }
+
     fn limits(&self) -> ledger::Limits {
+        let cfg = self.cfg();
         ledger::Limits {
-            max_vms: self.cfg.dispatch.max_vms,
-            budget_mib: self.budget_mib,
-            disk_reserve_mib: self.cfg.dispatch.disk_reserve_mib,
-            vnc_ports: self.cfg.dispatch.vnc_ports,
+            max_vms: cfg.dispatch.max_vms,
+            budget_mib: self.budget_mib(),
+            disk_reserve_mib: cfg.dispatch.disk_reserve_mib,
+            vnc_ports: cfg.dispatch.vnc_ports,
         }
     }
 
@@ -528,7 +547,7 @@ impl<B: Backend> Dispatcher<B> {
             p.abort();
         }
         self.backend
-            .stop(&mut s.vm, self.cfg.dispatch.shutdown_timeout)
+            .stop(&mut s.vm, self.cfg().dispatch.shutdown_timeout)
             .await;
         self.cleanup(&s.rec);
         info!(session = %s.rec.id, mac = %s.rec.seat, guest = %s.rec.guest, "session {why}");

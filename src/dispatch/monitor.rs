@@ -18,7 +18,7 @@ impl<B: Backend> Dispatcher<B> {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         let mut n: u64 = 0;
-        let refresh_ticks = (self.cfg.dhcp.lease_time.as_secs() / 4).max(1);
+        let refresh_ticks = (self.cfg().dhcp.lease_time.as_secs() / 4).max(1);
         let mut refresh: Vec<(String, X11Rec)> = Vec::new();
         loop {
             tokio::select! {
@@ -83,7 +83,7 @@ impl<B: Backend> Dispatcher<B> {
                             s.last_seen = Instant::now();
                             None
                         }
-                        Some(s) if s.last_seen.elapsed() > self.cfg.dispatch.idle_timeout => {
+                        Some(s) if s.last_seen.elapsed() > self.cfg().dispatch.idle_timeout => {
                             st.sessions.remove(&id)
                         }
                         _ => None,

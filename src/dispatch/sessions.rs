@@ -89,8 +89,8 @@ impl<B: Backend> Sessions for Dispatcher<B> {
                 seats: seats.len(),
                 memory_mib: st.sessions.values().map(|s| s.rec.memory_mib).sum::<u64>()
                     + st.pending_mib,
-                memory_budget_mib: self.budget_mib,
-                max_vms: self.cfg.dispatch.max_vms,
+                memory_budget_mib: self.budget_mib(),
+                max_vms: self.cfg().dispatch.max_vms,
             }
         })
     }

@@ -30,7 +30,7 @@ impl<B: Backend> Dispatcher<B> {
         key: Option<String>,
     ) -> Result<SessionInfo, Error> {
         let guest = self
-            .cfg
+            .cfg()
             .guests
             .iter()
             .find(|g| g.name == guest_name)
@@ -165,7 +165,7 @@ impl<B: Backend> Dispatcher<B> {
         let folder = self.dir.join(id);
         qemu::private_dir(&folder)?;
         let overlay = if guest.persist {
-            self.cfg
+            self.cfg()
                 .server
                 .state_dir
                 .join("overlays")

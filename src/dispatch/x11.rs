@@ -25,7 +25,7 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     async fn watch_x11(self: Arc<Self>, id: String, ip: Ipv4Addr, since: Instant) {
-        let limit = self.cfg.dispatch.x11_timeout;
+        let limit = self.cfg().dispatch.x11_timeout;
         let r = xdmcp::probe(ip, xdmcp::PORT, Duration::from_secs(1), limit).await;
         let mut st = self.state.lock().await;
         let Some(s) = st.sessions.get_mut(&id) else {

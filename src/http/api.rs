@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::config::{Config, Mac};
+use crate::config::{Live, Mac};
 use crate::dispatch::{self, Sessions, Who};
 
 /// Maps a request's source address to the seat (MAC) it belongs to.
@@ -98,17 +98,21 @@ pub const KEY_HEADER: &str = "x-vdd-session-key";
 
 /// The API's state.
 pub struct Api {
-    pub cfg: Arc<Config>,
+    /// The running config; each request takes the one current when it came.
+    pub cfg: Live,
     /// The sessions: the dispatcher, or a test's fake of it.
     pub dispatcher: Option<Arc<dyn Sessions>>,
     /// vdd's DHCP leases, for the admin's summary (`None`: not in full DHCP mode).
     pub leases: Option<crate::dhcp::Leases>,
     pub seats: Arc<dyn SeatLookup>,
+    /// Re-reads the config file for `POST /api/v1/reload` (`vdd reload`); `None`: the
+    /// route answers 404 (tests, or a vdd without a config file of its own).
+    pub reload: Option<Arc<crate::reload::Reloader>>,
 }
 
 impl Api {
     async fn caller(&self, peer: IpAddr, authorization: Option<&str>) -> Caller {
-        if let (Some(token), Some(auth)) = (&self.cfg.http.admin_token, authorization) {
+        if let (Some(token), Some(auth)) = (&self.cfg.get().http.admin_token, authorization) {
             if let Some(given) = auth.strip_prefix("Bearer ") {
                 // Compared in constant time: the token is the admin's only key.
                 if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
@@ -145,6 +149,8 @@ impl Api {
             ("GET" | "HEAD", ["guests"]) => self.guests(),
             ("GET" | "HEAD", ["status"]) => self.status(peer, authorization).await,
             (_, ["status"]) => error(405, "use GET"),
+            ("POST", ["reload"]) => self.reload(peer, authorization).await,
+            (_, ["reload"]) => error(405, "use POST"),
             (_, ["guests"]) => error(405, "use GET"),
             ("GET" | "HEAD", ["sessions"]) => self.list(peer, authorization).await,
             ("POST", ["sessions"]) => self.create(peer, authorization, body).await,
@@ -166,6 +172,7 @@ impl Api {
     fn guests(&self) -> Reply {
         let list: Vec<_> = self
             .cfg
+            .get()
             .guests
             .iter()
             .map(|g| {
@@ -178,6 +185,31 @@ impl Api {
             })
             .collect();
         reply(200, json!(list))
+    }
+
+    /// Reads the config file again (`vdd reload`): 200 with what changed, or 422 with
+    /// the one-line error `vdd check` gives, and the running config stays.
+    async fn reload(&self, peer: IpAddr, auth: Option<&str>) -> Reply {
+        match self.caller(peer, auth).await {
+            Caller::Admin => {}
+            Caller::Guest => return guest_caller(peer),
+            _ => {
+                warn!(ip = %peer, "reload asked without the admin token");
+                return error(
+                    403,
+                    "reloading is for the admin (Authorization: Bearer [http] admin_token)",
+                );
+            }
+        }
+        let Some(r) = self.reload.clone() else {
+            return error(404, "this vdd has no config file to reload");
+        };
+        // File I/O and the lock of one reload at a time: off the runtime's threads.
+        match tokio::task::spawn_blocking(move || r.reload_logged()).await {
+            Ok(Ok(o)) => reply(200, json!(o)),
+            Ok(Err(e)) => error(422, e),
+            Err(e) => error(500, format!("reload failed: {e}")),
+        }
     }
 
     /// The admin's summary of the running server (`vdd status` prints it).
@@ -201,14 +233,15 @@ impl Api {
             Some(l) => l.active().await,
             None => None,
         };
-        let pool = self.cfg.dhcp.pool.as_ref().map(|p| p.len());
+        let cfg = self.cfg.get();
+        let pool = cfg.dhcp.pool.as_ref().map(|p| p.len());
         reply(
             200,
             json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "interface": self.cfg.server.interface,
-                "address": self.cfg.server_ip(),
-                "guests": self.cfg.guests.len(),
+                "interface": cfg.server.interface,
+                "address": cfg.server_ip(),
+                "guests": cfg.guests.len(),
                 "sessions": usage,
                 "leases": {"active": leases, "pool": pool},
             }),
@@ -419,13 +452,14 @@ impl Api {
     /// seat is off is that seat as far as any server can tell: switch port security is
     /// the measure there; see README's security section.) The admin is not asked.
     fn may_open_kept_disk(&self, seat: Mac, peer: IpAddr, guest: &str) -> Result<(), Reply> {
-        let Some(g) = self.cfg.guests.iter().find(|g| g.name == guest) else {
+        let cfg = self.cfg.get();
+        let Some(g) = cfg.guests.iter().find(|g| g.name == guest) else {
             return Ok(()); // The dispatcher answers an unknown guest.
         };
         if !g.persist {
             return Ok(());
         }
-        let reserved = self.cfg.host(&seat).and_then(|h| h.address);
+        let reserved = cfg.host(&seat).and_then(|h| h.address);
         match reserved {
             Some(ip) if IpAddr::V4(ip) == peer.to_canonical() => Ok(()),
             Some(ip) => {

@@ -556,7 +556,11 @@ impl Backend {
 
 /// The configured exports and the live overlays, shared by every connection.
 pub struct Exports {
-    exports: Vec<config::Export>,
+    /// The running config's `[[nbd.export]]`s: a reload changes what new connections
+    /// open; an open connection keeps the file it opened (a replaced image file is served
+    /// to new connections only).
+    cfg: config::Live,
+    /// Fixed at start (a reload leaves `server.state_dir`).
     state_dir: PathBuf,
     /// (export, client address) -> the overlay and how many connections use it.
     overlays: Mutex<HashMap<OverlayKey, (Arc<Overlay>, usize)>>,
@@ -618,16 +622,23 @@ fn safe(name: &str) -> String {
 }
 
 impl Exports {
-    pub fn new(cfg: &config::Config) -> Exports {
+    pub fn new(cfg: impl Into<config::Live>) -> Exports {
+        let cfg = cfg.into();
         Exports {
-            exports: cfg.nbd.exports.clone(),
-            state_dir: cfg.server.state_dir.clone(),
+            state_dir: cfg.get().server.state_dir.clone(),
+            cfg,
             overlays: Mutex::new(HashMap::new()),
         }
     }
 
-    fn find(&self, name: &str) -> Option<&config::Export> {
-        self.exports.iter().find(|e| e.name == name)
+    fn find(&self, name: &str) -> Option<config::Export> {
+        self.cfg
+            .get()
+            .nbd
+            .exports
+            .iter()
+            .find(|e| e.name == name)
+            .cloned()
     }
 
     /// Where the overlay of `ip` on `export` lives.
@@ -677,7 +688,10 @@ impl Catalog for Exports {
     fn list(&self) -> Vec<(String, String)> {
         // An export whose file is missing is not offered: clients such as `nbdinfo
         // --list` would fail on it (info() logs why).
-        self.exports
+        self.cfg
+            .get()
+            .nbd
+            .exports
             .iter()
             .filter(|e| self.info(&e.name).is_some())
             .map(|e| (e.name.clone(), e.description.clone()))
@@ -823,7 +837,7 @@ mod tests {
     fn overlays_are_per_client_and_discarded_with_last_lease() {
         let d = dir("lease");
         let (_, data) = base(&d.0, 3 * BLOCK as usize);
-        let ex = Arc::new(Exports::new(&cfg(&d.0, false)));
+        let ex = Arc::new(Exports::new(cfg(&d.0, false)));
         let one: IpAddr = "127.0.0.1".parse().unwrap();
         let two: IpAddr = "127.0.0.2".parse().unwrap();
         let a1 = ex.open("a/b", one).unwrap();
@@ -847,7 +861,7 @@ mod tests {
     fn persisted_overlay_comes_back() {
         let d = dir("persist");
         base(&d.0, 3 * BLOCK as usize);
-        let ex = Arc::new(Exports::new(&cfg(&d.0, true)));
+        let ex = Arc::new(Exports::new(cfg(&d.0, true)));
         let ip: IpAddr = "10.77.0.5".parse().unwrap();
         let l = ex.open("a/b", ip).unwrap();
         l.backend.write(&[9; 5000], 100, false).unwrap();

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::Config;
+use crate::config::Live;
 use crate::warnlimit::WarnLimit;
 
 use codec::{Packet, ERR_ACCESS, ERR_ILLEGAL_OP, ERR_UNDEFINED};
@@ -100,8 +100,9 @@ impl Metrics {
 
 /// The tftp service with its listening socket bound.
 pub struct Service {
-    /// The admin's config: root, boot files, limits.
-    cfg: Arc<Config>,
+    /// The running config: root, boot files, per-address cap (each transfer takes the one
+    /// current at its request); port and `max_transfers` are fixed at start.
+    cfg: Live,
     /// Takes requests on `[tftp] port`; transfers use their own sockets.
     socket: UdpSocket,
     /// Caps concurrent transfers: every transfer holds one permit until its task ends,
@@ -116,21 +117,24 @@ impl Service {
     /// makes every transfer socket leave from the address the client talked to, without
     /// IP_PKTINFO. With no address known, all addresses are used and the kernel picks
     /// the source address of replies by route.
-    pub async fn bind(cfg: Arc<Config>) -> Result<Service, Error> {
+    pub async fn bind(cfg: impl Into<Live>) -> Result<Service, Error> {
+        let cfg = cfg.into();
         let ip = cfg
+            .get()
             .server_ip()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V4);
-        let addr = SocketAddr::new(ip, cfg.tftp.port);
+        let addr = SocketAddr::new(ip, cfg.get().tftp.port);
         Service::bind_addr(cfg, addr).await
     }
 
     /// Binds an explicit address (tests use 127.0.0.1:0).
-    pub async fn bind_addr(cfg: Arc<Config>, addr: SocketAddr) -> Result<Service, Error> {
+    pub async fn bind_addr(cfg: impl Into<Live>, addr: SocketAddr) -> Result<Service, Error> {
+        let cfg = cfg.into();
         let socket = UdpSocket::bind(addr)
             .await
             .map_err(|source| Error::BindSocket { addr, source })?;
         Ok(Service {
-            limit: Arc::new(Semaphore::new(cfg.tftp.max_transfers)),
+            limit: Arc::new(Semaphore::new(cfg.get().tftp.max_transfers)),
             per_address: crate::peers::PerAddress::default(),
             cfg,
             socket,
@@ -171,8 +175,9 @@ impl Service {
             };
             let reply = match Packet::parse(&buf[..len]) {
                 Ok(Packet::Rrq(r)) => {
+                    let cfg = self.cfg.get();
                     let file = codec::printable(r.filename);
-                    let cap = self.cfg.tftp.max_per_address;
+                    let cap = cfg.tftp.max_per_address;
                     let Some(slot) = self.per_address.take(peer.ip(), cap) else {
                         self.metrics
                             .refused_per_address
@@ -200,11 +205,8 @@ impl Service {
                                 mode_text: r.mode_text,
                                 options: r.options,
                             };
-                            let (cfg, m, t) = (
-                                self.cfg.clone(),
-                                self.metrics.clone(),
-                                shutdown.child_token(),
-                            );
+                            let (cfg, m, t) =
+                                (cfg.clone(), self.metrics.clone(), shutdown.child_token());
                             // Counted here, not in the task, so the cap and the counter
                             // agree even before the task first runs.
                             m.active.fetch_add(1, Ordering::SeqCst);
@@ -215,7 +217,7 @@ impl Service {
                         }
                         Err(_) => {
                             self.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
-                            let max = self.cfg.tftp.max_transfers;
+                            let max = cfg.tftp.max_transfers;
                             self.metrics.warn(|| {
                                 warn!(%peer, %file, max_transfers = max,
                                     "refused: tftp.max_transfers transfers running; raise it if clients need to boot at once")
