@@ -69,6 +69,20 @@ shutdown_timeout = "3s"
     Arc::new(Config::parse(&text, &dir.join("config.toml")).unwrap())
 }
 
+/// Two free neighbouring ports on loopback in `lo..=hi`, from a place of this process's
+/// own: the VMs of other test runs on this machine may hold some of the range.
+fn free_pair(lo: u16, hi: u16) -> u16 {
+    let span = (hi - lo) / 2;
+    let start = (std::process::id() % u32::from(span)) as u16;
+    (0..span)
+        .map(|i| lo + ((start + i) % span) * 2)
+        .find(|&p| {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        })
+        .expect("no two free ports for the test's VMs")
+}
+
 /// RFB authentication against the session's VNC server on loopback.
 fn vnc_auth(port: u16, password: Option<&str>) -> std::io::Result<bool> {
     xtask::rfb::vnc_auth(([127, 0, 0, 1], port).into(), password).map_err(std::io::Error::other)
@@ -111,7 +125,7 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
         return;
     }
     let dir = VmDir::new("dispatch");
-    let base = 5960 + (std::process::id() % 20) as u16 * 2;
+    let base = free_pair(5960, 5999);
     let cfg = config(&dir, (base, base + 1), 2);
     let image = cfg.guests[0].image.clone();
     let image_sum = std::fs::read(&image).unwrap();
@@ -298,7 +312,8 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
     );
     assert!(!lost_dir.exists());
     // A port something else holds is skipped, not handed to QEMU to fail on.
-    let squatter = std::net::TcpListener::bind(("127.0.0.1", base)).unwrap();
+    // (Another run's VM may have taken it since the start: then it is held all the same.)
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", base)).ok();
     let s4 = d3.create(seat(4), "demo", fresh_seat(4)).await.unwrap();
     assert_eq!(s4.port, base + 1, "the taken port {base} was given out");
     drop(squatter);
@@ -321,7 +336,7 @@ async fn a_dead_vm_ends_its_session_and_shutdown_stops_the_rest() {
         return;
     }
     let dir = VmDir::new("dispatch-dead");
-    let base = 5980 + (std::process::id() % 8) as u16 * 2;
+    let base = free_pair(5980, 5999);
     let cfg = config(&dir, (base, base + 1), 2);
     let d = Dispatcher::new(cfg).await.unwrap();
     let token = tokio_util::sync::CancellationToken::new();
