@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use vdd::config::{Config, Mac};
-use vdd::dispatch::{Error, Pending, SessionInfo, SessionState, Sessions, Usage, Who};
+use vdd::dispatch::{Error, Pending, Protocol, SessionInfo, SessionState, Sessions, Usage, Who};
 use vdd::http::api::Api;
 
 #[path = "common/api.rs"]
@@ -34,7 +34,11 @@ fn session(id: &str, seat: Mac, guest: &str) -> SessionInfo {
         id: id.into(),
         seat: seat.to_string(),
         guest: guest.into(),
-        protocol: if guest == "desk" { "xdmcp" } else { "vnc" }.into(),
+        protocol: if guest == "desk" {
+            Protocol::Xdmcp
+        } else {
+            Protocol::Vnc
+        },
         host: Some(Ipv4Addr::new(10, 77, 0, 1)),
         port: 5910,
         password: None,
@@ -129,7 +133,7 @@ impl Sessions for Fake {
     ) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(async move {
             let (s, _) = self.find(id, who)?;
-            if s.protocol == "xdmcp" {
+            if s.protocol == Protocol::Xdmcp {
                 return Err(Error::NoPassword(id.into()));
             }
             Ok(SessionInfo {

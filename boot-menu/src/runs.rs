@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use boot_menu::sessions::{Protocol, SessionState};
 use boot_menu::{cmdline, guests, nbd, session, sessions};
 
 use crate::console::{chain, Console};
@@ -126,7 +127,7 @@ pub fn session(
             Some(c) => bail!("the check in the new root failed (exit {c})"),
             None => bail!("the check in the new root did not end within {CHECK_LIMIT:?}"),
         }
-        if s.protocol == "xdmcp" {
+        if s.protocol == Protocol::Xdmcp {
             x11_session(con, server, &root, &s)
         } else {
             vnc_session(con, server, &root, &s)
@@ -135,7 +136,7 @@ pub fn session(
     drop(root);
     drop(dev);
     con.say("nbd: detached");
-    if result.is_err() && s.protocol == "xdmcp" {
+    if result.is_err() && s.protocol == Protocol::Xdmcp {
         // The session is of no use to anyone once its seat gave up on it.
         let _ = sessions::end(server, &s.id, HTTP_TIMEOUT);
     }
@@ -259,7 +260,7 @@ fn x11_session(
 /// How long the menu waits for an X11 guest to boot, beyond the server's own limit.
 const X11_WAIT: Duration = Duration::from_secs(600);
 
-/// Polls the session until it is "ready"; a "failed" session's error is the server's.
+/// Polls the session until it is ready; a failed session's error is the server's.
 fn wait_ready(
     con: &mut Console,
     server: SocketAddr,
@@ -269,8 +270,8 @@ fn wait_ready(
     let mut s = s.clone();
     let mut said = Duration::ZERO;
     loop {
-        match s.state.as_str() {
-            "ready" => {
+        match s.state {
+            SessionState::Ready => {
                 con.say(&format!(
                     "x11: {} is ready at {} after {:.1} s",
                     s.guest,
@@ -279,13 +280,13 @@ fn wait_ready(
                 ));
                 return Ok(s);
             }
-            "failed" => bail!(
+            SessionState::Failed => bail!(
                 "{}",
                 s.error
                     .clone()
                     .unwrap_or_else(|| "the server gave no reason".into())
             ),
-            _ => {}
+            SessionState::Starting => {}
         }
         if t0.elapsed() >= X11_WAIT {
             bail!("{} was not ready within {X11_WAIT:?}", s.guest);
@@ -333,7 +334,9 @@ impl Watch {
             {
                 let why = match sessions::get(server, &id, HTTP_TIMEOUT) {
                     Err(guests::Error::Refused(404, e)) => e,
-                    Ok(s) if s.state == "failed" => s.error.unwrap_or_else(|| "failed".into()),
+                    Ok(s) if s.state == SessionState::Failed => {
+                        s.error.unwrap_or_else(|| "failed".into())
+                    }
                     // Ready, or the server did not answer this time: keep going.
                     _ => continue,
                 };

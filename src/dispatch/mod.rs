@@ -47,6 +47,8 @@ pub use backend::Backend;
 use qemu::{Accel, Qemu, VmDisplay, VmSpec};
 use record::{new_key, write_record, Record, X11Rec};
 pub use sessions::{Pending, Sessions, Usage};
+/// The session states and protocols, shared with the thin client (the `vdd-api` crate).
+pub use vdd_api::{Protocol, SessionState};
 
 /// An error with its causes, for a log line or the message a seat sees.
 pub fn report(e: &dyn std::error::Error) -> String {
@@ -121,18 +123,6 @@ pub struct LanSide {
     pub leases: dhcp::Leases,
 }
 
-/// Whether a session can be used yet.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SessionState {
-    /// The VM runs; an X11 guest's display manager has not answered XDMCP yet.
-    Starting,
-    /// Ready to connect to (a VNC session from the start).
-    Ready,
-    /// It did not come up; `error` says why; the VM is stopped.
-    Failed,
-}
-
 /// What a client learns about a session. The password is only in the answer to the
 /// request that set it (create, reattach, reset).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -140,9 +130,9 @@ pub struct SessionInfo {
     pub id: String,
     pub seat: String,
     pub guest: String,
-    /// "vnc" (connect a VNC viewer to host:port with the password) or "xdmcp" (run
-    /// `X -query host`; the guest's display manager listens on host:177).
-    pub protocol: String,
+    /// VNC (connect a viewer to host:port with the password) or XDMCP (run `X -query
+    /// host`; the guest's display manager listens on host:177).
+    pub protocol: Protocol,
     /// The server (VNC) or the guest's own address (XDMCP; `null` only if not yet known).
     pub host: Option<Ipv4Addr>,
     pub port: u16,
@@ -402,14 +392,19 @@ impl<B: Backend> Dispatcher<B> {
     fn info(&self, s: &Session<B>, password: Option<String>) -> SessionInfo {
         let rec = &s.rec;
         let (protocol, host, port, mac) = match &rec.x11 {
-            None => ("vnc", Some(self.vnc_addr), rec.port, None),
-            Some(x) => ("xdmcp", Some(x.ip), xdmcp::PORT, Some(x.mac.to_string())),
+            None => (Protocol::Vnc, Some(self.vnc_addr), rec.port, None),
+            Some(x) => (
+                Protocol::Xdmcp,
+                Some(x.ip),
+                xdmcp::PORT,
+                Some(x.mac.to_string()),
+            ),
         };
         SessionInfo {
             id: rec.id.clone(),
             seat: rec.seat.to_string(),
             guest: rec.guest.clone(),
-            protocol: protocol.into(),
+            protocol,
             host,
             port,
             password,
