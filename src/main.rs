@@ -64,20 +64,33 @@ fn notify(state: sd_notify::NotifyState) {
 }
 
 fn main() -> std::process::ExitCode {
-    let log = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Under systemd the journal stamps every line itself: no second timestamp, and no
     // terminal colours in it.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        log.without_time().with_ansi(false).init();
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(!journal);
+    let log = if journal {
+        log.without_time().with_filter(filter).boxed()
     } else {
-        log.init();
-    }
-    match run(Cli::parse()) {
+        log.with_filter(filter).boxed()
+    };
+    // The panel's recent events: what the log says about seats and sessions, at `info`
+    // and above whatever RUST_LOG asks of the log itself.
+    let events = Arc::new(vdd::telemetry::events::Events::default());
+    tracing_subscriber::registry()
+        .with(log)
+        .with(
+            vdd::telemetry::events::EventLayer(events.clone())
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .init();
+    match run(Cli::parse(), events) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vdd: error: {e:#}");
@@ -86,7 +99,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, events: Arc<vdd::telemetry::events::Events>) -> Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => {
             // As written, for a reload to tell what the admin changed.
@@ -113,7 +126,7 @@ fn run(cli: Cli) -> Result<()> {
                         None
                     };
                     bind_interface(&mut cfg, true)?;
-                    serve(Arc::new(cfg), file, bridge).await
+                    serve(Arc::new(cfg), file, bridge, vdd::telemetry::Hub::new(events)).await
                 })
         }
         Cmd::Check { config } => {
@@ -441,7 +454,12 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result<()> {
+async fn serve(
+    cfg: Arc<Config>,
+    file: Config,
+    bridge: Option<String>,
+    hub: vdd::telemetry::Hub,
+) -> Result<()> {
     raise_fd_limit();
     // Every service takes the running config per request; a reload swaps it.
     let live = Live::new(cfg.clone());
@@ -463,7 +481,8 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
     if cfg.dhcp.mode != DhcpMode::Off {
         let s = vdd::dhcp::Service::bind(live.clone())
             .await
-            .context("starting DHCP")?;
+            .context("starting DHCP")?
+            .with_hub(hub.clone());
         leases = Some(s.leases());
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("DHCP") });
@@ -478,7 +497,8 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
     if cfg.tftp.enabled {
         let s = vdd::tftp::Service::bind(live.clone())
             .await
-            .context("starting TFTP")?;
+            .context("starting TFTP")?
+            .with_hub(hub.clone());
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("TFTP") });
     }
@@ -501,6 +521,11 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
         });
         Some(d)
     };
+    // Addresses no DHCP ACK of ours explains (proxy mode) are seats by the neighbour table.
+    let seats: Arc<dyn vdd::http::api::SeatLookup> = Arc::new(vdd::http::api::Neighbours {
+        interface: cfg.server.interface.clone(),
+    });
+    hub.set_neighbours(seats.clone());
     if cfg.http.enabled {
         let api = Arc::new(vdd::http::api::Api {
             cfg: live.clone(),
@@ -508,10 +533,9 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
                 .clone()
                 .map(|d| d as Arc<dyn vdd::dispatch::Sessions>),
             leases: leases.clone(),
-            seats: Arc::new(vdd::http::api::Neighbours {
-                interface: cfg.server.interface.clone(),
-            }),
+            seats: seats.clone(),
             reload: Some(reloader.clone()),
+            hub: hub.clone(),
         });
         let s = vdd::http::Service::bind(live.clone())
             .await
@@ -523,7 +547,8 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
     if cfg.nbd.enabled {
         let s = vdd::nbd::Service::bind(live.clone())
             .await
-            .context("starting NBD")?;
+            .context("starting NBD")?
+            .with_hub(hub.clone());
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("NBD") });
     }

@@ -181,6 +181,7 @@ fn api(with_sessions: bool) -> Api {
         leases: None,
         seats: Arc::new(seats),
         reload: None,
+        hub: Default::default(),
     }
 }
 

@@ -72,4 +72,37 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Undoes an X11 guest's LAN side once its VM is gone.
     fn release_lan(&self, tap: &str, mac: Mac) -> Result<(), Error>;
+
+    /// A picture of the VM's screen, for the admin's panel (QEMU: QMP `screendump`,
+    /// libvirt: `virDomainScreenshot`). A backend without one says so.
+    fn screenshot(&self, _vm: Self::Control) -> impl Future<Output = Result<Screen, Error>> + Send {
+        async {
+            Err(Error::ToolFailed {
+                tool: "screenshot".into(),
+                said: "this backend takes no screenshots".into(),
+            })
+        }
+    }
+
+    /// The VM's CPU time and memory now, when the backend can tell.
+    fn usage(&self, _vm: &Self::Vm) -> Option<VmUsage> {
+        None
+    }
+}
+
+/// A VM's screen: `width * height` RGB pixels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Screen {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+/// What a VM costs the server now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct VmUsage {
+    /// CPU time used since the VM started (user + system), in seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory, in bytes.
+    pub rss_bytes: u64,
 }

@@ -15,7 +15,8 @@
 //!
 //! Here: the API's view (sessions, who may do what) and a session's end.
 //! Beside it: `sessions.rs` (the seam the HTTP API sees), `start.rs` (a session's start),
-//! `backend.rs` (the trait the VMs run behind), `qemu.rs` (the local QEMU
+//! `backend.rs` (the trait the VMs run behind), `observe.rs` (what the admin's panel
+//! sees of them: screens, CPU and memory, failed sessions), `qemu.rs` (the local QEMU
 //! backend), `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
 //! on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over running
 //! VMs), `x11.rs` (an X11 guest's way to ready). An X11 guest's DHCP reservation is made
@@ -25,6 +26,7 @@ mod adopt;
 pub mod backend;
 mod ledger;
 mod monitor;
+mod observe;
 pub mod qemu;
 mod record;
 mod sessions;
@@ -43,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::config::{AccelChoice, Config, Display, Live, Mac};
 use crate::{dhcp, lan, tapfilter, xdmcp};
-pub use backend::Backend;
+pub use backend::{Backend, Screen, VmUsage};
 use qemu::{Accel, Qemu, VmDisplay, VmSpec};
 use record::{new_key, write_record, Record, X11Rec};
 pub use sessions::{Pending, Sessions, Usage};

@@ -170,6 +170,63 @@ impl super::backend::Backend for Qemu {
             None => !alive(vm.pid),
         }
     }
+
+    /// QMP `screendump` into the session's folder (PPM, QEMU's native format; PNG
+    /// needs QEMU 7.1), read back and removed.
+    async fn screenshot(&self, qmp: PathBuf) -> Result<super::backend::Screen, Error> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = qmp.with_file_name(format!("screen-{n}.ppm"));
+        let mut q = Qmp::connect(&qmp, Duration::from_secs(5)).await?;
+        let done = q
+            .execute(
+                "screendump",
+                Some(json!({"filename": file.display().to_string()})),
+            )
+            .await;
+        let bytes = std::fs::read(&file);
+        let _ = std::fs::remove_file(&file);
+        done?;
+        let bytes = bytes.map_err(|e| Error::State(file.clone(), e))?;
+        let img = qemu_ctl::ppm::parse(&bytes).map_err(|e| Error::ToolFailed {
+            tool: "screendump".into(),
+            said: e.to_string(),
+        })?;
+        Ok(super::backend::Screen {
+            width: img.width,
+            height: img.height,
+            rgb: img.rgb.to_vec(),
+        })
+    }
+
+    fn usage(&self, vm: &Vm) -> Option<super::backend::VmUsage> {
+        usage(vm.pid)
+    }
+}
+
+/// CPU time (utime + stime of /proc/PID/stat, in clock ticks) and VmRSS of a process.
+pub fn usage(pid: u32) -> Option<super::backend::VmUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that closes the command name: state is the 1st, utime the
+    // 12th, stime the 13th (proc(5) numbers them 3, 14, 15).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&h| h > 0)
+        .unwrap_or(100) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Some(super::backend::VmUsage {
+        cpu_seconds: ticks as f64 / hz,
+        rss_bytes: rss_kib * 1024,
+    })
 }
 
 /// Everything needed to start one VM.

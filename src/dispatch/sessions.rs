@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use super::backend::{Screen, VmUsage};
 use super::{Backend, Dispatcher, Error, SessionInfo, Who};
 use crate::config::Mac;
 
@@ -31,6 +32,18 @@ pub trait Sessions: Send + Sync {
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
     /// What runs now, for the admin's summary.
     fn usage(&self) -> Pending<'_, Usage>;
+    /// Sessions that failed in the last [`super::FAILED_KEPT`], with their error.
+    fn failed(&self) -> Pending<'_, Vec<SessionInfo>> {
+        Box::pin(async { Vec::new() })
+    }
+    /// The screen of a session's VM (the admin's panel).
+    fn screenshot<'a>(&'a self, id: &'a str) -> Pending<'a, Result<Screen, Error>> {
+        Box::pin(async move { Err(Error::NotFound(id.to_string())) })
+    }
+    /// CPU time and memory of every running session's VM, by session id.
+    fn vm_usage(&self) -> Pending<'_, Vec<(String, VmUsage)>> {
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// The dispatcher's load, for `GET /api/v1/status`.
@@ -76,6 +89,15 @@ impl<B: Backend> Sessions for Dispatcher<B> {
     }
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(Dispatcher::<B>::reset(self, id, who))
+    }
+    fn failed(&self) -> Pending<'_, Vec<SessionInfo>> {
+        Box::pin(Dispatcher::<B>::failed_sessions(self))
+    }
+    fn screenshot<'a>(&'a self, id: &'a str) -> Pending<'a, Result<Screen, Error>> {
+        Box::pin(Dispatcher::<B>::screenshot(self, id))
+    }
+    fn vm_usage(&self) -> Pending<'_, Vec<(String, VmUsage)>> {
+        Box::pin(Dispatcher::<B>::vm_usage(self))
     }
     fn usage(&self) -> Pending<'_, Usage> {
         Box::pin(async move {

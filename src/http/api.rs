@@ -14,6 +14,24 @@ use tracing::{info, warn};
 
 use crate::config::{Live, Mac};
 use crate::dispatch::{self, Sessions, Who};
+use vdd_api::Stage;
+
+/// The largest boot report taken (16 stages with details are about 1.5 KiB).
+pub const BOOT_REPORT_BODY: usize = 4096;
+
+/// The route's pattern for the request counter: ids never become labels.
+fn route_name(parts: &[&str]) -> &'static str {
+    match parts {
+        ["guests"] => "/api/v1/guests",
+        ["status"] => "/api/v1/status",
+        ["sessions"] => "/api/v1/sessions",
+        ["sessions", _] => "/api/v1/sessions/{id}",
+        ["sessions", _, "reset"] => "/api/v1/sessions/{id}/reset",
+        ["sessions", _, "password"] => "/api/v1/sessions/{id}/password",
+        ["boot"] => "/api/v1/boot",
+        _ => "other",
+    }
+}
 
 /// Maps a request's source address to the seat (MAC) it belongs to.
 pub trait SeatLookup: Send + Sync {
@@ -108,6 +126,9 @@ pub struct Api {
     /// Re-reads the config file for `POST /api/v1/reload` (`vdd reload`); `None`: the
     /// route answers 404 (tests, or a vdd without a config file of its own).
     pub reload: Option<Arc<crate::reload::Reloader>>,
+    /// What the admin sees: requests counted, sessions and thin clients' reports as
+    /// stages of their seats' boots.
+    pub hub: crate::telemetry::Hub,
 }
 
 impl Api {
@@ -145,7 +166,25 @@ impl Api {
         let rest = path.strip_prefix("/api/v1/")?;
         let rest = rest.split('?').next().unwrap_or("");
         let parts: Vec<&str> = rest.split('/').collect();
-        let r = match (method, parts.as_slice()) {
+        let r = self
+            .route(method, rest, &parts, peer, authorization, key, body)
+            .await;
+        self.hub.api_request(route_name(&parts), r.status);
+        Some(r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn route(
+        &self,
+        method: &str,
+        rest: &str,
+        parts: &[&str],
+        peer: IpAddr,
+        authorization: Option<&str>,
+        key: Option<&str>,
+        body: &[u8],
+    ) -> Reply {
+        match (method, parts) {
             ("GET" | "HEAD", ["guests"]) => self.guests(),
             ("GET" | "HEAD", ["status"]) => self.status(peer, authorization).await,
             (_, ["status"]) => error(405, "use GET"),
@@ -164,9 +203,46 @@ impl Api {
                 self.password(peer, authorization, key, id).await
             }
             (_, ["sessions", _, "password"]) => error(405, "use POST"),
+            ("POST", ["boot"]) => self.boot_report(peer, body).await,
+            (_, ["boot"]) => error(405, "use POST"),
             _ => error(404, format!("no API path /api/v1/{rest}")),
+        }
+    }
+
+    /// `POST /api/v1/boot`: a thin client reports the stages of its boot that only it
+    /// sees. Taken only from the seat itself (its address in the neighbour table: the
+    /// report names no MAC), bounded in size (the HTTP driver reads at most
+    /// [`BOOT_REPORT_BODY`]) and in rate (per seat, see `telemetry::boots`).
+    async fn boot_report(&self, peer: IpAddr, body: &[u8]) -> Reply {
+        if body.len() > BOOT_REPORT_BODY {
+            return error(
+                413,
+                format!("a boot report is at most {BOOT_REPORT_BODY} bytes"),
+            );
+        }
+        let mac = match self.caller(peer, None).await {
+            Caller::Seat(m) => m,
+            Caller::Guest => return guest_caller(peer),
+            Caller::Admin | Caller::Unknown => return unknown_caller(peer),
         };
-        Some(r)
+        let r: vdd_api::BootReport = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return error(400, format!("not a boot report: {e}")),
+        };
+        match self.hub.client_report(mac, &r) {
+            Ok(()) => Reply {
+                status: 204,
+                body: Vec::new(),
+            },
+            Err(e) => {
+                warn!(ip = %peer, %mac, "boot report refused: {e}");
+                let status = match e {
+                    crate::telemetry::boots::ReportError::TooMany => 429,
+                    _ => 400,
+                };
+                error(status, e.to_string())
+            }
+        }
     }
 
     fn guests(&self) -> Reply {
@@ -348,6 +424,12 @@ impl Api {
         match created {
             Ok(s) => {
                 info!(session = %s.id, mac = %seat, ip = %peer, guest = %s.guest, "session handed out");
+                let what = format!("{} {}", s.guest, s.id);
+                self.hub
+                    .stage(seat, Stage::SessionStarted, Some(what.clone()));
+                if s.state == vdd_api::SessionState::Ready {
+                    self.hub.stage(seat, Stage::SessionReady, Some(what));
+                }
                 reply(if running { 200 } else { 201 }, json!(s))
             }
             Err(e) => dispatch_error(e),
@@ -395,7 +477,18 @@ impl Api {
             Err(r) => return r,
         };
         match d.get(id, who).await {
-            Ok(s) => reply(200, json!(s)),
+            Ok(s) => {
+                // An X11 session turns ready while its seat polls it: the seat's first
+                // GET that finds it ready is the stage (repeats of one detail are no news).
+                if let (Who::Seat { mac, .. }, vdd_api::SessionState::Ready) = (who, s.state) {
+                    self.hub.stage(
+                        mac,
+                        Stage::SessionReady,
+                        Some(format!("{} {}", s.guest, s.id)),
+                    );
+                }
+                reply(200, json!(s))
+            }
             Err(e) => dispatch_error(e),
         }
     }
@@ -405,11 +498,20 @@ impl Api {
             Ok(x) => x,
             Err(r) => return r,
         };
+        let known = d.get(id, who).await.ok();
         match d.end(id, who).await {
-            Ok(()) => Reply {
-                status: 204,
-                body: Vec::new(),
-            },
+            Ok(()) => {
+                if let Some(s) = known {
+                    if let Ok(m) = s.seat.parse::<Mac>() {
+                        let what = format!("{} {}", s.guest, s.id);
+                        self.hub.stage(m, Stage::SessionEnded, Some(what));
+                    }
+                }
+                Reply {
+                    status: 204,
+                    body: Vec::new(),
+                }
+            }
             Err(e) => dispatch_error(e),
         }
     }
@@ -438,7 +540,16 @@ impl Api {
             Err(r) => return r,
         };
         match d.reset(id, who).await {
-            Ok(s) => reply(200, json!(s)),
+            Ok(s) => {
+                if let Ok(m) = s.seat.parse::<Mac>() {
+                    let what = format!("{} {}", s.guest, s.id);
+                    self.hub.stage(m, Stage::SessionStarted, Some(what.clone()));
+                    if s.state == vdd_api::SessionState::Ready {
+                        self.hub.stage(m, Stage::SessionReady, Some(what));
+                    }
+                }
+                reply(200, json!(s))
+            }
             Err(e) => dispatch_error(e),
         }
     }

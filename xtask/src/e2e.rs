@@ -412,29 +412,12 @@ pub fn admin_api(
 /// about 170, 0, 170), which fills its 720x400 text screen behind the banner; the viewer
 /// shows it unscaled in the middle of the thin client's screen.
 pub fn magenta_pixels(ppm: &[u8]) -> Result<usize> {
-    let mut fields = Vec::new();
-    let mut i = 0;
-    while fields.len() < 4 {
-        while i < ppm.len() && ppm[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let start = i;
-        while i < ppm.len() && !ppm[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if start == i {
-            bail!("not a PPM file");
-        }
-        fields.push(String::from_utf8_lossy(&ppm[start..i]).into_owned());
-    }
-    if fields[0] != "P6" || fields[3] != "255" {
-        bail!("not an 8-bit P6 PPM");
-    }
-    let px = ppm.get(i + 1..).unwrap_or_default();
-    Ok(px
-        .chunks_exact(3)
-        .filter(|p| p[0] >= 140 && p[1] <= 60 && p[2] >= 140 && p[0].abs_diff(p[2]) < 40)
-        .count())
+    Ok(qemu_ctl::ppm::parse(ppm)?.count(is_magenta))
+}
+
+/// The demo guest's magenta (VGA colour 5), with room for a scaler's rounding.
+pub fn is_magenta(p: &[u8]) -> bool {
+    p[0] >= 140 && p[1] <= 60 && p[2] >= 140 && p[0].abs_diff(p[2]) < 40
 }
 
 /// Most of the guest's 720x400 screen must be there: its background is magenta but for

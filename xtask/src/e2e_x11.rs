@@ -20,33 +20,10 @@ use crate::qemu::Qemu;
 /// The root window colour the guest's xdm paints (images/guest-x11).
 pub const GREETER_RGB: [u8; 3] = [0x1e, 0x5a, 0xa0];
 
-/// A decoded 8-bit P6 PPM: width, height and RGB bytes.
+/// A decoded 8-bit P6 PPM: width, height and RGB bytes (`qemu_ctl::ppm`).
 pub fn parse_ppm(ppm: &[u8]) -> Result<(usize, usize, &[u8])> {
-    let mut fields = Vec::new();
-    let mut i = 0;
-    while fields.len() < 4 {
-        while i < ppm.len() && ppm[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let start = i;
-        while i < ppm.len() && !ppm[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if start == i {
-            bail!("not a PPM file");
-        }
-        fields.push(String::from_utf8_lossy(&ppm[start..i]).into_owned());
-    }
-    if fields[0] != "P6" || fields[3] != "255" {
-        bail!("not an 8-bit P6 PPM");
-    }
-    let w: usize = fields[1].parse().context("PPM width")?;
-    let h: usize = fields[2].parse().context("PPM height")?;
-    let px = ppm.get(i + 1..).unwrap_or_default();
-    if px.len() < w * h * 3 {
-        bail!("PPM shorter than {w}x{h}");
-    }
-    Ok((w, h, &px[..w * h * 3]))
+    let i = qemu_ctl::ppm::parse(ppm)?;
+    Ok((i.width, i.height, i.rgb))
 }
 
 /// What a screenshot shows of the greeter: the share of the screen in the guest's
