@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use boot_menu::menu::{Action, Key, Menu};
-use boot_menu::{cmdline, guests, sessions};
+use boot_menu::{cmdline, guests, report, sessions};
+use vdd_api::Stage;
 
 use crate::console::{chain, Console};
 use crate::init::{load_modules, network, pick_link};
@@ -32,12 +33,15 @@ pub fn boot(
 ) -> Result<()> {
     con.say("loading modules");
     load_modules(con)?;
+    report::stage(Stage::ModulesLoaded, None);
     let iface = pick_link(con)?;
+    report::stage(Stage::LinkUp, Some(iface.clone()));
     con.say(&format!("link {iface} up, starting DHCP"));
     let (lease, holder) = {
         let mut log = |m: String| con.say(&m);
         network(&iface, &mut log)?
     };
+    report::stage(Stage::ClientDhcp, Some(lease.ip.to_string()));
     // Keep the lease alive in the background; the menu notices when it is lost. The
     // previous attempt's keeper (if any) is stopped first so only one owns port 68.
     let stop = Arc::new(AtomicBool::new(false));
@@ -72,6 +76,9 @@ pub fn boot(
         };
         SocketAddr::new(IpAddr::V4(ip), cmdline::DEFAULT_PORT)
     });
+    // The stages so far, and the ones to come, go to this server.
+    report::server(server);
+    let mut menu_reported = false;
     loop {
         con.say(&format!("fetching http://{server}/api/v1/guests"));
         let list = guests::fetch(server, HTTP_TIMEOUT)
@@ -89,6 +96,13 @@ pub fn boot(
             ));
         }
         con.draw(&menu.render(&server.to_string()));
+        if !menu_reported {
+            menu_reported = true;
+            report::stage(
+                Stage::MenuShown,
+                Some(format!("{} guests", menu.guests.len())),
+            );
+        }
         let mut pending = autopick.take().and_then(|name| {
             let hit = menu.autopick(&name);
             if hit.is_none() {

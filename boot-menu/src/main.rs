@@ -21,7 +21,8 @@ mod runs;
 use std::time::Duration;
 
 use anyhow::Result;
-use boot_menu::{cmdline, net};
+use boot_menu::{cmdline, net, report};
+use vdd_api::Stage;
 
 use console::{Console, PREFIX};
 use flow::{boot, fatal};
@@ -72,6 +73,7 @@ fn main() {
     con = Console::open();
     spawn_reaper();
     con.say(&format!("started as PID 1 ({})", env!("CARGO_PKG_VERSION")));
+    report::stage(Stage::Pid1, Some(env!("CARGO_PKG_VERSION").to_string()));
     let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let args = cmdline::parse(&line);
     for w in &args.warnings {

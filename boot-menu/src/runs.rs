@@ -2,13 +2,14 @@
 //! it, then the guest's display (a VNC viewer, or Xorg over XDMCP) until it ends.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use boot_menu::sessions::{Protocol, SessionState};
-use boot_menu::{cmdline, guests, nbd, session, sessions};
+use boot_menu::{cmdline, guests, nbd, report, session, sessions};
+use vdd_api::Stage;
 
 use crate::console::{chain, Console};
 use crate::init::{load_modules, wait_child};
@@ -116,6 +117,7 @@ pub fn session(
         "nbd: attached {} ({} bytes, flags {:#x})",
         dev.path, dev.export.size, dev.export.flags
     ));
+    report::stage(Stage::NbdAttached, Some(s.id.clone()));
     let root = session::Root::assemble(&dev.path).context("assembling the root")?;
     con.say(&format!(
         "root: squashfs + tmpfs overlay on {}",
@@ -164,6 +166,11 @@ fn vnc_session(
             "viewer: connecting to {} (F8 then \"Exit viewer\" leaves the guest running)",
             s.target()
         ));
+        // X and the viewer's connection, as the admin's panel shows them.
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = s.host.map(|h| SocketAddr::from((h, s.port)));
+        let watch =
+            report::watch_display(root.dir.clone(), target, None, s.id.clone(), stop.clone());
         // The password goes in the environment, never on a command line (ps shows those).
         let ran = run_in_root(
             con,
@@ -173,7 +180,10 @@ fn vnc_session(
             &[("VNC_PASSWORD", password.as_str()), ("HOME", "/root")],
             SESSION_LIMIT,
             None,
-        )?;
+        );
+        stop.store(true, Ordering::Relaxed);
+        let _ = watch.join();
+        let ran = ran?;
         let viewer = std::fs::read_to_string(root.dir.join("tmp/vdd-viewer-exit"))
             .ok()
             .and_then(|t| t.trim().parse::<i32>().ok());
@@ -229,6 +239,15 @@ fn x11_session(
         "x11: asking {host} for a login over XDMCP (UDP 177); the guest draws on TCP 6000"
     ));
     let watch = Watch::start(server, s.id.clone());
+    // X, and the guest's display manager connecting to it (TCP 6000), for the panel.
+    let stop = Arc::new(AtomicBool::new(false));
+    let shown = report::watch_display(
+        root.dir.clone(),
+        None,
+        Some(6000),
+        s.id.clone(),
+        stop.clone(),
+    );
     let t0 = Instant::now();
     let code = run_in_root(
         con,
@@ -240,6 +259,8 @@ fn x11_session(
         Some(&watch.group),
     );
     let ended = watch.stop();
+    stop.store(true, Ordering::Relaxed);
+    let _ = shown.join();
     let code = code?.code;
     con.say(&format!(
         "x11: X server ended after {:.0} s (exit {})",
