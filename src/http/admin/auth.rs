@@ -9,8 +9,8 @@
 //! generated, not a word a person picked, which is what a slow hash defends against.
 //! The browser keeps only the session cookie, never the token.
 //!
-//! Failed logins: each one makes its address wait before its next try is even looked
-//! at (1 s, doubling to [`MAX_WAIT`]), and all addresses together may fail at most
+//! Failed logins: each one is answered after a second, and makes its address wait
+//! before its next try is even looked at (2 s, doubling to [`MAX_WAIT`]), and all addresses together may fail at most
 //! [`GLOBAL_FAILURES`] times a minute (a host with many addresses gains nothing).
 
 use std::collections::HashMap;
@@ -148,7 +148,8 @@ impl Auth {
             next: now,
         });
         f.count += 1;
-        let wait = Duration::from_secs(1u64 << (f.count - 1).min(6)).min(MAX_WAIT);
+        // 2 s, doubling: the first second of it passes while the answer is held back.
+        let wait = Duration::from_secs(1u64 << f.count.min(6)).min(MAX_WAIT);
         f.next = now + wait;
     }
 
@@ -229,9 +230,9 @@ mod tests {
         // Even the right token waits its turn now.
         assert_eq!(
             a.login(ip(2), TOKEN, Some(TOKEN), t).unwrap_err(),
-            Refused::Wait(Duration::from_secs(1))
+            Refused::Wait(Duration::from_secs(2))
         );
-        let t2 = t + Duration::from_secs(1);
+        let t2 = t + Duration::from_secs(2);
         assert_eq!(
             a.login(ip(2), "guess", Some(TOKEN), t2).unwrap_err(),
             Refused::Wrong
@@ -239,7 +240,7 @@ mod tests {
         assert_eq!(
             a.login(ip(2), "x", Some(TOKEN), t2 + Duration::from_millis(500))
                 .unwrap_err(),
-            Refused::Wait(Duration::from_millis(1500))
+            Refused::Wait(Duration::from_millis(3500))
         );
         // Another address is not slowed by this one...
         assert!(a.login(ip(3), TOKEN, Some(TOKEN), t2).is_ok());
