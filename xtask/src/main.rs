@@ -125,6 +125,10 @@ enum E2e {
     /// PXE-boot a thin client, autopick the X11 guest, and check that the thin client's
     /// screen shows the guest's xdm greeter (XDMCP); then end the session from the API.
     X11,
+    /// The admin panel in headless Chromium while a thin client boots: login, the seat's
+    /// stages arriving, the guest's thumbnail, reset and end from the panel, the refusals;
+    /// screenshots in target/e2e/panel-*.png; /metrics through promtool.
+    Panel,
     /// PXE-boot a QEMU thin client from vdd in a lab network to the check command in its
     /// NBD root, through the iPXE ROM and through OVMF's own UEFI PXE (TFTP chain).
     Boot {
@@ -161,6 +165,7 @@ fn main() -> Result<()> {
         Cmd::E2e {
             what: E2e::GuestX11,
         } => ensure(Purpose::GuestX11)?,
+        Cmd::E2e { what: E2e::Panel } => ensure(Purpose::Test)?,
         Cmd::E2e { .. } => ensure(Purpose::Demo)?,
         Cmd::Bench { .. } => ensure(Purpose::Bench)?,
         Cmd::Deps { .. } | Cmd::Fuzz { .. } => {}
@@ -199,6 +204,9 @@ fn main() -> Result<()> {
                 "mkfs.vfat",
                 "syslinux",
                 "curl",
+                "chromium",
+                "chromedriver",
+                "promtool",
             ];
             if let Some(why) = xtask::lab::missing(&tools) {
                 eprintln!("xtask test: skipping the QEMU end-to-end boots: {why}");
@@ -216,6 +224,16 @@ fn main() -> Result<()> {
                 "e2e session: passed; guest on the thin client's screen {:.1} s after the pick; screenshot {}",
                 r.pick_to_frame.as_secs_f64(),
                 r.screenshot.display()
+            );
+            let r = once_more("e2e panel", xtask::e2e_panel::run)?;
+            println!(
+                "e2e panel: passed in {:.0} s; screenshots {}",
+                r.total.as_secs_f64(),
+                r.screenshots
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
             let r = once_more("e2e x11", xtask::e2e_x11::x11)?;
             println!(
@@ -254,6 +272,25 @@ fn main() -> Result<()> {
                 r.screenshot.display(),
                 r.desktop.display()
             );
+            Ok(())
+        }
+        Cmd::E2e { what: E2e::Panel } => {
+            let r = xtask::e2e_panel::run()?;
+            println!("e2e panel: passed; each boot stage on the seat's page, since the login:");
+            for (name, at) in &r.stages {
+                println!("  {:>7.1} s  {name}", at.as_secs_f64());
+            }
+            println!(
+                "  the thumbnail's pixels: {:.0}% the demo guest's magenta",
+                r.thumb_magenta * 100.0
+            );
+            println!(
+                "  from the thin client's start: {:.0} s",
+                r.total.as_secs_f64()
+            );
+            for p in &r.screenshots {
+                println!("  screenshot: {}", p.display());
+            }
             Ok(())
         }
         Cmd::E2e { what: E2e::Session } => {
