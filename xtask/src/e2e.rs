@@ -150,14 +150,18 @@ memory = "512M"
 
 /// Starts a lab and `vdd serve` in its server namespace, and waits until it serves.
 pub fn serve(tag: &str, cmdline: &str) -> Result<Served> {
-    let vdd = build_vdd()?;
+    serve_with(tag, cmdline, &build_vdd()?)
+}
+
+/// [`serve`] with a given vdd binary (benchmarks run the release build).
+pub fn serve_with(tag: &str, cmdline: &str, vdd: &Path) -> Result<Served> {
     let mut lab = Lab::new(tag)?;
     let dir = std::env::temp_dir().join(format!("{}-{}", lab.name, "work"));
     std::fs::create_dir_all(dir.join("tftp"))?;
     let cfg = dir.join("config.toml");
     std::fs::write(&cfg, lab_config(&dir, cmdline))?;
     let log = std::fs::File::create(dir.join("vdd.log"))?;
-    let mut cmd = Lab::cmd(&lab.server_ns, &vdd);
+    let mut cmd = Lab::cmd(&lab.server_ns, vdd);
     cmd.args(["serve", "--config"])
         .arg(&cfg)
         .env(

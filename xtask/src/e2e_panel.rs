@@ -348,8 +348,10 @@ async fn browse(
         .for_element(Locator::Css("#token"))
         .await
         .context("the login page after logging out")?;
+    let mut stages: Vec<(String, Duration)> = seen.into_iter().collect();
+    stages.sort_by_key(|(_, at)| *at);
     Ok(PanelReport {
-        stages: seen.into_iter().collect(),
+        stages,
         thumb_magenta: magenta,
         screenshots: vec![room_png, seat_png, sessions_png],
         total: Duration::ZERO,

@@ -94,6 +94,8 @@ enum Bench {
     /// vdd's memory (VmRSS, VmHWM) under floods from the LAN (TFTP, HTTP, NBD, DHCP), and
     /// whether a well-behaved client is still served during each.
     Floods(xtask::bench::floods::Args),
+    /// What the admin panel costs: vdd's CPU while Chromium shows N sessions' screens.
+    Panel(xtask::bench::panel::Args),
     /// DHCP: perfdhcp against vdd, kea-dhcp4 and dnsmasq at stepped rates (DORA/s, drops).
     Dhcp {
         /// Shorter steps (3 s instead of 10 s).
@@ -167,6 +169,9 @@ fn main() -> Result<()> {
         } => ensure(Purpose::GuestX11)?,
         Cmd::E2e { what: E2e::Panel } => ensure(Purpose::Test)?,
         Cmd::E2e { .. } => ensure(Purpose::Demo)?,
+        Cmd::Bench {
+            which: Bench::Panel(_),
+        } => ensure(Purpose::Test)?,
         Cmd::Bench { .. } => ensure(Purpose::Bench)?,
         Cmd::Deps { .. } | Cmd::Fuzz { .. } => {}
     }
@@ -406,6 +411,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Bench::Floods(a),
         } => xtask::bench::floods::run(a),
+        Cmd::Bench {
+            which: Bench::Panel(a),
+        } => xtask::bench::panel::run(a),
         Cmd::Bench {
             which:
                 Bench::Dhcp {
