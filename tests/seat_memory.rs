@@ -116,7 +116,7 @@ fn memory_per_seat_record() {
                     seen(
                         Stage::SessionStarted,
                         None,
-                        &format!("{long}{i}"),
+                        &format!("{i:02}{}", &long[2..]),
                         at + i + 1,
                     ),
                 );

@@ -19,7 +19,7 @@ use crate::config::Mac;
 /// Boots kept per seat: the current one and three before it.
 pub const MAX_BOOTS: usize = 4;
 /// Stages kept per boot. A boot has 18 kinds of stage; sessions repeat theirs.
-pub const MAX_STAGES: usize = 40;
+pub const MAX_STAGES: usize = 32;
 /// Seats kept by default.
 pub const DEFAULT_SEATS: usize = 4096;
 /// A boot whose last stage is older than this is over: the next DHCP DISCOVER of a boot
