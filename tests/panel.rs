@@ -171,10 +171,11 @@ admin_token = "{TOKEN}"
         SEAT.parse().unwrap(),
     )]));
     let api = Arc::new(Api {
-        cfg: cfg.clone(),
+        cfg: cfg.clone().into(),
         dispatcher: None,
         leases: None,
         seats: Arc::new(seats),
+        reload: None,
         hub: Default::default(),
     });
     let s = vdd::http::Service::bind_addr(cfg, "127.0.0.1:0".parse().unwrap())

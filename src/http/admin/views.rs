@@ -38,7 +38,11 @@ impl Panel {
     }
 
     fn hostname(&self, mac: &Mac) -> Option<String> {
-        self.api.cfg.get().host(mac).and_then(|h| h.hostname.clone())
+        self.api
+            .cfg
+            .get()
+            .host(mac)
+            .and_then(|h| h.hostname.clone())
     }
 
     /// The sessions with what their VMs cost: resident memory, and CPU % since the
