@@ -25,3 +25,25 @@ pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Installs the cargo subcommand `cargo SUB` from crates.io (crate `krate`, `version` a
+/// requirement such as "^3", or the newest) unless `cargo SUB --version` already works.
+pub fn ensure_cargo_tool(sub: &str, krate: &str, version: Option<&str>) -> anyhow::Result<()> {
+    use std::process::{Command, Stdio};
+    let have = Command::new("cargo")
+        .args([sub, "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if have {
+        return Ok(());
+    }
+    let mut install = Command::new("cargo");
+    install.args(["install", krate, "--locked"]);
+    if let Some(v) = version {
+        install.args(["--version", v]);
+    }
+    eprintln!("xtask: {krate} is missing; installing it from crates.io");
+    run(&mut install)
+}
