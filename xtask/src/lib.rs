@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod browser;
+pub mod deb;
 pub mod deps;
 pub mod e2e;
 pub mod e2e_guest_x11;

@@ -39,6 +39,9 @@ enum Cmd {
     },
     /// The README's demo: a lab network, vdd, and a QEMU thin client that PXE-boots from it.
     Demo,
+    /// Build the Debian package target/debian/vdd_VERSION_amd64.deb (cargo-deb, installed
+    /// from crates.io when missing) and list its files.
+    Deb,
     /// Install the Debian packages (xtask/debian-packages.txt) that a command needs and this
     /// machine lacks; not as root, print the command that would.
     Deps {
@@ -173,7 +176,7 @@ fn main() -> Result<()> {
             which: Bench::Panel(_),
         } => ensure(Purpose::Test)?,
         Cmd::Bench { .. } => ensure(Purpose::Bench)?,
-        Cmd::Deps { .. } | Cmd::Fuzz { .. } => {}
+        Cmd::Deps { .. } | Cmd::Fuzz { .. } | Cmd::Deb => {}
     }
     match cli.cmd {
         Cmd::Deps { purpose } => ensure(purpose),
@@ -246,6 +249,12 @@ fn main() -> Result<()> {
                 r.pick_to_greeter.as_secs_f64(),
                 r.screenshot.display()
             );
+            Ok(())
+        }
+        Cmd::Deb => {
+            let b = xtask::deb::build()?;
+            print!("{}", xtask::deb::contents(&b.deb)?);
+            println!("{}", b.deb.display());
             Ok(())
         }
         Cmd::Demo => xtask::e2e::demo(),
