@@ -350,6 +350,24 @@ pub async fn start(
             .map_err(|e| Error::State(spec.dir.clone(), e))?
     };
     let mut cmd = Command::new(&qemu.binary);
+    // The packaged unit (debian/vdd.service) gives vdd CAP_NET_ADMIN, CAP_NET_RAW and
+    // CAP_NET_BIND_SERVICE as ambient capabilities, which every program it starts would
+    // inherit. A VM needs none (its tap comes open), so a guest that breaks out of QEMU
+    // finds none of them. (As root, vdd's VMs keep root's; the unit runs it as vdd.)
+    // SAFETY: only prctl(2), which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // EINVAL before Linux 4.3, which has no ambient set to clear.
+            nix::libc::prctl(
+                nix::libc::PR_CAP_AMBIENT,
+                nix::libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
     cmd.arg("-name")
         .arg(format!("vdd-{},process=vdd-{}", spec.session, spec.session))
         .args(["-accel", qemu.accel.as_str(), "-M", "q35"])
