@@ -33,7 +33,7 @@ impl Purpose {
     fn groups(self) -> &'static [&'static str] {
         match self {
             Purpose::Demo => &["lab", "qemu", "images"],
-            Purpose::Test => &["lab", "qemu", "images", "peers", "xdm", "panel"],
+            Purpose::Test => &["lab", "qemu", "images", "peers", "package", "xdm", "panel"],
             Purpose::Bench => &["lab", "qemu", "images", "peers"],
             Purpose::GuestX11 => &["lab", "qemu", "images", "peers", "x11-check"],
         }

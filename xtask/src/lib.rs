@@ -5,6 +5,7 @@ pub mod browser;
 pub mod deb;
 pub mod deps;
 pub mod e2e;
+pub mod e2e_deb;
 pub mod e2e_guest_x11;
 pub mod e2e_initramfs;
 pub mod e2e_panel;
@@ -13,6 +14,7 @@ pub mod fuzz;
 pub mod image;
 pub mod initramfs;
 pub mod lab;
+pub mod nspawn;
 pub mod qemu;
 pub mod rfb;
 

@@ -145,6 +145,10 @@ enum E2e {
     /// tap, DHCP by MAC), time its XDMCP Willing, and check that its greeter draws on
     /// `Xvfb -query` (screenshot: target/guest-x11-greeter.png), then log in as guest.
     GuestX11,
+    /// Install the .deb into a Debian 12 container booted with systemd (systemd-nspawn) on a
+    /// lab network and run vdd as a service: start, a DHCP lease, an NBD read, two VMs,
+    /// reload, stop, purge.
+    Deb,
     /// Boot the initramfs under QEMU TCG with user networking; wait for boot-menu's markers.
     Initramfs {
         /// Use the images already in images/out instead of building them.
@@ -171,6 +175,7 @@ fn main() -> Result<()> {
             what: E2e::GuestX11,
         } => ensure(Purpose::GuestX11)?,
         Cmd::E2e { what: E2e::Panel } => ensure(Purpose::Test)?,
+        Cmd::E2e { what: E2e::Deb } => ensure(Purpose::Test)?,
         Cmd::E2e { .. } => ensure(Purpose::Demo)?,
         Cmd::Bench {
             which: Bench::Panel(_),
@@ -249,12 +254,45 @@ fn main() -> Result<()> {
                 r.pick_to_greeter.as_secs_f64(),
                 r.screenshot.display()
             );
+            if let Some(why) = xtask::lab::missing(E2E_DEB_TOOLS) {
+                eprintln!("xtask test: skipping the package's install test: {why}");
+                return Ok(());
+            }
+            let r = xtask::e2e_deb::run()?;
+            println!(
+                "e2e deb: passed in {:.0} s; {}",
+                r.steps.iter().map(|s| s.1.as_secs_f64()).sum::<f64>(),
+                r.exposure
+            );
             Ok(())
         }
         Cmd::Deb => {
             let b = xtask::deb::build()?;
             print!("{}", xtask::deb::contents(&b.deb)?);
             println!("{}", b.deb.display());
+            Ok(())
+        }
+        Cmd::E2e { what: E2e::Deb } => {
+            if let Some(why) = xtask::lab::missing(E2E_DEB_TOOLS) {
+                bail!("cannot run the package's install test: {why}");
+            }
+            let r = xtask::e2e_deb::run()?;
+            println!("e2e deb: passed; {}", r.exposure);
+            println!(
+                "  package {} ({:.1} MiB)",
+                r.deb.display(),
+                r.deb_bytes as f64 / 1048576.0
+            );
+            for (name, took) in &r.steps {
+                println!("  {:>7.1} s  {name}", took.as_secs_f64());
+            }
+            println!(
+                "  {:>7.1} s  in all",
+                r.steps.iter().map(|s| s.1.as_secs_f64()).sum::<f64>()
+            );
+            if !r.reloaded {
+                println!("  (the reload step was skipped: this vdd has no `vdd reload` yet)");
+            }
             Ok(())
         }
         Cmd::Demo => xtask::e2e::demo(),
@@ -450,6 +488,20 @@ fn main() -> Result<()> {
         }
     }
 }
+
+/// What `cargo xtask e2e deb` runs on this machine (inside the container, the package's
+/// own dependencies).
+const E2E_DEB_TOOLS: &[&str] = &[
+    "systemd-nspawn",
+    "nsenter",
+    "mmdebstrap",
+    "dpkg-deb",
+    "udhcpc",
+    "nbdcopy",
+    "curl",
+    "mkfs.vfat",
+    "syslinux",
+];
 
 fn initramfs(kver: Option<&str>) -> Result<xtask::initramfs::Built> {
     let b = xtask::initramfs::build(kver)?;
