@@ -35,6 +35,9 @@ pub fn build() -> Result<Built> {
         .args(["deb", "-p", "vdd", "--target", TARGET, "--output"])
         .arg(&out_dir)
         .env(target_rustflags_var(), STATIC_RUSTFLAGS)
+        // STATIC_RUSTFLAGS strips the symbols: making the release profile's debug info
+        // first would only cost build time.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         // Set by the cargo that runs xtask; they would pin the inner build to it.
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
