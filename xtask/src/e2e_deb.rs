@@ -127,7 +127,7 @@ impl Steps {
 
     fn done(&mut self, name: &str) {
         let d = self.t.elapsed();
-        eprintln!("xtask e2e deb: {name:<46} {:>6.1} s", d.as_secs_f64());
+        eprintln!("xtask e2e deb: {name:<52} {:>6.1} s", d.as_secs_f64());
         self.list.push((name.to_string(), d));
         self.t = Instant::now();
     }
