@@ -65,20 +65,6 @@ pub struct X11Report {
     pub logout_to_menu: Duration,
 }
 
-/// Names of the lab bridge's `vdt-*` ports (the X11 guests' taps) in namespace `ns`.
-fn taps(ns: &str) -> Result<Vec<String>> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns, "-o", "link", "show", "master", crate::lab::BRIDGE])
-        .output()
-        .context("ip link show")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        .filter(|n| n.starts_with("vdt-"))
-        .collect())
-}
-
 pub fn x11() -> Result<X11Report> {
     crate::initramfs::build(None)?;
     crate::image::thin_client(false)?;
@@ -130,7 +116,7 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
         .as_str()
         .context("no guest address")?
         .to_string();
-    let on_bridge = taps(&ns)?;
+    let on_bridge = crate::lab::vdd_taps(&ns)?;
     if on_bridge.len() != 1 {
         bail!("want one guest tap on the bridge, found {on_bridge:?}");
     }
@@ -180,7 +166,7 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
     if code != 200 || list.as_array().is_none_or(|a| !a.is_empty()) {
         bail!("sessions left after the logout ({code}): {list}");
     }
-    let left = taps(&ns)?;
+    let left = crate::lab::vdd_taps(&ns)?;
     if !left.is_empty() {
         bail!("taps left on the bridge after the session ended: {left:?}");
     }
