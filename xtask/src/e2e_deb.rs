@@ -256,7 +256,7 @@ impl Run<'_> {
             || Ok(ct.processes("qemu-system").len() == 2),
         )?;
         ensure!(
-            !taps(&lab.server_ns)?.is_empty(),
+            !crate::lab::vdd_taps(&lab.server_ns)?.is_empty(),
             "no vdt- tap on the lab bridge for the X11 guest"
         );
         // vdd's ambient capabilities stop at the VMs.
@@ -333,7 +333,7 @@ impl Run<'_> {
             left.is_empty(),
             "QEMU left running after systemctl stop vdd: pids {left:?}"
         );
-        let left = taps(&lab.server_ns)?;
+        let left = crate::lab::vdd_taps(&lab.server_ns)?;
         ensure!(
             left.is_empty(),
             "taps left after systemctl stop vdd: {left:?}"
@@ -466,21 +466,6 @@ fn in_pool(ip: &str) -> bool {
         let o = ip.octets();
         o[..3] == [10, 77, 0] && (100..=199).contains(&o[3])
     })
-}
-
-/// vdd's taps (`vdt-*`) in namespace `ns`.
-fn taps(ns: &str) -> Result<Vec<String>> {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-o", "link", "show"])
-        .output()
-        .context("running ip link")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        // src/lan.rs TAP_PREFIX
-        .filter(|n| n.starts_with("vdt-"))
-        .collect())
 }
 
 /// Polls `ok` every 200 ms until it holds or `limit` passes.
