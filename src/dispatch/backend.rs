@@ -1,14 +1,23 @@
 //! The seam between the dispatcher and what runs its VMs. The dispatcher decides (who gets
 //! a VM, admission, sessions, records, the LAN side of X11 guests); a backend starts,
-//! finds again, watches and stops the VMs. The local QEMU backend (`qemu.rs`) is the one
-//! there is; another (libvirt on several hosts) fits behind the same trait.
+//! finds again, watches and stops the VMs. The local QEMU backend (`qemu.rs`) is the
+//! default; the libvirt backend (`libvirt.rs`) runs them on several hypervisor hosts.
 //!
 //! As in firecracker's building blocks, a backend reports through return values and logs
 //! nothing about sessions itself; what it needs to find a VM again after a crash is its
 //! own type ([`Backend::Saved`]), kept in the session's record, not a pid the dispatcher
 //! has to understand.
+//!
+//! What the libvirt backend added, each with a default that is the QEMU backend's
+//! behaviour, so QEMU's code did not change: [`Backend::display_addr`] (a VM's screen on
+//! another host's address), [`Backend::lost`] (a host that stopped answering ends its
+//! sessions with that reason), [`Backend::remove_overlay`] (an overlay on another host)
+//! and [`Backend::capacity_mib`] (the memory budget is the hosts' sum). The check that a
+//! guest's base image exists moved from the dispatcher into the QEMU backend's `start`:
+//! on hosts, the image is the host's, not vdd's.
 
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -86,6 +95,31 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The VM's CPU time and memory now, when the backend can tell.
     fn usage(&self, _vm: &Self::Vm) -> Option<VmUsage> {
+        None
+    }
+
+    /// Where the VM's VNC display listens, when not on vdd's own LAN address (a VM on
+    /// another host). QEMU: `None`, vdd's address.
+    fn display_addr(&self, _saved: &Self::Saved) -> Option<Ipv4Addr> {
+        None
+    }
+
+    /// Why the VM's session must end although the VM may still run: its host stopped
+    /// answering, so its screen, its stop and its disk are out of reach. The session
+    /// fails with this message. QEMU's VMs run beside vdd: never.
+    fn lost(&self, _vm: &Self::Vm) -> Option<String> {
+        None
+    }
+
+    /// Throws a session's overlay away (at its end unless kept, and at a reset). QEMU:
+    /// the file beside vdd.
+    fn remove_overlay(&self, _saved: &Self::Saved, overlay: &Path) {
+        let _ = std::fs::remove_file(overlay);
+    }
+
+    /// MiB of guest memory the backend offers, when it knows better than vdd's machine
+    /// (`dispatch.memory_budget = "auto"`). QEMU: `None`, 80% of this machine's.
+    fn capacity_mib(&self) -> Option<u64> {
         None
     }
 }

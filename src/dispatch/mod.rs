@@ -17,7 +17,8 @@
 //! Beside it: `sessions.rs` (the seam the HTTP API sees), `start.rs` (a session's start),
 //! `backend.rs` (the trait the VMs run behind), `observe.rs` (what the admin's panel
 //! sees of them: screens, CPU and memory, failed sessions), `qemu.rs` (the local QEMU
-//! backend), `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
+//! backend), `libvirt.rs` with `hosts.rs`, `domxml.rs` and `placement.rs` (the libvirt
+//! backend over hypervisor hosts), `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
 //! on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over running
 //! VMs), `x11.rs` (an X11 guest's way to ready). An X11 guest's DHCP reservation is made
 //! here; its NIC (for QEMU: a tap in the bridge, behind the tap filter) by the backend.
@@ -378,6 +379,7 @@ impl<B: Backend> Dispatcher<B> {
         self.cfg()
             .dispatch
             .memory_budget_mib
+            .or(self.backend.capacity_mib())
             .unwrap_or(self.machine_mib * 8 / 10)
     }
 
@@ -394,7 +396,10 @@ impl<B: Backend> Dispatcher<B> {
     fn info(&self, s: &Session<B>, password: Option<String>) -> SessionInfo {
         let rec = &s.rec;
         let (protocol, host, port, mac) = match &rec.x11 {
-            None => (Protocol::Vnc, Some(self.vnc_addr), rec.port, None),
+            None => {
+                let addr = self.backend.display_addr(&rec.vm).unwrap_or(self.vnc_addr);
+                (Protocol::Vnc, Some(addr), rec.port, None)
+            }
             Some(x) => (
                 Protocol::Xdmcp,
                 Some(x.ip),
@@ -518,7 +523,7 @@ impl<B: Backend> Dispatcher<B> {
     /// The new session keeps the old one's key: its seat reaches it as before, also
     /// when the admin reset it.
     pub async fn reset(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
-        let (seat_mac, guest, overlay, key) = {
+        let (seat_mac, guest, overlay, key, saved) = {
             let st = self.state.lock().await;
             let s = st
                 .sessions
@@ -530,11 +535,12 @@ impl<B: Backend> Dispatcher<B> {
                 s.rec.guest.clone(),
                 s.rec.overlay.clone(),
                 s.rec.key.clone(),
+                s.rec.vm.clone(),
             )
         };
         self.end(id, who).await?;
         // A kept overlay is thrown away too: reset means a clean desktop.
-        let _ = std::fs::remove_file(&overlay);
+        self.backend.remove_overlay(&saved, &overlay);
         let key = (!key.is_empty()).then_some(key);
         self.create_keyed(seat_mac, &guest, who, key).await
     }
@@ -554,7 +560,7 @@ impl<B: Backend> Dispatcher<B> {
     /// went with QEMU's last file descriptor.)
     fn cleanup(&self, rec: &Record<B::Saved>) {
         if !rec.persist {
-            let _ = std::fs::remove_file(&rec.overlay);
+            self.backend.remove_overlay(&rec.vm, &rec.overlay);
         }
         let _ = std::fs::remove_dir_all(self.dir.join(&rec.id));
         if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {

@@ -70,6 +70,12 @@ impl super::backend::Backend for Qemu {
     /// unchecked. QEMU inherits the tap's only other descriptor; vdd's goes right after
     /// the spawn, so the tap lives exactly as long as the VM.
     async fn start(&self, spec: VmSpec, password: Option<String>) -> Result<(Vm, Saved), Error> {
+        if !spec.guest.image.exists() {
+            return Err(Error::MissingImage {
+                guest: spec.guest.name.clone(),
+                path: spec.guest.image.clone(),
+            });
+        }
         let tap = match &spec.display {
             VmDisplay::Vnc { .. } => None,
             VmDisplay::Lan { mac, bridge } => {

@@ -156,12 +156,8 @@ impl<B: Backend> Dispatcher<B> {
         port: u16,
         key: String,
     ) -> Result<(Session<B>, Option<String>), Error> {
-        if !guest.image.exists() {
-            return Err(Error::MissingImage {
-                guest: guest.name.clone(),
-                path: guest.image.clone(),
-            });
-        }
+        // Whether the base image exists is the backend's to tell: on a hypervisor host it
+        // is the host's file, not vdd's.
         let folder = self.dir.join(id);
         qemu::private_dir(&folder)?;
         let overlay = if guest.persist {
