@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -510,15 +511,21 @@ async fn serve(
         let lan = bridge
             .zip(leases.clone())
             .map(|(bridge, leases)| vdd::dispatch::LanSide { bridge, leases });
-        let d = vdd::dispatch::Dispatcher::with_lan(live.clone(), lan)
-            .await
-            .context("starting the dispatcher")?;
         let t = shutdown.clone();
-        let run = d.clone();
-        tasks.spawn(async move {
-            run.run(t).await;
-            Ok(())
-        });
+        // With [[dispatch.host]], the VMs run on those hosts over libvirt; else here.
+        let d: Arc<dyn vdd::dispatch::Sessions> = if cfg.dispatch.hosts.is_empty() {
+            let d = vdd::dispatch::Dispatcher::with_lan(live.clone(), lan)
+                .await
+                .context("starting the dispatcher")?;
+            tasks.spawn(d.clone().run(t).map(Ok));
+            d
+        } else {
+            let d = vdd::dispatch::Dispatcher::on_hosts(live.clone(), lan)
+                .await
+                .context("starting the dispatcher on the [[dispatch.host]] hosts")?;
+            tasks.spawn(d.clone().run(t).map(Ok));
+            d
+        };
         Some(d)
     };
     // Addresses no DHCP ACK of ours explains (proxy mode) are seats by the neighbour table.
@@ -529,9 +536,7 @@ async fn serve(
     if cfg.http.enabled {
         let api = Arc::new(vdd::http::api::Api {
             cfg: live.clone(),
-            dispatcher: dispatcher
-                .clone()
-                .map(|d| d as Arc<dyn vdd::dispatch::Sessions>),
+            dispatcher: dispatcher.clone(),
             leases: leases.clone(),
             seats: seats.clone(),
             reload: Some(reloader.clone()),

@@ -96,8 +96,15 @@ pub(super) fn hosts(wire: Vec<WireHost>) -> Result<Vec<HvHost>, ConfigError> {
         }
         let word = |k: &str, v: Option<String>| -> Result<Option<String>, ConfigError> {
             match v {
-                Some(s) if s.is_empty() || s.chars().any(|c| c.is_whitespace() || "<>&'\"".contains(c)) => {
-                    Err(invalid(key(k), s, "a libvirt name: no spaces, quotes or <>&"))
+                Some(s)
+                    if s.is_empty()
+                        || s.chars().any(|c| c.is_whitespace() || "<>&'\"".contains(c)) =>
+                {
+                    Err(invalid(
+                        key(k),
+                        s,
+                        "a libvirt name: no spaces, quotes or <>&",
+                    ))
                 }
                 v => Ok(v),
             }

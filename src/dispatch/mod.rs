@@ -25,9 +25,13 @@
 
 mod adopt;
 pub mod backend;
+mod domxml;
+mod hosts;
 mod ledger;
+pub mod libvirt;
 mod monitor;
 mod observe;
+pub mod placement;
 pub mod qemu;
 mod record;
 mod sessions;
@@ -117,6 +121,17 @@ pub enum Error {
     TapFilter(#[source] tapfilter::Error),
     #[error("reserving the X11 guest's address")]
     Reserve(#[source] dhcp::ReserveError),
+    /// A hypervisor host refused a libvirt call.
+    #[error("hypervisor host {host}: {what}")]
+    Host {
+        host: String,
+        what: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    /// A hypervisor host did not answer.
+    #[error("hypervisor host {host} does not answer: {what}")]
+    HostDown { host: String, what: String },
 }
 
 /// Where an X11 guest's NIC sits: the bridge its tap joins and vdd's DHCP leases.

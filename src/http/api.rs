@@ -614,7 +614,7 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
         E::UnknownGuest(_) | E::NotFound(_) => 404,
         E::NotYours(_) | E::WrongKey(_) => 403,
         E::NoPassword(_) => 409,
-        E::Full(_) => 503,
+        E::Full(_) | E::HostDown { .. } => 503,
         E::MissingImage { .. }
         | E::Spawn { .. }
         | E::ToolFailed { .. }
@@ -625,7 +625,8 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
         | E::NoLan(_)
         | E::Lan(_)
         | E::TapFilter(_)
-        | E::Reserve(_) => 500,
+        | E::Reserve(_)
+        | E::Host { .. } => 500,
     };
     // With its causes: the admin (and the seat's screen) must see the errno.
     let message = dispatch::report(&e);
