@@ -130,6 +130,10 @@ enum E2e {
     /// PXE-boot a thin client, autopick the X11 guest, and check that the thin client's
     /// screen shows the guest's xdm greeter (XDMCP); then end the session from the API.
     X11,
+    /// Two libvirt hypervisor hosts in the lab: sessions fill host 1, then host 2 (the
+    /// thin client's guest runs there); kill -9 of vdd adopts them; host 1's daemon killed
+    /// fails its sessions and new ones go to host 2.
+    Hosts,
     /// The admin panel in headless Chromium while a thin client boots: login, the seat's
     /// stages arriving, the guest's thumbnail, reset and end from the panel, the refusals;
     /// screenshots in target/e2e/panel-*.png; /metrics through promtool.
@@ -220,6 +224,8 @@ fn main() -> Result<()> {
                 "chromium",
                 "chromedriver",
                 "promtool",
+                "libvirtd",
+                "virsh",
             ];
             if let Some(why) = xtask::lab::missing(&tools) {
                 eprintln!("xtask test: skipping the QEMU end-to-end boots: {why}");
@@ -247,6 +253,13 @@ fn main() -> Result<()> {
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
                     .join(" ")
+            );
+            let r = once_more("e2e hosts", xtask::e2e_hosts::hosts)?;
+            println!(
+                "e2e hosts: passed in {:.0} s; host 1 down to its sessions failed {:.1} s; screenshot {}",
+                r.total.as_secs_f64(),
+                r.host_down_to_failed.as_secs_f64(),
+                r.screenshot.display()
             );
             let r = once_more("e2e x11", xtask::e2e_x11::x11)?;
             println!(
@@ -343,6 +356,31 @@ fn main() -> Result<()> {
             for p in &r.screenshots {
                 println!("  screenshot: {}", p.display());
             }
+            Ok(())
+        }
+        Cmd::E2e { what: E2e::Hosts } => {
+            let r = xtask::e2e_hosts::hosts()?;
+            println!("e2e hosts: passed; times since the thin client's QEMU start:");
+            for (name, at) in &r.stages {
+                println!("  {:>7.1} s  {name}", at.as_secs_f64());
+            }
+            println!(
+                "  VM start on a host (POST to answer): {:.2} s",
+                r.vm_start.as_secs_f64()
+            );
+            println!(
+                "  vdd restarted after kill -9 to its sessions adopted: {:.1} s",
+                r.restart_to_adopted.as_secs_f64()
+            );
+            println!(
+                "  host 1's daemon killed to its sessions failed: {:.1} s",
+                r.host_down_to_failed.as_secs_f64()
+            );
+            println!(
+                "  whole run (builds included): {:.0} s",
+                r.total.as_secs_f64()
+            );
+            println!("  screenshot: {}", r.screenshot.display());
             Ok(())
         }
         Cmd::E2e { what: E2e::Session } => {
