@@ -418,7 +418,8 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
     }
     writeln!(out, "  guests     {}", cfg.guests.len())?;
     for g in &cfg.guests {
-        let missing = if g.image.exists() {
+        // On hypervisor hosts the base image is each host's (in its storage pool).
+        let missing = if g.image.exists() || !cfg.dispatch.hosts.is_empty() {
             ""
         } else {
             "  (image missing)"
@@ -432,6 +433,22 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
             g.memory_mib,
             g.cpus,
             g.image.display()
+        )?;
+    }
+    for h in &cfg.dispatch.hosts {
+        writeln!(
+            out,
+            "  host       {}  {}  {} MiB  {} cpu  VNC on {}  pool {:?}{}",
+            h.name,
+            h.uri,
+            h.memory_mib,
+            h.cpus,
+            h.address,
+            h.pool,
+            h.bridge
+                .as_ref()
+                .map(|b| format!("  bridge {b}"))
+                .unwrap_or_default()
         )?;
     }
     Ok(())

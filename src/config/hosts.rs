@@ -140,3 +140,99 @@ pub(super) fn check_bridges(hosts: &[HvHost], guests: &[super::Guest]) -> Result
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, Placement};
+
+    const BASE: &str = r#"
+[server]
+interface = "vdd0"
+address = "10.77.0.1/24"
+[dhcp]
+mode = "full"
+pool = "10.77.0.100-10.77.0.199"
+[[guest]]
+name = "demo"
+image = "/srv/demo.img"
+"#;
+
+    const HOST: &str = r#"
+[[dispatch.host]]
+name = "hv1"
+uri = "qemu+ssh://root@hv1/system"
+memory = "8G"
+cpus = 4
+address = "10.77.0.11"
+"#;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        Config::parse(s, std::path::Path::new("/etc/vdd/config.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hosts_parse_with_defaults() {
+        let c = parse(BASE).unwrap();
+        assert!(c.dispatch.hosts.is_empty(), "no host: the QEMU backend");
+        assert_eq!(c.dispatch.placement, Placement::Spread);
+        let c = parse(&format!("{BASE}[dispatch]\nplacement = \"pack\"\n{HOST}")).unwrap();
+        let h = &c.dispatch.hosts[0];
+        assert_eq!(
+            (h.name.as_str(), h.memory_mib, h.cpus, h.pool.as_str()),
+            ("hv1", 8192, 4, "default")
+        );
+        assert_eq!(h.address, std::net::Ipv4Addr::new(10, 77, 0, 11));
+        assert_eq!((h.bridge.as_deref(), h.nwfilter.as_deref()), (None, None));
+        assert_eq!(c.dispatch.placement, Placement::Pack);
+    }
+
+    #[test]
+    fn bad_hosts_name_the_key() {
+        let cases = [
+            (
+                HOST.replace("hv1\"", "HV 1\""),
+                "dispatch.host[0].name = \"HV 1\"",
+            ),
+            (
+                HOST.replace("qemu+ssh://root@hv1/system", "hv1"),
+                "dispatch.host[0].uri = \"hv1\"",
+            ),
+            (
+                HOST.replace("8G", "lots"),
+                "dispatch.host[0].memory = \"lots\"",
+            ),
+            (
+                HOST.replace("cpus = 4", "cpus = 0"),
+                "dispatch.host[0].cpus = \"0\"",
+            ),
+            (
+                HOST.replace("10.77.0.11", "hv1.lan"),
+                "dispatch.host[0].address = \"hv1.lan\"",
+            ),
+            (
+                format!("{HOST}pool = \"my pool\"\n"),
+                "dispatch.host[0].pool = \"my pool\"",
+            ),
+            (format!("{HOST}{HOST}"), "dispatch.host[1].name = \"hv1\""),
+            (format!("{HOST}extra = 1\n"), "unknown field `extra`"),
+        ];
+        for (hosts, want) in cases {
+            let e = parse(&format!("{BASE}{hosts}")).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let e = parse(&format!("{BASE}[dispatch]\nplacement = \"random\"\n")).unwrap_err();
+        assert!(e.starts_with("dispatch.placement = \"random\""), "{e}");
+    }
+
+    #[test]
+    fn an_x11_guest_needs_a_bridge_on_every_host() {
+        let x11 = "[[guest]]\nname = \"desk\"\ndisplay = \"x11\"\nimage = \"/srv/desk.qcow2\"\n";
+        let e = parse(&format!("{BASE}{x11}{HOST}")).unwrap_err();
+        assert!(
+            e.starts_with("dispatch.host[0].bridge = \"\": X11 guest \"desk\""),
+            "{e}"
+        );
+        let c = parse(&format!("{BASE}{x11}{HOST}bridge = \"br0\"\n")).unwrap();
+        assert_eq!(c.dispatch.hosts[0].bridge.as_deref(), Some("br0"));
+    }
+}

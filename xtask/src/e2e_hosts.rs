@@ -4,7 +4,8 @@
 //! QEMU thin client's screen shows its guest running on host 2; vdd killed with `kill -9`
 //! and started again adopts the domains on both hosts; host 1's daemon killed ends its
 //! sessions with a clear error, and new sessions go to host 2; a reset there gives a
-//! fresh VM on a fresh overlay.
+//! fresh VM on a fresh overlay; `idle_timeout` ends a session without a viewer and keeps
+//! the thin client's, whose viewer vdd sees through libvirt.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ pub struct HostsReport {
     pub host_down_to_failed: Duration,
     /// From `vdd serve` started again to its answer listing the adopted sessions.
     pub restart_to_adopted: Duration,
+    /// From a restart with `idle_timeout = "15s"` to the end of the session no viewer
+    /// watched.
+    pub idle_end: Duration,
     pub total: Duration,
 }
 
@@ -106,7 +110,7 @@ pub fn hosts() -> Result<HostsReport> {
     std::fs::write(dir.join("config.toml"), config(&dir, &hvs[0], &hvs[1])?)?;
     let result = run(&mut lab, &dir, &vdd, &mut hvs, t0);
     if result.is_err() {
-        for log in ["vdd.log", "vdd-2.log"] {
+        for log in ["vdd.log", "vdd-2.log", "vdd-3.log"] {
             let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
             eprintln!("xtask e2e hosts: {log} (last lines):");
             for l in text
@@ -266,6 +270,41 @@ fn run(
     if !before.contains(&id_c) {
         bail!("no overlay volume of session {id_c} on host 2: {before}");
     }
+
+    // Idle seats end as with the QEMU backend: vdd, restarted with idle_timeout = "15s",
+    // stops the reset session (no viewer, its seat never seen) and keeps the thin
+    // client's, whose viewer it sees through libvirt (query-vnc).
+    lab.kill(vdd_pid, "KILL")?;
+    let cfg = std::fs::read_to_string(dir.join("config.toml"))?.replace(
+        "placement = \"pack\"\n",
+        "placement = \"pack\"\nidle_timeout = \"15s\"\n",
+    );
+    std::fs::write(dir.join("config.toml"), cfg)?;
+    vdd_pid = start_vdd(lab, dir, vdd, "vdd-3.log")?;
+    let t = Instant::now();
+    let id_r = r["id"].as_str().unwrap_or("");
+    loop {
+        let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id_r}"), None)?;
+        if code == 404 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            bail!("a session without a viewer outlived idle_timeout: {code} {v}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let idle_end = t.elapsed();
+    let id_seat = seat["id"].as_str().unwrap_or("");
+    let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id_seat}"), None)?;
+    if code != 200 || v["state"] != "ready" {
+        bail!(
+            "the thin client's session, with its viewer, did not outlive idle_timeout: {code} {v}"
+        );
+    }
+    eprintln!(
+        "xtask e2e hosts: idle_timeout 15 s ended the session without a viewer after {:.0} s; the thin client's (viewer connected) runs on",
+        idle_end.as_secs_f64()
+    );
     drop(q);
     // A graceful stop ends every VM vdd can reach: none of vdd's is left on host 2.
     lab.kill(vdd_pid, "TERM")?;
@@ -279,6 +318,7 @@ fn run(
         vm_start,
         host_down_to_failed,
         restart_to_adopted,
+        idle_end,
         total: t0.elapsed(),
     })
 }

@@ -377,6 +377,10 @@ fn main() -> Result<()> {
                 r.host_down_to_failed.as_secs_f64()
             );
             println!(
+                "  idle_timeout 15 s to the end of a session without a viewer: {:.1} s",
+                r.idle_end.as_secs_f64()
+            );
+            println!(
                 "  whole run (builds included): {:.0} s",
                 r.total.as_secs_f64()
             );
