@@ -251,6 +251,22 @@ fn status(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
             n(&s["memory_mib"]),
             n(&s["memory_budget_mib"])
         )?;
+        for h in s["hosts"].as_array().into_iter().flatten() {
+            let state = match h["error"].as_str() {
+                _ if h["up"] == true => "up".to_string(),
+                Some(e) => format!("down: {e}"),
+                None => "not answering yet".to_string(),
+            };
+            writeln!(
+                out,
+                "  host       {}  {} VMs, {} of {} MiB, CPU {:.0}% busy  {state}",
+                h["name"].as_str().unwrap_or("?"),
+                n(&h["vms"]),
+                n(&h["memory_mib"]),
+                n(&h["memory_limit_mib"]),
+                h["cpu_busy"].as_f64().unwrap_or(0.0) * 100.0
+            )?;
+        }
     }
     writeln!(
         out,

@@ -12,7 +12,8 @@
 //! behaviour, so QEMU's code did not change: [`Backend::display_addr`] (a VM's screen on
 //! another host's address), [`Backend::lost`] (a host that stopped answering ends its
 //! sessions with that reason), [`Backend::remove_overlay`] (an overlay on another host)
-//! and [`Backend::capacity_mib`] (the memory budget is the hosts' sum). The check that a
+//! [`Backend::capacity_mib`] (the memory budget is the hosts' sum) and
+//! [`Backend::hosts`] (their health in the admin's summary). The check that a
 //! guest's base image exists moved from the dispatcher into the QEMU backend's `start`:
 //! on hosts, the image is the host's, not vdd's.
 
@@ -122,6 +123,29 @@ pub trait Backend: Send + Sync + 'static {
     fn capacity_mib(&self) -> Option<u64> {
         None
     }
+
+    /// The hosts the VMs run on and their health, for the admin's summary. QEMU: none
+    /// (vdd's own machine).
+    fn hosts(&self) -> Vec<HostStatus> {
+        Vec::new()
+    }
+}
+
+/// One hypervisor host, as `GET /api/v1/status` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HostStatus {
+    pub name: String,
+    /// Answering now.
+    pub up: bool,
+    /// Why not, when it is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// vdd's VMs there, their memory, and what vdd may give there.
+    pub vms: usize,
+    pub memory_mib: u64,
+    pub memory_limit_mib: u64,
+    /// Its CPU busy share at its last answer (0..1).
+    pub cpu_busy: f64,
 }
 
 /// A VM's screen: `width * height` RGB pixels.

@@ -70,6 +70,8 @@ pub struct Snapshot {
     pub domains: HashMap<String, Dom>,
     /// Busy and total CPU nanoseconds at the last answer.
     cpu_prev: Option<(u64, u64)>,
+    /// Domains vdd stopped, and when: an answer that began before is out of date for them.
+    gone: HashMap<String, Instant>,
 }
 
 impl Snapshot {
@@ -135,6 +137,13 @@ impl Host {
     /// Drops the connection after a failure: the next call opens a new one.
     pub fn reset_conn(&self) {
         *self.conn.lock().expect("conn lock") = None;
+    }
+
+    /// Domain `name` was stopped: it no longer counts, even in an answer under way.
+    pub fn forget(&self, name: &str) {
+        let mut s = self.snap.lock().expect("snapshot lock");
+        s.domains.remove(name);
+        s.gone.insert(name.to_string(), Instant::now());
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -263,7 +272,12 @@ impl Host {
         s.total_mib = total_mib;
         s.free_mib = free_mib;
         s.kvm = kvm;
+        let gone = std::mem::take(&mut s.gone);
         s.domains = domains;
+        for (name, at) in gone.into_iter().filter(|(_, at)| *at > began) {
+            s.domains.remove(&name);
+            s.gone.insert(name, at);
+        }
         Ok(())
     }
 
@@ -286,6 +300,7 @@ impl Host {
             if let Ok(dom) = Domain::lookup_by_uuid_string(&c.0, &d.uuid) {
                 match dom.destroy() {
                     Ok(()) => {
+                        self.forget(name);
                         warn!(host = %self.cfg.name, session = %m.id, domain = %name, "a VM of this vdd without a session (ended while its host did not answer, or left by a crash) stopped")
                     }
                     Err(e) => {

@@ -23,6 +23,7 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
+use super::backend::HostStatus;
 use super::domxml::{self, Meta, Screen};
 use super::hosts::{Host, DOWN_AFTER};
 use super::placement::{self, HostView, Want};
@@ -190,14 +191,11 @@ impl Libvirt {
     fn views(&self, starting: &mut Vec<Starting>) -> Vec<(HostView<'_>, bool)> {
         let now = Instant::now();
         let snaps: Vec<_> = self.hosts.iter().map(|h| h.snapshot()).collect();
-        // A start that its host's answers show (or that is long done) counts there.
+        // A start counts here until an answer of its host that began after it returned:
+        // that answer shows its domain (then it counts there) or not (it is gone).
         starting.retain(|s| match s.done {
             None => true,
-            Some(t) => {
-                let snap = &snaps[s.host];
-                let seen = snap.domains.contains_key(&s.domain) && snap.at.is_some_and(|a| a > t);
-                !seen && t.elapsed() < Duration::from_secs(60)
-            }
+            Some(t) => snaps[s.host].at.is_none_or(|a| a <= t),
         });
         self.hosts
             .iter()
@@ -595,8 +593,18 @@ impl Backend for Libvirt {
             },
         )
         .await;
-        if let Err(e) = r {
-            warn!(host = %host.cfg.name, domain = %vm.domain, "{}; the host's next answer sweeps it", super::report(&e));
+        match r {
+            // Gone now: its memory and vCPUs are free for the next placement at once.
+            Ok(()) => {
+                host.forget(&vm.domain);
+                self.starting
+                    .lock()
+                    .expect("starting lock")
+                    .retain(|s| s.domain != vm.domain);
+            }
+            Err(e) => {
+                warn!(host = %host.cfg.name, domain = %vm.domain, "{}; the host's next answer sweeps it", super::report(&e))
+            }
         }
     }
 
@@ -730,6 +738,32 @@ impl Backend for Libvirt {
 
     fn capacity_mib(&self) -> Option<u64> {
         Some(self.hosts.iter().map(|h| h.cfg.memory_mib).sum())
+    }
+
+    fn hosts(&self) -> Vec<HostStatus> {
+        let now = Instant::now();
+        self.hosts
+            .iter()
+            .map(|h| {
+                let s = h.snapshot();
+                let ours: Vec<_> = s
+                    .domains
+                    .values()
+                    .filter(|d| d.meta.as_ref().is_some_and(|m| m.owner == self.owner))
+                    .collect();
+                HostStatus {
+                    name: h.cfg.name.clone(),
+                    up: s.up(now),
+                    error: s
+                        .down(now)
+                        .or_else(|| s.failing.as_ref().map(|f| f.1.clone())),
+                    vms: ours.len(),
+                    memory_mib: ours.iter().map(|d| d.mib).sum(),
+                    memory_limit_mib: h.cfg.memory_mib,
+                    cpu_busy: (s.cpu_busy * 100.0).round() / 100.0,
+                }
+            })
+            .collect()
     }
 }
 

@@ -47,7 +47,7 @@ pub trait Sessions: Send + Sync {
 }
 
 /// The dispatcher's load, for `GET /api/v1/status`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Usage {
     /// Running sessions (VMs), and VMs still starting.
     pub vms: usize,
@@ -57,6 +57,9 @@ pub struct Usage {
     pub memory_mib: u64,
     pub memory_budget_mib: u64,
     pub max_vms: usize,
+    /// The hypervisor hosts (`[[dispatch.host]]`), when the VMs run on them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<super::backend::HostStatus>,
 }
 
 impl<B: Backend> Sessions for Dispatcher<B> {
@@ -113,6 +116,7 @@ impl<B: Backend> Sessions for Dispatcher<B> {
                     + st.pending_mib,
                 memory_budget_mib: self.budget_mib(),
                 max_vms: self.cfg().dispatch.max_vms,
+                hosts: self.backend.hosts(),
             }
         })
     }

@@ -1,11 +1,12 @@
 //! `cargo xtask e2e hosts`: vdd's libvirt backend over two real hypervisor hosts in the
 //! lab (`hv.rs`: two libvirt daemons, each in a namespace of its own). With
-//! `placement = "pack"`, sessions land on host 1 until it is full, then on host 2; the
-//! QEMU thin client's screen shows its guest running on host 2; vdd killed with `kill -9`
-//! and started again adopts the domains on both hosts; host 1's daemon killed ends its
-//! sessions with a clear error, and new sessions go to host 2; a reset there gives a
-//! fresh VM on a fresh overlay; `idle_timeout` ends a session without a viewer and keeps
-//! the thin client's, whose viewer vdd sees through libvirt.
+//! `placement = "pack"`, sessions land on host 1 until it is full, then on host 2 (but a
+//! seat's kept disk stays on the host where it was made); the QEMU thin client's screen
+//! shows its guest running on host 2; vdd killed with `kill -9` and started again adopts
+//! the domains on both hosts, and `idle_timeout` ends the sessions without a viewer and
+//! keeps the thin client's, whose viewer vdd sees through libvirt; host 1's daemon killed
+//! ends its sessions with a clear error, and new sessions go to host 2; a reset there
+//! gives a fresh VM on a fresh overlay.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ pub struct HostsReport {
     pub host_down_to_failed: Duration,
     /// From `vdd serve` started again to its answer listing the adopted sessions.
     pub restart_to_adopted: Duration,
-    /// From a restart with `idle_timeout = "15s"` to the end of the session no viewer
+    /// From the restart with `idle_timeout = "15s"` to the end of the session no viewer
     /// watched.
     pub idle_end: Duration,
     pub total: Duration,
@@ -51,6 +52,11 @@ fn config(dir: &std::path::Path, h1: &Hypervisor, h2: &Hypervisor) -> Result<Str
         at,
         &format!("{at}placement = \"pack\"\naccel = \"tcg\"\nvnc_ports = \"5910-5919\"\n"),
     );
+    // The demo guest once more, with a kept disk per seat.
+    c.push_str(&format!(
+        "\n[[guest]]\nname = \"kept\"\nlabel = \"Demo guest, kept disk\"\nimage = \"{}\"\nmemory = \"256M\"\npersist = true\n",
+        crate::image::repo_root().join("images/out/guest-demo.img").display()
+    ));
     for (h, mem, cpus) in [(h1, "512M", 2), (h2, "1G", 4)] {
         c.push_str(&format!(
             "\n[[dispatch.host]]\nname = \"{}\"\nuri = \"{}\"\nmemory = \"{mem}\"\ncpus = {cpus}\naddress = \"{}\"\npool = \"default\"\n",
@@ -61,12 +67,16 @@ fn config(dir: &std::path::Path, h1: &Hypervisor, h2: &Hypervisor) -> Result<Str
 }
 
 fn create(ns: &str, seat: &str) -> Result<Value> {
+    create_of(ns, "demo", seat)
+}
+
+fn create_of(ns: &str, guest: &str, seat: &str) -> Result<Value> {
     let t0 = Instant::now();
     let (code, v) = admin_api(
         ns,
         "POST",
         "/api/v1/sessions",
-        Some(&format!(r#"{{"guest": "demo", "seat": "{seat}"}}"#)),
+        Some(&format!(r#"{{"guest": "{guest}", "seat": "{seat}"}}"#)),
     )?;
     if code != 201 {
         bail!("a session for {seat} answered {code}: {v}");
@@ -110,7 +120,7 @@ pub fn hosts() -> Result<HostsReport> {
     std::fs::write(dir.join("config.toml"), config(&dir, &hvs[0], &hvs[1])?)?;
     let result = run(&mut lab, &dir, &vdd, &mut hvs, t0);
     if result.is_err() {
-        for log in ["vdd.log", "vdd-2.log", "vdd-3.log"] {
+        for log in ["vdd.log", "vdd-2.log"] {
             let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
             eprintln!("xtask e2e hosts: {log} (last lines):");
             for l in text
@@ -125,6 +135,9 @@ pub fn hosts() -> Result<HostsReport> {
             }
         }
         eprintln!("xtask e2e hosts: logs kept in {}", dir.display());
+        for hv in &mut hvs {
+            hv.keep_files = true;
+        }
         // vdd first (it stops the VMs it can), then the hosts, then the lab.
         drop(hvs);
         drop(lab);
@@ -148,6 +161,25 @@ fn run(
     let log = std::fs::read_to_string(dir.join("vdd.log"))?;
     if log.matches("hypervisor host answers").count() != 2 {
         bail!("vdd does not see both hosts answer");
+    }
+
+    // A seat's kept disk is made where its first session runs (pack: host 1) and stays
+    // there when the session ends.
+    let seat_k = "52:54:00:99:aa:0b";
+    let k = create_of(&ns, "kept", seat_k)?;
+    if host_of(&k) != H1.to_string() {
+        bail!("the first session went to {}, not host 1", host_of(&k));
+    }
+    let (code, _) = admin_api(
+        &ns,
+        "DELETE",
+        &format!("/api/v1/sessions/{}", k["id"].as_str().unwrap_or("")),
+        None,
+    )?;
+    let kept_vol = format!("keep-kept-{}", seat_k.replace(':', "-"));
+    let on_h1 = hvs[0].virsh(lab, &["vol-list", "default"])?;
+    if code != 204 || !on_h1.contains(&kept_vol) {
+        bail!("the kept disk is not on host 1 after its session ended ({code}): {on_h1}");
     }
 
     // Host 1 takes two demo guests (512 MiB), then it is full.
@@ -192,9 +224,30 @@ fn run(
         bail!("the thin client's session is not on host 2: {seat}");
     }
     eprintln!("xtask e2e hosts: the thin client shows its guest, running on host 2");
+    // The kept disk's seat goes to host 1 or nowhere: host 1 is full now.
+    let (code, v) = admin_api(
+        &ns,
+        "POST",
+        "/api/v1/sessions",
+        Some(&format!(r#"{{"guest": "kept", "seat": "{seat_k}"}}"#)),
+    )?;
+    let why = v["error"].as_str().unwrap_or("");
+    if code != 503 || !why.contains("kept disk") || !why.contains("h1") {
+        bail!("a seat whose kept disk is on the full host 1 got {code}: {v}");
+    }
 
-    // vdd dies (kill -9) and comes back: it adopts the domains on both hosts.
+    // The thin client goes (its root is vdd's NBD export, which the kill below takes
+    // away); its session stays. vdd dies (kill -9) and comes back, now with idle_timeout
+    // = "15s": it adopts the domains on both hosts. A viewer of ours connects to session
+    // B with a fresh password; then A, which no viewer watches (its seat never seen),
+    // ends as idle, and B, whose viewer vdd sees through libvirt (query-vnc), runs on.
+    drop(q);
     lab.kill(vdd_pid, "KILL")?;
+    let cfg = std::fs::read_to_string(dir.join("config.toml"))?.replace(
+        "placement = \"pack\"\n",
+        "placement = \"pack\"\nidle_timeout = \"15s\"\n",
+    );
+    std::fs::write(dir.join("config.toml"), cfg)?;
     let t = Instant::now();
     vdd_pid = start_vdd(lab, dir, vdd, "vdd-2.log")?;
     let (_, again) = admin_api(&ns, "GET", "/api/v1/sessions", None)?;
@@ -219,14 +272,72 @@ fn run(
         bail!("vdd did not say it adopted three VMs");
     }
     eprintln!("xtask e2e hosts: vdd killed and restarted adopted the 3 domains on both hosts");
+    let id_b = b["id"].as_str().unwrap_or("").to_string();
+    let (code, fresh) = admin_api(
+        &ns,
+        "POST",
+        &format!("/api/v1/sessions/{id_b}/password"),
+        None,
+    )?;
+    if code != 200 {
+        bail!("a fresh password for an adopted session answered {code}: {fresh}");
+    }
+    let addr: std::net::SocketAddr = (H1, fresh["port"].as_u64().unwrap_or(0) as u16).into();
+    let pw = fresh["password"].as_str().unwrap_or("").to_string();
+    let _viewer = crate::e2e::in_netns(&ns, move || crate::rfb::vnc_viewer(addr, &pw))?;
+    let t = Instant::now();
+    // (Not the thin client's: QEMU still counts its viewer, whose TCP connection its
+    // vanished VM never closed, until TCP gives up on it, as with the QEMU backend.)
+    {
+        let id = a["id"].as_str().unwrap_or("");
+        loop {
+            let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id}"), None)?;
+            if code == 404 {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(90) {
+                bail!("a session without a viewer outlived idle_timeout: {code} {v}");
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let idle_end = t.elapsed();
+    // A session is gone from the API at once; its VM stops within shutdown_timeout.
+    loop {
+        let (_, st) = admin_api(&ns, "GET", "/api/v1/status", None)?;
+        let hosts = &st["sessions"]["hosts"];
+        if hosts[0]["vms"] == 1 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("the idle sessions' VMs still run: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id_b}"), None)?;
+    if code != 200 || v["state"] != "ready" {
+        bail!("the session with a viewer did not outlive idle_timeout: {code} {v}");
+    }
+    eprintln!(
+        "xtask e2e hosts: idle_timeout 15 s ended the session without a viewer after {:.0} s; the one with a viewer runs on",
+        idle_end.as_secs_f64()
+    );
 
-    // Host 1's daemon dies: its sessions fail with the reason; new ones go to host 2.
+    // Host 1 has room again: a new session there. Then its daemon dies: its sessions
+    // fail with the reason; new ones go to host 2.
+    let d = create(&ns, "52:54:00:99:aa:04")?;
+    if host_of(&d) != H1.to_string() {
+        bail!(
+            "with room on host 1 again, a session went to {}",
+            host_of(&d)
+        );
+    }
     let qemus_h1 = hvs[0].qemu_pids().len();
     hvs[0].kill_daemon();
     let t = Instant::now();
-    let id_a = a["id"].as_str().unwrap_or("");
+    let id_d = d["id"].as_str().unwrap_or("");
     let failed = loop {
-        let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id_a}"), None)?;
+        let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id_d}"), None)?;
         if code == 200 && v["state"] == "failed" {
             break v;
         }
@@ -244,6 +355,12 @@ fn run(
         "xtask e2e hosts: host 1's daemon killed ({qemus_h1} QEMUs there); its sessions failed in {:.1} s: {why}",
         host_down_to_failed.as_secs_f64()
     );
+    // The admin's summary says so too.
+    let (_, st) = admin_api(&ns, "GET", "/api/v1/status", None)?;
+    let hosts = &st["sessions"]["hosts"];
+    if hosts[0]["up"] != false || hosts[1]["up"] != true {
+        bail!("GET /api/v1/status does not show host 1 down and host 2 up: {st}");
+    }
     let c = create(&ns, "52:54:00:99:aa:03")?;
     if host_of(&c) != H2.to_string() || !display_opens(&ns, &c)? {
         bail!("with host 1 down, a new session did not go to host 2: {c}");
@@ -270,42 +387,6 @@ fn run(
     if !before.contains(&id_c) {
         bail!("no overlay volume of session {id_c} on host 2: {before}");
     }
-
-    // Idle seats end as with the QEMU backend: vdd, restarted with idle_timeout = "15s",
-    // stops the reset session (no viewer, its seat never seen) and keeps the thin
-    // client's, whose viewer it sees through libvirt (query-vnc).
-    lab.kill(vdd_pid, "KILL")?;
-    let cfg = std::fs::read_to_string(dir.join("config.toml"))?.replace(
-        "placement = \"pack\"\n",
-        "placement = \"pack\"\nidle_timeout = \"15s\"\n",
-    );
-    std::fs::write(dir.join("config.toml"), cfg)?;
-    vdd_pid = start_vdd(lab, dir, vdd, "vdd-3.log")?;
-    let t = Instant::now();
-    let id_r = r["id"].as_str().unwrap_or("");
-    loop {
-        let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id_r}"), None)?;
-        if code == 404 {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(90) {
-            bail!("a session without a viewer outlived idle_timeout: {code} {v}");
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    let idle_end = t.elapsed();
-    let id_seat = seat["id"].as_str().unwrap_or("");
-    let (code, v) = admin_api(&ns, "GET", &format!("/api/v1/sessions/{id_seat}"), None)?;
-    if code != 200 || v["state"] != "ready" {
-        bail!(
-            "the thin client's session, with its viewer, did not outlive idle_timeout: {code} {v}"
-        );
-    }
-    eprintln!(
-        "xtask e2e hosts: idle_timeout 15 s ended the session without a viewer after {:.0} s; the thin client's (viewer connected) runs on",
-        idle_end.as_secs_f64()
-    );
-    drop(q);
     // A graceful stop ends every VM vdd can reach: none of vdd's is left on host 2.
     lab.kill(vdd_pid, "TERM")?;
     let left = hvs[1].virsh(lab, &["list", "--name"])?;

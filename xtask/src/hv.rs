@@ -52,6 +52,8 @@ pub struct Hypervisor {
     /// The storage pool's folder (pool "default"): the base images are copied there.
     pub pool: PathBuf,
     daemon: Option<std::process::Child>,
+    /// Keep the host's folder (its daemon's and QEMUs' logs) after Drop: a failed run.
+    pub keep_files: bool,
 }
 
 impl Hypervisor {
@@ -115,6 +117,7 @@ impl Hypervisor {
             dir: dir.to_path_buf(),
             pool,
             daemon: Some(daemon),
+            keep_files: false,
         };
         // The daemon probes QEMU's capabilities before it listens: a few seconds.
         let end = Instant::now() + Duration::from_secs(60);
@@ -212,6 +215,8 @@ impl Drop for Hypervisor {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep_files {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The client half of RFB 3.8 (RFC 6143) up to the security result: enough to prove a
-//! VNC server takes a given password and refuses others, as the session tests need.
+//! The client half of RFB 3.8 (RFC 6143) up to the security result and the init messages:
+//! enough to prove a VNC server takes a given password and refuses others, and to be a
+//! connected viewer, as the session tests need.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -12,6 +13,25 @@ use des::cipher::{BlockEncrypt, KeyInit};
 /// the server accepts the password. Fails if the server offers no-authentication access
 /// (type 1): a session's display must never be reachable without its password.
 pub fn vnc_auth(addr: SocketAddr, password: Option<&str>) -> Result<bool> {
+    Ok(authenticate(addr, password)?.1)
+}
+
+/// A viewer that stays: authenticates, sends ClientInit (shared) and reads ServerInit;
+/// the server counts it as connected until the stream is dropped.
+pub fn vnc_viewer(addr: SocketAddr, password: &str) -> Result<TcpStream> {
+    let (mut s, ok) = authenticate(addr, Some(password))?;
+    if !ok {
+        bail!("{addr} refused the password");
+    }
+    s.write_all(&[1])?;
+    let mut init = [0u8; 24];
+    s.read_exact(&mut init)?;
+    let mut name = vec![0u8; u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize];
+    s.read_exact(&mut name)?;
+    Ok(s)
+}
+
+fn authenticate(addr: SocketAddr, password: Option<&str>) -> Result<(TcpStream, bool)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connecting to VNC {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -50,5 +70,6 @@ pub fn vnc_auth(addr: SocketAddr, password: Option<&str>) -> Result<bool> {
     s.write_all(&challenge)?;
     let mut result = [0u8; 4];
     s.read_exact(&mut result)?;
-    Ok(u32::from_be_bytes(result) == 0)
+    let ok = u32::from_be_bytes(result) == 0;
+    Ok((s, ok))
 }
