@@ -1,7 +1,7 @@
 //! The seam between the dispatcher and what runs its VMs. The dispatcher decides (who gets
 //! a VM, admission, sessions, records, the LAN side of X11 guests); a backend starts,
 //! finds again, watches and stops the VMs. The local QEMU backend (`qemu.rs`) is the
-//! default; the libvirt backend (`libvirt.rs`) runs them on several hypervisor hosts.
+//! default; the libvirt backend (`libvirt/`) runs them on several hypervisor hosts.
 //!
 //! As in firecracker's building blocks, a backend reports through return values and logs
 //! nothing about sessions itself; what it needs to find a VM again after a crash is its

@@ -17,16 +17,14 @@
 //! Beside it: `sessions.rs` (the seam the HTTP API sees), `start.rs` (a session's start),
 //! `backend.rs` (the trait the VMs run behind), `observe.rs` (what the admin's panel
 //! sees of them: screens, CPU and memory, failed sessions), `qemu.rs` (the local QEMU
-//! backend), `libvirt.rs` with `hosts.rs`, `domxml.rs` and `placement.rs` (the libvirt
-//! backend over hypervisor hosts), `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
+//! backend), `libvirt/` and `placement.rs` (the libvirt backend over hypervisor hosts),
+//! `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
 //! on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over running
 //! VMs), `x11.rs` (an X11 guest's way to ready). An X11 guest's DHCP reservation is made
 //! here; its NIC (for QEMU: a tap in the bridge, behind the tap filter) by the backend.
 
 mod adopt;
 pub mod backend;
-mod domxml;
-mod hosts;
 mod ledger;
 pub mod libvirt;
 mod monitor;
