@@ -243,14 +243,7 @@ impl Host {
                 Some(k) => k.clone(),
                 None => {
                     let info = d.get_info()?;
-                    let meta = d
-                        .get_metadata(
-                            virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                            Some(domxml::META_NS),
-                            0,
-                        )
-                        .ok()
-                        .and_then(|x| domxml::parse_meta(&x));
+                    let meta = meta_of(&d);
                     Dom {
                         uuid,
                         mib: info.max_mem / 1024,
@@ -330,6 +323,17 @@ impl Host {
             }
         }
     }
+}
+
+/// vdd's metadata of a domain, if it has any.
+pub fn meta_of(d: &Domain) -> Option<Meta> {
+    d.get_metadata(
+        virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some(domxml::META_NS),
+        0,
+    )
+    .ok()
+    .and_then(|x| domxml::parse_meta(&x))
 }
 
 #[derive(Clone, Copy)]

@@ -367,14 +367,7 @@ impl Backend for Libvirt {
                 move |c| {
                     let mut stopped = 0;
                     if let Ok(d) = Domain::lookup_by_name(c, &name) {
-                        let meta = d
-                            .get_metadata(
-                                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                                Some(domxml::META_NS),
-                                0,
-                            )
-                            .ok()
-                            .and_then(|x| domxml::parse_meta(&x));
+                        let meta = hosts::meta_of(&d);
                         if meta.is_some_and(|m| m.owner == owner) && d.destroy().is_ok() {
                             stopped += 1;
                         }
