@@ -391,6 +391,7 @@ impl Backend for Libvirt {
     async fn stop(&self, vm: &mut Vm, grace: Duration) {
         let host = &self.hosts[vm.host];
         let uuid = vm.uuid.clone();
+        let h = host.clone();
         let r = call(
             host,
             "stopping the VM",
@@ -410,11 +411,7 @@ impl Backend for Libvirt {
                 match d.destroy() {
                     Ok(()) => Ok(()),
                     Err(_) if !d.is_active().unwrap_or(false) => Ok(()),
-                    Err(e) => Err(Error::Host {
-                        host: String::new(),
-                        what: "destroying the VM".into(),
-                        source: e,
-                    }),
+                    Err(e) => Err(on(&h, "destroying the VM")(e)),
                 }
             },
         )
