@@ -15,10 +15,8 @@ use anyhow::{bail, Context, Result};
 /// crt-static RUSTFLAGS away from the host build (build scripts, proc macros, vdd itself).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// RUSTFLAGS of [`TARGET`] for the static builds (boot-menu here, vdd in the Debian
-/// package): one value, so that the two builds share their dependencies' artifacts.
-/// Symbols stripped: boot-menu goes into every client's RAM, and the package's vdd
-/// needs none.
+/// RUSTFLAGS of [`TARGET`] for the static boot-menu. Symbols stripped: boot-menu goes
+/// into every client's RAM.
 pub const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=symbols";
 
 /// The environment variable that gives [`TARGET`] alone its RUSTFLAGS.
