@@ -2,6 +2,7 @@
 //! servers, inside lab namespaces only.
 
 pub mod bootmenu;
+pub mod cpu;
 pub mod dhcp;
 pub mod floods;
 pub mod http;

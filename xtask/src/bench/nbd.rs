@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::cpu::{children_cpu, loadavg};
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Image size in MiB.
@@ -316,15 +318,6 @@ fn cpu_secs(pid: u32, tick: f64) -> Option<f64> {
     Some(t?.iter().sum::<f64>() / tick)
 }
 
-/// CPU seconds of every child this process has reaped so far (nbdcopy via `timeout`).
-fn children_cpu_secs() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
-        let (a, b) = (u.user_time(), u.system_time());
-        (a.tv_sec() + b.tv_sec()) as f64 + (a.tv_usec() + b.tv_usec()) as f64 / 1e6
-    })
-}
-
 fn clock_tick() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -332,12 +325,6 @@ fn clock_tick() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// Seconds for one `nbdcopy URI null:`.
@@ -499,9 +486,9 @@ pub fn run(args: Args) -> Result<()> {
             let (t, s) = (&targets[i], &mut samples[i]);
             warm(&image)?;
             let cpu0 = t.pid.and_then(|p| cpu_secs(p, tick));
-            let client0 = children_cpu_secs();
+            let client0 = children_cpu();
             let seq = size as f64 / 1e6 / seq_once(&t.uri)?;
-            let client = (children_cpu_secs() - client0) / (size as f64 / 1e9);
+            let client = (children_cpu() - client0) / (size as f64 / 1e9);
             // A forking server reaps its connection's child a moment after it ends.
             std::thread::sleep(Duration::from_millis(100));
             let cpu = cpu0
