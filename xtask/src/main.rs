@@ -90,7 +90,8 @@ enum Bench {
         #[arg(long)]
         no_peer: bool,
     },
-    /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential, random 4 KiB QD16, 16 clients).
+    /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential; random 4 KiB on one connection
+    /// at QD1 and QD32; 16 clients).
     Nbd(xtask::bench::nbd::Args),
     /// TFTP: vdd vs dnsmasq, tftpd-hpa and atftpd; 1 and N clients, lockstep and windowsize.
     Tftp(xtask::bench::tftp::Args),
