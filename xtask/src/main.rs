@@ -112,6 +112,9 @@ enum Bench {
         #[arg(long, value_delimiter = ',')]
         rates: Option<Vec<u32>>,
     },
+    /// A room of thin clients switched on at once (DHCP, kernel + initrd, menu, NBD root
+    /// reads), against vdd and the LTSP stack (dnsmasq + nbd-server) over a shaped link.
+    Storm(xtask::bench::storm::Args),
     /// Thin-client boot: QEMU stage medians, and DHCP lease latency vs busybox udhcpc.
     Bootmenu {
         /// QEMU boots to time (0 skips; at most 10).
@@ -504,6 +507,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Bench::Panel(a),
         } => xtask::bench::panel::run(a),
+        Cmd::Bench {
+            which: Bench::Storm(a),
+        } => xtask::bench::storm::run(a),
         Cmd::Bench {
             which:
                 Bench::Dhcp {

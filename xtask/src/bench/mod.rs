@@ -8,6 +8,7 @@ pub mod floods;
 pub mod http;
 pub mod nbd;
 pub mod panel;
+pub mod storm;
 pub mod tftp;
 
 use std::path::{Path, PathBuf};
