@@ -745,3 +745,60 @@ fn router_solicitations_get_an_empty_advertisement() {
     let out = rdisc6(&c);
     assert!(out.contains("No response"), "{out}");
 }
+
+/// Counts the DHCP replies (UDP to port 68) that reach namespace `ns` while it runs, up
+/// to `secs` seconds; prints the count when it ends.
+const BYSTANDER: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.bind(("0.0.0.0", 68))
+s.settimeout(0.2)
+open(sys.argv[2], "w").close()
+n, end = 0, time.time() + float(sys.argv[1])
+while time.time() < end:
+    try:
+        s.recv(2048)
+        n += 1
+    except socket.timeout:
+        pass
+print(n)
+"#;
+
+/// RFC 2131 4.1: a client that did not ask for broadcast gets its OFFER and ACK unicast
+/// to its own MAC; another seat on the LAN hears none of them. With the broadcast flag
+/// (-B), the same bystander hears them: it was listening.
+#[test]
+fn answers_reach_only_their_client() {
+    if let Some(why) = lab::missing(&["udhcpc", "python3"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("unicast");
+    write_config(&dir.0, FULL);
+    let mut lab = Lab::new("dhcpuc").unwrap();
+    start_vdd(&mut lab, &dir.0, 0);
+    let bystander = lab.add_client(None).unwrap();
+    for (flag, heard) in [(None, false), (Some("-B"), true)] {
+        let ready = dir.0.join(format!("ready-{}", heard));
+        let listen = Lab::cmd(&bystander.ns, "/usr/bin/python3")
+            .args(["-c", BYSTANDER, "8"])
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(20), || ready.exists()).expect("the bystander listens");
+        let c = lab.add_client(None).unwrap();
+        let e = udhcpc_once(&dir.0, &c, flag.as_slice());
+        assert!(in_pool(&e["ip"]), "{e:?}");
+        let out = listen.wait_with_output().unwrap();
+        let n: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(
+            n > 0,
+            heard,
+            "{n} replies to another client reached the bystander (broadcast flag: {flag:?})"
+        );
+    }
+}

@@ -8,6 +8,7 @@
 //! batch piles up, so the sync rate of the disk bounds batches per second, not leases.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ fn udp_socket(interface: &str, port: u16) -> Result<Socket, Error> {
         let _ = s.set_recv_buffer_size(8 << 20);
     }
     let _ = s.set_send_buffer_size(8 << 20);
+    // Answers go ahead of the bulk data that fills the link while a room boots.
+    let _ = crate::netif::waited_on(&s);
     s.set_nonblocking(true).map_err(bind_err)?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
         .map_err(bind_err)?;
@@ -158,6 +161,11 @@ impl Driver {
         let limiter = WarnLimit::new(1, Duration::from_secs(1));
         let mut new_clients =
             NewClients::new(live.get().dhcp.new_clients_per_minute, Instant::now());
+        let mut unicast = Unicast {
+            fd: main.as_raw_fd(),
+            interface: live.get().server.interface.clone(),
+            works: true,
+        };
         let result = loop {
             let cfg = live.get();
             new_clients.set_rate(cfg.dhcp.new_clients_per_minute);
@@ -229,7 +237,13 @@ impl Driver {
             }
             let reply = reply.map(|(m, to)| {
                 let bytes = codec::encode_with_relay_info(&m, p.relay_info.as_deref());
-                (bytes, address(to, peer))
+                let to = match to {
+                    Dest::Hardware(yiaddr) if unicast.prepare(yiaddr, &p.mac) => {
+                        SocketAddrV4::new(yiaddr, CLIENT_PORT).into()
+                    }
+                    other => address(other, peer),
+                };
+                (bytes, to)
             });
             let durable = changes.iter().any(Change::durable);
             match (&tx, durable) {
@@ -312,11 +326,42 @@ fn transient(e: &std::io::Error) -> bool {
         || e.raw_os_error() == Some(nix::libc::ENETUNREACH)
 }
 
-/// Where a [`Dest`] is on the wire. `Dest::Hardware` (unicast to an address the client
-/// does not have yet) would need an ARP entry written first (SIOCSARP, as ISC dhcpd does)
-/// or a raw socket; we broadcast instead. RFC 2131 4.1 allows it (a server that cannot
-/// unicast before the client has its address broadcasts), every client listens for it,
-/// and on a LAN of thin clients the extra broadcast costs nothing.
+/// Unicast to a client without an address (`Dest::Hardware`), through an ARP entry
+/// written first (see arp.rs). Where the kernel refuses that (no CAP_NET_ADMIN), replies
+/// are broadcast, which RFC 2131 4.1 allows a server that cannot unicast.
+struct Unicast {
+    fd: std::os::fd::RawFd,
+    interface: String,
+    /// False once the kernel refused an entry for want of privilege.
+    works: bool,
+}
+
+impl Unicast {
+    /// Whether a reply to `ip` can now go to `mac` alone.
+    fn prepare(&mut self, ip: Ipv4Addr, mac: &crate::config::Mac) -> bool {
+        if !self.works {
+            return false;
+        }
+        match super::arp::set(self.fd, &self.interface, ip, mac) {
+            Ok(()) => true,
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EPERM | nix::libc::EACCES | nix::libc::EOPNOTSUPP)
+                ) {
+                    self.works = false;
+                    warn!(interface = %self.interface, "cannot write ARP entries ({e}); DHCP replies to clients without an address are broadcast");
+                } else {
+                    debug!(%mac, %ip, "no ARP entry ({e}); this reply is broadcast");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Where a [`Dest`] is on the wire, but for a `Dest::Hardware` that [`Unicast`] could
+/// not prepare: that one is broadcast.
 fn address(to: Dest, peer: SocketAddr) -> SocketAddr {
     let bcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT).into();
     match to {
@@ -434,9 +479,14 @@ fn writer(mut j: Journal, sock: std::net::UdpSocket, rx: mpsc::Receiver<Job>) {
         }
         changes.clear();
         changes.extend(batch.iter().flat_map(|b| b.changes.iter().copied()));
+        let t0 = Instant::now();
         match j.commit(&changes) {
             Ok(()) => {
-                debug!(leases = changes.len(), "journal batch synced");
+                debug!(
+                    leases = changes.len(),
+                    ms = t0.elapsed().as_millis() as u64,
+                    "journal batch synced"
+                );
                 for job in batch.drain(..) {
                     if let Some((bytes, to)) = job.reply {
                         send_blocking(&sock, &bytes, to);
@@ -487,6 +537,22 @@ fn send_blocking(sock: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// DHCP answers are sent from the first band of the kernel's default queue, not from
+    /// the one the link's bulk data fills.
+    #[test]
+    fn answers_go_ahead_of_bulk_data() {
+        // SO_BINDTODEVICE needs CAP_NET_RAW: root only.
+        let s = match udp_socket("lo", 0) {
+            Ok(s) => s,
+            Err(e) if !xtask::lab::is_root() => {
+                eprintln!("skipping: {e} (not root)");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(s.priority().unwrap(), crate::netif::TC_PRIO_INTERACTIVE);
+    }
 
     #[test]
     fn new_clients_come_in_bursts_then_at_the_configured_rate() {

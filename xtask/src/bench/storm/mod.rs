@@ -207,20 +207,79 @@ fn make_files(dir: &Path, t: &trace::Trace) -> Result<Files> {
     Ok(f)
 }
 
-/// A switch port of `mbit`: tbf on `dev`'s egress, with a buffer of about 10 ms.
+/// A link of `mbit` at `dev`'s egress, queued as a NIC queues by default: tbf for the
+/// wire's rate, with the kernel's default qdisc below it (pfifo_fast: three bands by
+/// packet priority, 1000 packets each; fq_codel, which some distributions default to,
+/// is not built into every kernel). tbf's bucket is smaller than a 64 KiB GSO packet, so
+/// those are cut to frames before they queue: the queue holds at most 1000 frames a
+/// band, about 12 ms at 1 Gbit/s, as a NIC with TSO sees it.
 fn shape(ns: &str, dev: &str, mbit: u32) -> Result<()> {
-    let burst = (u64::from(mbit) * 1_000_000 / 8 / 1000).max(64 << 10); // >= 1 ms
-    let st = std::process::Command::new("tc")
-        .args(["-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf"])
-        .args(["rate", &format!("{mbit}mbit")])
-        .args(["burst", &burst.to_string()])
-        .args(["latency", "10ms"])
-        .status()
-        .context("running tc")?;
-    if !st.success() {
-        bail!("tc qdisc replace dev {dev} root tbf failed in {ns}");
-    }
-    Ok(())
+    let tc = |args: &[&str]| -> Result<()> {
+        let st = std::process::Command::new("tc")
+            .args(["-n", ns])
+            .args(args)
+            .status()
+            .context("running tc")?;
+        if !st.success() {
+            bail!("tc {args:?} failed in {ns}");
+        }
+        Ok(())
+    };
+    tc(&[
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "handle",
+        "1:",
+        "tbf",
+        "rate",
+        &format!("{mbit}mbit"),
+        "burst",
+        "30000",
+        "latency",
+        "20ms",
+    ])?;
+    tc(&[
+        "qdisc",
+        "add",
+        "dev",
+        dev,
+        "parent",
+        "1:1",
+        "handle",
+        "10:",
+        "pfifo_fast",
+    ])
+}
+
+/// Packets this machine's per-CPU input backlog dropped so far (/proc/net/softnet_stat,
+/// second column): every frame crosses it twice between two namespaces, and a software
+/// bridge copies a broadcast into it once per seat. A real switch has no such queue; a
+/// count here means the lab itself lost packets.
+fn backlog_drops() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .sum()
+}
+
+/// Packets the link's queue dropped so far (the pfifo_fast below tbf).
+fn link_drops(ns: &str, dev: &str) -> u64 {
+    let out = std::process::Command::new("tc")
+        .args(["-s", "-n", ns, "qdisc", "show", "dev", dev])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.split("qdisc ")
+        .filter(|q| q.starts_with("pfifo_fast"))
+        .filter_map(|q| {
+            let at = q.find("(dropped ")? + "(dropped ".len();
+            q[at..].split(',').next()?.trim().parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// rx and tx bytes of `dev` in `ns`.
@@ -325,6 +384,8 @@ fn storm(
         }
         let cpu0 = server.cpu_seconds();
         let (rx0, tx0) = link_bytes(host, "eth0")?;
+        let drops0 = link_drops(host, "eth0");
+        let backlog0 = backlog_drops();
         let start = monotonic() + 0.2;
         std::fs::write(run_dir.join("go"), format!("{start:.6}"))?;
         for pid in &pids {
@@ -360,6 +421,8 @@ fn storm(
         // A forking server reaps its children a moment after their clients leave.
         std::thread::sleep(Duration::from_millis(500));
         let (rx1, tx1) = link_bytes(host, "eth0")?;
+        let drops = link_drops(host, "eth0") - drops0;
+        let backlog = backlog_drops().saturating_sub(backlog0);
         let cpu = server.cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
         let mut results = Vec::new();
         for i in 0..seats.len() {
@@ -390,6 +453,8 @@ fn storm(
             },
             seats: results,
             wire_bytes: (rx1 - rx0) + (tx1 - tx0),
+            drops,
+            backlog,
             cpu_seconds: cpu,
         })
     })();

@@ -63,6 +63,10 @@ pub struct Outcome {
     pub seats: Vec<SeatResult>,
     /// Both directions of the server's link.
     pub wire_bytes: u64,
+    /// Packets its queue dropped towards the seats.
+    pub drops: u64,
+    /// Packets the lab's host dropped in its input backlog (any namespace).
+    pub backlog: u64,
     pub cpu_seconds: Option<f64>,
 }
 
@@ -156,7 +160,7 @@ pub fn print(a: &Args, t: &Trace, all: &[Outcome]) {
     let limit = payload as f64 * 8.0 / (f64::from(a.link) * 1e6);
     println!();
     println!(
-        "Storm: {} seats switched on together ({}), the server's link shaped to {} Mbit/s (tc tbf, both directions)",
+        "Storm: {} seats switched on together ({}), the server's link shaped to {} Mbit/s (tc tbf with pfifo_fast below, both directions)",
         a.seats,
         if a.ramp > 0.0 {
             format!("ramp of {} s", a.ramp)
@@ -228,6 +232,12 @@ pub fn print(a: &Args, t: &Trace, all: &[Outcome]) {
     row("bytes on the server's link (MB)", &|o| {
         format!("{:.0}", mb(o.wire_bytes))
     });
+    row("packets dropped at the server's link", &|o| {
+        o.drops.to_string()
+    });
+    row("  and in the host's backlog (lab)", &|o| {
+        o.backlog.to_string()
+    });
     row("server CPU (s)", &|o| secs(o.cpu_seconds));
     row("time / link limit", &|o| {
         o.last_done()
@@ -250,7 +260,7 @@ pub fn print(a: &Args, t: &Trace, all: &[Outcome]) {
     if let (Some(v), Some(p)) = (med(&v), med(&p)) {
         println!(
             "{:<34} {:>24}",
-            "LTSP time / vdd time",
+            "peer time / vdd time",
             format!("{:.2}x", p / v)
         );
     }
@@ -300,6 +310,8 @@ mod tests {
             label: "ltsp",
             seats: vec![seat("10.77.1.1"), seat("10.77.1.2"), seat("10.77.1.1")],
             wire_bytes: 0,
+            drops: 0,
+            backlog: 0,
             cpu_seconds: None,
         };
         assert_eq!(o.duplicates(), 1);

@@ -189,7 +189,10 @@ image = "{guest}"
     let mut cmd = Lab::cmd(ns, vdd);
     cmd.args(["serve", "--config"])
         .arg(&cfg)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
