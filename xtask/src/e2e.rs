@@ -431,7 +431,7 @@ pub fn is_magenta(p: &[u8]) -> bool {
 
 /// Most of the guest's 720x400 screen must be there: its background is magenta but for
 /// the banner's letters.
-const GUEST_SCREEN_MAGENTA: usize = 720 * 400 * 3 / 4;
+pub const GUEST_SCREEN_MAGENTA: usize = 720 * 400 * 3 / 4;
 
 /// Waits until the thin client's screen shows the demo guest (its magenta screen, through
 /// VNC), then saves a PNG of it as `target/e2e/NAME-screenshot.png`. Returns when it

@@ -144,6 +144,11 @@ impl Qemu {
         self.started.elapsed()
     }
 
+    /// True while QEMU has not exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits until QEMU exits (the interactive demo: the user quits with Ctrl-A X).
     pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
         Ok(self.child.wait()?)
