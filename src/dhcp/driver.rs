@@ -161,6 +161,7 @@ impl Driver {
         let limiter = WarnLimit::new(1, Duration::from_secs(1));
         let mut new_clients =
             NewClients::new(live.get().dhcp.new_clients_per_minute, Instant::now());
+        let mut per_mac = PerMac::new(Instant::now());
         let mut unicast = Unicast {
             fd: main.as_raw_fd(),
             interface: live.get().server.interface.clone(),
@@ -206,6 +207,12 @@ impl Driver {
                 }
             };
             hub.dhcp_received(&p);
+            if !per_mac.allow(p.mac, Instant::now()) {
+                if let Some(dropped) = limiter.allow() {
+                    warn!(mac = %p.mac, dropped, per_second = PER_MAC_PER_SECOND, "a client sends more DHCP messages a second than any boot needs (a PXE ROM stuck in a loop?); the rest of this second's are left unanswered");
+                }
+                continue;
+            }
             if port == Port::Dhcp
                 && is_new_client(&p, &cfg, &table)
                 && !new_clients.take(Instant::now())
@@ -420,6 +427,49 @@ fn is_new_client(p: &codec::Packet, cfg: &Config, table: &LeaseTable) -> bool {
         && table.of_mac(&p.mac).is_none()
 }
 
+/// Messages one MAC may have answered per second. A booting client sends a DISCOVER and
+/// a REQUEST, and retries after a second or more; a PXE ROM stuck in a loop sends
+/// thousands, and each answer costs a decision, an encode and a send (and an OFFER holds
+/// an address) while every other seat of a booting room waits in the same queue.
+const PER_MAC_PER_SECOND: u32 = 8;
+
+/// The per-MAC budget: [`PER_MAC_PER_SECOND`] messages in each one-second window of a MAC.
+struct PerMac {
+    seen: std::collections::HashMap<crate::config::Mac, (Instant, u32)>,
+    pruned: Instant,
+}
+
+/// MACs tracked at most: a flood of made-up MACs (each of which sends few messages, and
+/// meets `new_clients_per_minute` instead) cannot grow the table past this.
+const PER_MAC_TRACKED: usize = 1 << 16;
+
+impl PerMac {
+    fn new(now: Instant) -> PerMac {
+        PerMac {
+            seen: Default::default(),
+            pruned: now,
+        }
+    }
+
+    fn allow(&mut self, mac: crate::config::Mac, now: Instant) -> bool {
+        let window = Duration::from_secs(1);
+        if now.saturating_duration_since(self.pruned) >= window {
+            self.seen
+                .retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
+            self.pruned = now;
+        }
+        if self.seen.len() >= PER_MAC_TRACKED && !self.seen.contains_key(&mac) {
+            return true;
+        }
+        let (start, n) = self.seen.entry(mac).or_insert((now, 0));
+        if now.saturating_duration_since(*start) >= window {
+            (*start, *n) = (now, 0);
+        }
+        *n += 1;
+        *n <= PER_MAC_PER_SECOND
+    }
+}
+
 /// The token bucket of [`Config`]'s `dhcp.new_clients_per_minute`: that many new clients
 /// at once, refilled at that many a minute. One host sending DISCOVERs from random MACs
 /// (the classic pool-starvation attack) gets that many addresses a minute, not the pool.
@@ -552,6 +602,27 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(s.priority().unwrap(), crate::netif::TC_PRIO_INTERACTIVE);
+    }
+
+    #[test]
+    fn one_mac_gets_a_few_answers_a_second() {
+        let t = Instant::now();
+        let mut g = PerMac::new(t);
+        let (a, b) = (crate::config::Mac([2; 6]), crate::config::Mac([3; 6]));
+        let n = (0..100).filter(|_| g.allow(a, t)).count();
+        assert_eq!(n, PER_MAC_PER_SECOND as usize);
+        // Another MAC is not held back by the first.
+        assert!(g.allow(b, t + Duration::from_millis(10)));
+        // The next second, the stuck one is answered again, as few times.
+        let later = t + Duration::from_millis(1100);
+        assert_eq!(
+            (0..100).filter(|_| g.allow(a, later)).count(),
+            PER_MAC_PER_SECOND as usize
+        );
+        // Quiet MACs leave the table.
+        let much_later = t + Duration::from_secs(5);
+        assert!(g.allow(b, much_later));
+        assert_eq!(g.seen.len(), 1);
     }
 
     #[test]
