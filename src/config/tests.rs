@@ -331,6 +331,22 @@ fn x11_keys() {
             "{e}"
         );
     }
+    // The one-time VNC password's lifetime, from when the seat is handed it.
+    assert_eq!(
+        parse(GOOD).unwrap().dispatch.password_lifetime,
+        Duration::from_secs(60)
+    );
+    let c = parse(&format!("{GOOD}\n[dispatch]\npassword_lifetime = \"5s\"\n")).unwrap();
+    assert_eq!(c.dispatch.password_lifetime, Duration::from_secs(5));
+    for t in ["0s", "1h", "soon"] {
+        let e = err(&format!(
+            "{GOOD}\n[dispatch]\npassword_lifetime = \"{t}\"\n"
+        ));
+        assert!(
+            e.starts_with(&format!("dispatch.password_lifetime = {t:?}")),
+            "{e}"
+        );
+    }
     // vdd must hand out the guest's address itself to know it.
     for mode in ["proxy", "off"] {
         let s = GOOD

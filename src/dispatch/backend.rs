@@ -29,6 +29,15 @@ use super::qemu::VmSpec;
 use super::Error;
 use crate::config::Mac;
 
+/// A display password and how long it opens the display from the moment it is set
+/// (`dispatch.password_lifetime`): its lifetime starts when the seat is handed it, right
+/// before its viewer connects, not when the session was created. No `Debug`: it is a secret.
+#[derive(Clone)]
+pub struct OneTime {
+    pub password: String,
+    pub valid_for: Duration,
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// A running VM, as the dispatcher holds it.
     type Vm: Send + Sync + 'static;
@@ -44,7 +53,7 @@ pub trait Backend: Send + Sync + 'static {
     fn start(
         &self,
         spec: VmSpec,
-        password: Option<String>,
+        password: Option<OneTime>,
     ) -> impl Future<Output = Result<(Self::Vm, Self::Saved), Error>> + Send;
 
     /// The VM of session `session` (folder `dir`) that a previous run left, if it still
@@ -64,7 +73,7 @@ pub trait Backend: Send + Sync + 'static {
     fn set_password(
         &self,
         vm: Self::Control,
-        password: String,
+        password: OneTime,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Whether a viewer is connected to the VM's display now.

@@ -387,6 +387,14 @@ impl<B: Backend> Dispatcher<B> {
         self.cfg.get()
     }
 
+    /// A new display password, valid for `dispatch.password_lifetime` from when it is set.
+    fn one_time(&self) -> backend::OneTime {
+        backend::OneTime {
+            password: new_password(),
+            valid_for: self.cfg().dispatch.password_lifetime,
+        }
+    }
+
     /// MiB of guest memory all VMs together may use (`dispatch.memory_budget`).
     fn budget_mib(&self) -> u64 {
         self.cfg()
@@ -502,11 +510,12 @@ impl<B: Backend> Dispatcher<B> {
             }
             (self.backend.control(&s.vm), self.info(s, None))
         };
-        let password = new_password();
+        let password = self.one_time();
+        let valid_for = password.valid_for;
         self.backend.set_password(control, password.clone()).await?;
-        info!(session = %id, mac = %info.seat, guest = %info.guest, "new one-time VNC password handed out");
+        info!(session = %id, mac = %info.seat, guest = %info.guest, valid_s = valid_for.as_secs(), "new one-time VNC password handed out");
         Ok(SessionInfo {
-            password: Some(password),
+            password: Some(password.password),
             ..info
         })
     }

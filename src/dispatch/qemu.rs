@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::process::Command;
 use tracing::{info, warn};
 
+use super::backend::OneTime;
 use super::Error;
 use crate::config::{Guest, Mac};
 use crate::{lan, tapfilter};
@@ -69,7 +70,7 @@ impl super::backend::Backend for Qemu {
     /// filter (`tapfilter.rs`) before it exists, so no frame of the guest ever passes
     /// unchecked. QEMU inherits the tap's only other descriptor; vdd's goes right after
     /// the spawn, so the tap lives exactly as long as the VM.
-    async fn start(&self, spec: VmSpec, password: Option<String>) -> Result<(Vm, Saved), Error> {
+    async fn start(&self, spec: VmSpec, password: Option<OneTime>) -> Result<(Vm, Saved), Error> {
         if !spec.guest.image.exists() {
             return Err(Error::MissingImage {
                 guest: spec.guest.name.clone(),
@@ -96,7 +97,7 @@ impl super::backend::Backend for Qemu {
         let tap_fd = tap
             .as_ref()
             .map(|(t, _)| std::os::fd::AsRawFd::as_raw_fd(&t.fd));
-        let started = start(self, &spec, tap_fd, password.as_deref()).await;
+        let started = start(self, &spec, tap_fd, password.as_ref()).await;
         if let (Err(_), Some((t, mac))) = (&started, &tap) {
             let _ = tapfilter::forget(&t.name, *mac);
         }
@@ -153,7 +154,7 @@ impl super::backend::Backend for Qemu {
         vm.qmp.clone()
     }
 
-    async fn set_password(&self, qmp: PathBuf, password: String) -> Result<(), Error> {
+    async fn set_password(&self, qmp: PathBuf, password: OneTime) -> Result<(), Error> {
         let mut q = Qmp::connect(&qmp, Duration::from_secs(5)).await?;
         set_password(&mut q, &password).await
     }
@@ -338,7 +339,7 @@ pub async fn start(
     qemu: &Qemu,
     spec: &VmSpec,
     tap_fd: Option<std::os::fd::RawFd>,
-    password: Option<&str>,
+    password: Option<&OneTime>,
 ) -> Result<Vm, Error> {
     if !spec.overlay.exists() {
         create_overlay(&spec.guest.image, &spec.overlay).await?;
@@ -465,17 +466,19 @@ pub async fn start(
     Ok(vm)
 }
 
-/// Sets the VNC password. It must be used within a minute; a viewer already connected
-/// stays connected (RFB authenticates once, at connect).
-pub async fn set_password(q: &mut Qmp, password: &str) -> Result<(), Error> {
+/// Sets the VNC password. It must be used within its lifetime from now; a viewer already
+/// connected stays connected (RFB authenticates once, at connect).
+pub async fn set_password(q: &mut Qmp, password: &OneTime) -> Result<(), Error> {
     q.execute(
         "set_password",
-        Some(json!({"protocol": "vnc", "password": password})),
+        Some(json!({"protocol": "vnc", "password": password.password})),
     )
     .await?;
+    // QEMU's "+N": N seconds from now (at least one: "+0" would be expired at once).
+    let secs = password.valid_for.as_secs().max(1);
     q.execute(
         "expire_password",
-        Some(json!({"protocol": "vnc", "time": "+60"})),
+        Some(json!({"protocol": "vnc", "time": format!("+{secs}")})),
     )
     .await?;
     Ok(())

@@ -55,11 +55,11 @@ impl<B: Backend> Dispatcher<B> {
                 let control = self.backend.control(&s.vm);
                 let reattached = self.info(s, None);
                 drop(st);
-                let password = new_password();
+                let password = self.one_time();
                 self.backend.set_password(control, password.clone()).await?;
                 info!(session = %rec.id, mac = %seat, guest = %rec.guest, "session reattached");
                 return Ok(SessionInfo {
-                    password: Some(password),
+                    password: Some(password.password),
                     ..reattached
                 });
             }
@@ -210,7 +210,7 @@ impl<B: Backend> Dispatcher<B> {
             overlay: overlay.clone(),
             display,
         };
-        let password = x11.is_none().then(new_password);
+        let password = x11.is_none().then(|| self.one_time());
         let started = self.backend.start(spec, password.clone()).await;
         // The backend undid its own part of a failed start; this is the dispatcher's.
         let release = |x: &Option<X11Rec>, vm_ran: bool| {
@@ -262,7 +262,7 @@ impl<B: Backend> Dispatcher<B> {
                 state,
                 probe: None,
             },
-            password,
+            password.map(|p| p.password),
         ))
     }
 }
