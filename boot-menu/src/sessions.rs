@@ -176,17 +176,28 @@ pub fn reset(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session,
     Ok(s)
 }
 
+/// The pipe in the thin-client root through which the viewer gets its one-time password
+/// (see [`vnc_script`]).
+pub const PASSWORD_FIFO: &str = "tmp/vdd-vnc-password";
+
 /// The command line of the VNC session in the thin-client root: an X server on the
 /// console with TigerVNC's viewer full screen, nothing else (no window manager). The
 /// viewer's exit code is kept in /tmp/vdd-viewer-exit: 0 means the user left with F8 ->
 /// "Exit viewer" (the session keeps running), anything else that the connection ended.
+///
+/// The password is read from the pipe [`PASSWORD_FIFO`] once X is up, into the viewer's
+/// environment (never its command line): boot-menu asks the server for it only when the
+/// pipe is opened, so however long the seat took to start X, the password's lifetime
+/// starts right before the viewer connects. No password (the server did not give one):
+/// no viewer, rather than TigerVNC's dialog asking for one.
 pub fn vnc_script(s: &Session) -> String {
     let host = s
         .host
         .map_or_else(|| "0.0.0.0".to_string(), |h| h.to_string());
     format!(
         "{INPUT}rm -f /tmp/vdd-viewer-exit; \
-         xinit /bin/sh -c 'xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8 \
+         xinit /bin/sh -c 'p=$(cat /{PASSWORD_FIFO}); [ -n \"$p\" ] || exit 0; \
+         VNC_PASSWORD=$p xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8 \
          -AlertOnFatalError=0 -ReconnectOnError=0 {host}::{port}; echo $? > /tmp/vdd-viewer-exit' \
          -- /usr/bin/Xorg :0 vt1 -nolisten tcp -noreset -keeptty 2>&1 | tail -n 20; {INPUT_END}",
         port = s.port
@@ -246,6 +257,9 @@ mod tests {
         assert!(vnc_script(&s)
             .contains("xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8"));
         assert!(vnc_script(&s).contains("10.77.0.1::5910"));
+        // The password comes through the pipe into the viewer's environment, once X is up.
+        assert!(vnc_script(&s).contains("p=$(cat /tmp/vdd-vnc-password)"));
+        assert!(vnc_script(&s).contains("VNC_PASSWORD=$p xtigervncviewer"));
         assert!(
             !vnc_script(&s).contains("AbCd2345"),
             "the password must not be on a command line"
