@@ -39,7 +39,7 @@ use serde::Deserialize;
 pub use boot::Boot;
 pub use dhcp::{Dhcp, DhcpMode, Host};
 pub use dispatch::{AccelChoice, Dispatch};
-pub use guest::{Display, Guest};
+pub use guest::{Display, Guest, Start};
 pub use http::Http;
 pub use live::Live;
 pub use nbd::{Export, ExportMode, Nbd};
@@ -293,6 +293,14 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
     }
     let guests = guest::guests(w.guest, &cx)?;
     let dispatch = Dispatch::try_from(w.dispatch)?;
+    let warm: usize = guests.iter().map(|g| g.warm).sum();
+    if warm > dispatch.max_vms {
+        return Err(invalid(
+            "dispatch.max_vms",
+            dispatch.max_vms,
+            format!("at least the {warm} warm VMs the [[guest]] entries keep (their `warm`), plus room for the seats"),
+        ));
+    }
     Ok(Config {
         path: path.to_path_buf(),
         server,
