@@ -7,6 +7,10 @@
 //! nothing about sessions itself; what it needs to find a VM again after a crash is its
 //! own type ([`Backend::Saved`]), kept in the session's record, not a pid the dispatcher
 //! has to understand.
+//!
+//! Warm pools (`warm.rs`) and saved states (`saved.rs`) are the dispatcher's; a backend
+//! only starts a VM from a saved state ([`VmSpec::restore`]), saves one
+//! ([`Backend::save_state`]), and says what a guest does ([`Backend::activity`]).
 
 use std::future::Future;
 use std::path::Path;
@@ -16,6 +20,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::qemu::VmSpec;
+use super::saved::Activity;
+use super::screen::Screen;
 use super::Error;
 use crate::config::Mac;
 
@@ -30,7 +36,9 @@ pub trait Backend: Send + Sync + 'static {
     /// For log lines: what runs the VMs ("qemu, tcg").
     fn describe(&self) -> String;
 
-    /// Starts the VM of `spec`; a VNC guest's display takes `password`.
+    /// Starts the VM of `spec`; a VNC guest's display takes `password`. With
+    /// `spec.restore`, the VM resumes from that saved state instead of booting, and a
+    /// state that does not load is [`Error::Restore`] (the dispatcher then boots it cold).
     fn start(
         &self,
         spec: VmSpec,
@@ -72,4 +80,25 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Undoes an X11 guest's LAN side once its VM is gone.
     fn release_lan(&self, tap: &str, mac: Mac) -> Result<(), Error>;
+
+    /// What a saved state depends on besides the guest's own settings: a state saved by
+    /// one hypervisor (or build of it) restores only on the same one.
+    fn state_tag(&self) -> String;
+
+    /// Saves the RAM and device state of the running `vm` to the new file `state`: the VM
+    /// is paused first and its disk flushed, so its disk as it is now and `state` belong
+    /// together. The VM stays paused; the caller stops it. Returns the file's size.
+    fn save_state(
+        &self,
+        vm: &mut Self::Vm,
+        state: &Path,
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// What the guest does now, to tell when it is up (see `saved::settled`): a digest of
+    /// its screen and the CPU time its VM has used. `None` when the VM cannot be asked.
+    fn activity(&self, vm: Self::Control) -> impl Future<Output = Option<Activity>> + Send;
+
+    /// The size of the guest's screen now (`None` when it cannot be asked): the seat's
+    /// viewer scales a guest that did not take the seat's size to fit.
+    fn screen_size(&self, vm: Self::Control) -> impl Future<Output = Option<Screen>> + Send;
 }
