@@ -9,5 +9,6 @@ pub mod menu;
 pub mod modules;
 pub mod nbd;
 pub mod net;
+pub mod screen;
 pub mod session;
 pub mod sessions;

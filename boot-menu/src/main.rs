@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context, Result};
 use boot_menu::menu::{Action, Key, Menu};
-use boot_menu::{cmdline, dhcp, guests, modules, nbd, net, session, sessions};
+use boot_menu::{cmdline, dhcp, guests, modules, nbd, net, screen, session, sessions};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// The stable prefix end-to-end tests match on the serial console.
@@ -321,7 +321,13 @@ fn session(
     // USB keyboards and mice enumerate only after their host controller's driver loaded
     // at boot: load the drivers of devices that turned up since then.
     load_modules(con)?;
-    let s = sessions::create(server, &guest.name, HTTP_TIMEOUT)
+    // The monitor's preferred mode, so the guest starts at the size of this screen.
+    let monitor = screen::preferred(Path::new("/sys"));
+    match monitor {
+        Some(m) => con.say(&format!("screen: {}x{}", m.width, m.height)),
+        None => con.say("screen: unknown (no DRM driver for this graphics card)"),
+    }
+    let s = sessions::create(server, &guest.name, monitor, HTTP_TIMEOUT)
         .with_context(|| format!("starting {} on the server", guest.title()))?;
     con.say(&format!(
         "session {} for {}: {} on {} ({})",
