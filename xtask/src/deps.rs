@@ -34,7 +34,7 @@ impl Purpose {
         match self {
             Purpose::Demo => &["lab", "qemu", "images"],
             Purpose::Test => &["lab", "qemu", "images", "peers", "xdm"],
-            Purpose::Bench => &["lab", "qemu", "images", "peers"],
+            Purpose::Bench => &["lab", "qemu", "images", "peers", "x11-check"],
             Purpose::GuestX11 => &["lab", "qemu", "images", "peers", "x11-check"],
         }
     }
