@@ -8,7 +8,7 @@
 //!
 //! Every wait is a poll with a deadline; times are printed, never asserted.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,47 +35,17 @@ fn skip() -> Option<String> {
     ])
 }
 
-/// The test's folder, with its own copy of the demo guest's image (the tests change it).
-struct Dir(PathBuf);
+#[path = "common/vmdir.rs"]
+mod vmdir;
+use vmdir::{vms_under, VmDir};
 
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vdd-instant-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        let img = xtask::image::guest_demo(false).expect("building the demo guest");
-        std::fs::copy(img, d.join("demo.img")).unwrap();
-        Dir(d)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        // VMs of a failed test: every session's and every save's, by their pids.
-        for pid in pids_under(&self.0) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// QEMUs whose command line names a file under `dir`.
-fn pids_under(dir: &Path) -> Vec<u32> {
-    let want = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&want))
-                .unwrap_or(false)
-        })
-        .collect()
+/// The test's folder (its VMs killed with it), with its own copy of the demo guest's
+/// image: the tests change it.
+fn test_dir(tag: &str) -> VmDir {
+    let d = VmDir::new(tag);
+    let img = xtask::image::guest_demo(false).expect("building the demo guest");
+    std::fs::copy(img, d.join("demo.img")).unwrap();
+    d
 }
 
 fn config(dir: &Path, guests: &str, max_vms: usize, ports: u16) -> Arc<Config> {
@@ -209,7 +179,7 @@ async fn warm_pool_refills_gives_way_and_is_rebuilt() {
         eprintln!("skipping: {why}");
         return;
     }
-    let dir = Dir::new("warm");
+    let dir = test_dir("instant-warm");
     let base = 6300 + (std::process::id() % 40) as u16 * 10;
     let guests = r#"
 [[guest]]
@@ -222,13 +192,13 @@ name = "other"
 image = "IMAGE"
 memory = "128M"
 "#;
-    let cfg = config(&dir.0, guests, 2, base);
-    let image_before = std::fs::read(dir.0.join("demo.img")).unwrap();
+    let cfg = config(&dir, guests, 2, base);
+    let image_before = std::fs::read(dir.join("demo.img")).unwrap();
     let d = Dispatcher::new(cfg).await.unwrap();
     let token = CancellationToken::new();
     let run = tokio::spawn(d.clone().run(token.clone()));
     let warm_ids = || {
-        let mut v: Vec<String> = std::fs::read_dir(dir.0.join("state/sessions"))
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("state/sessions"))
             .into_iter()
             .flatten()
             .flatten()
@@ -256,8 +226,7 @@ memory = "128M"
     assert_eq!(first.len(), 1);
     // Its display takes no password at all until a seat picks it.
     let port = std::fs::read(
-        dir.0
-            .join("state/sessions")
+        dir.join("state/sessions")
             .join(&first[0])
             .join("session.json"),
     )
@@ -317,7 +286,7 @@ memory = "128M"
     .await;
 
     // What seat 1 wrote is not on the disk of seat 4's warm VM.
-    let c = writes_stay_with_their_seat(&dir.0, &d, &a, 4, "demo").await;
+    let c = writes_stay_with_their_seat(&dir, &d, &a, 4, "demo").await;
     assert_eq!(c.start, "warm");
     d.end(&c.id, Who::Admin).await.unwrap();
 
@@ -329,7 +298,7 @@ memory = "128M"
     .await;
     let img = std::fs::OpenOptions::new()
         .write(true)
-        .open(dir.0.join("demo.img"))
+        .open(dir.join("demo.img"))
         .unwrap();
     img.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
         .unwrap();
@@ -382,9 +351,9 @@ memory = "128M"
 
     token.cancel();
     run.await.unwrap();
-    assert!(pids_under(&dir.0).is_empty(), "VMs outlived the dispatcher");
+    assert!(vms_under(&dir).is_empty(), "VMs outlived the dispatcher");
     assert_eq!(
-        std::fs::read(dir.0.join("demo.img")).unwrap(),
+        std::fs::read(dir.join("demo.img")).unwrap(),
         image_before,
         "the base image was written"
     );
@@ -396,7 +365,7 @@ async fn saved_state_starts_restarts_and_falls_back() {
         eprintln!("skipping: {why}");
         return;
     }
-    let dir = Dir::new("saved");
+    let dir = test_dir("instant-saved");
     let base = 6700 + (std::process::id() % 40) as u16 * 10;
     let guests = r#"
 [[guest]]
@@ -405,7 +374,7 @@ image = "IMAGE"
 memory = "128M"
 start = "saved"
 "#;
-    let cfg = config(&dir.0, guests, 4, base);
+    let cfg = config(&dir, guests, 4, base);
     let d = Dispatcher::new(cfg.clone()).await.unwrap();
     let token = CancellationToken::new();
     let run = tokio::spawn(d.clone().run(token.clone()));
@@ -425,7 +394,7 @@ start = "saved"
         saved.disk_mib
     );
     assert_eq!(usage(&d).await.vms, 0);
-    let saved_dir = std::fs::read_dir(dir.0.join("state/saved/demo"))
+    let saved_dir = std::fs::read_dir(dir.join("state/saved/demo"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -462,7 +431,7 @@ start = "saved"
         t.elapsed().as_secs_f64() + shows_guest(&r, Duration::from_secs(60)).await
     );
     // What seat 1 wrote is not on seat 2's disk, which sits on the same frozen one.
-    let b = writes_stay_with_their_seat(&dir.0, &d, &r, 2, "demo").await;
+    let b = writes_stay_with_their_seat(&dir, &d, &r, 2, "demo").await;
     assert_eq!(b.start, "saved");
     d.end(&b.id, Who::Admin).await.unwrap();
 
@@ -508,7 +477,7 @@ start = "saved"
     d.end(&f.id, Who::Admin).await.unwrap();
 
     // A missing one: the same.
-    let saved_dir = std::fs::read_dir(dir.0.join("state/saved/demo"))
+    let saved_dir = std::fs::read_dir(dir.join("state/saved/demo"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -522,5 +491,5 @@ start = "saved"
 
     token.cancel();
     run.await.unwrap();
-    assert!(pids_under(&dir.0).is_empty(), "VMs outlived the dispatcher");
+    assert!(vms_under(&dir).is_empty(), "VMs outlived the dispatcher");
 }

@@ -371,8 +371,14 @@ pub fn free_display() -> Result<u32> {
 /// `xwd -root` of the display (from inside the namespace: Xvfb's abstract socket is
 /// per network namespace), converted to PPM by netpbm.
 pub fn screenshot_ppm(ns: &str, display: u32, ppm: &Path) -> Result<()> {
+    xwd_ppm(ns, &format!(":{display}"), ppm)
+}
+
+/// [`screenshot_ppm`] of any X display name (`127.0.0.1:0` reaches the one in `ns` over
+/// TCP, whatever X server `:0` the machine's /tmp may hold).
+pub fn xwd_ppm(ns: &str, display: &str, ppm: &Path) -> Result<()> {
     let xwd = Lab::cmd(ns, "xwd")
-        .args(["-display", &format!(":{display}"), "-root", "-silent"])
+        .args(["-display", display, "-root", "-silent"])
         .stderr(Stdio::null())
         .output()?;
     if !xwd.status.success() || xwd.stdout.is_empty() {

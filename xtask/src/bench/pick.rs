@@ -17,8 +17,8 @@
 //! again (the refill time) or the state is saved. With `images/out/guest-x11.qcow2`, an
 //! X11 guest with `warm = 1` too: POST to the greeter on `Xvfb -query GUEST` in the seat's
 //! namespace (the thin client's part, as `e2e guest-x11` plays it). The memory the server
-//! holds is vdd's RSS plus its VMs', sampled right before each pick (the cost of waiting
-//! ready) and at its highest.
+//! holds for a way is vdd's RSS plus that guest's VMs' (warm, in session, being saved),
+//! sampled right before each pick (the cost of waiting ready) and at its highest.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -160,7 +160,7 @@ pub fn run(a: Args) -> Result<()> {
     let (rows, failed) = result?;
     let status = crate::e2e::in_netns(&seat.ns, || api("GET", "/api/v1/status", None, None)).ok();
     drop(lab);
-    report(&rows, picks, status.as_ref().map(|s| &s.1));
+    report(&rows, status.as_ref().map(|s| &s.1));
     if failed.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
@@ -299,7 +299,10 @@ fn ready_for(guest: &str) -> impl Fn(&Value) -> bool + '_ {
         match guest {
             "warm" => saved && s["warm_up"].as_u64() >= Some(1) && s["starting"] == 0,
             "saved" => saved,
-            "x11" => s["warm_up"].as_u64() >= Some(1),
+            // Every warm VM up: the demo guests' (when measured) and the X11 guest's.
+            "x11" => {
+                s["warm_up"] == s["warm"] && s["warm"].as_u64() >= Some(1) && s["starting"] == 0
+            }
             _ => true,
         }
     }
@@ -320,9 +323,9 @@ fn vnc_picks(
     };
     eprintln!("bench: {how}: waiting until it is ready");
     wait_status(guest, ready_for(guest))?;
-    let sampler = Sampler::start(vdd, state);
+    let sampler = Sampler::start(vdd, state, guest);
     for i in 0..picks {
-        row.rss_ready.push(rss_mib(vdd, state));
+        row.rss_ready.push(rss_mib(vdd, state, guest));
         let t0 = Instant::now();
         let s = post_session(guest)?;
         row.answer.push(t0.elapsed().as_secs_f64());
@@ -384,7 +387,7 @@ fn vnc_picks(
 }
 
 fn x11_picks(ns: &str, picks: usize, vdd: u32, state: &Path) -> Result<Row> {
-    use crate::e2e_guest_x11::{count_rgb, screenshot_ppm, GREETER_BOX_RGB, GREETER_ROOT_RGB};
+    use crate::e2e_guest_x11::{count_rgb, xwd_ppm, GREETER_BOX_RGB, GREETER_ROOT_RGB};
     let mut row = Row {
         name: "x11".into(),
         how: "X11 greeter, warm pool hit (warm = 1)".into(),
@@ -392,10 +395,10 @@ fn x11_picks(ns: &str, picks: usize, vdd: u32, state: &Path) -> Result<Row> {
     };
     eprintln!("bench: {}: waiting until it is ready", row.how);
     wait_status("x11", ready_for("x11"))?;
-    let sampler = Sampler::start(vdd, state);
+    let sampler = Sampler::start(vdd, state, "x11");
     let ppm = std::env::temp_dir().join(format!("bench-pick-{}.ppm", std::process::id()));
     for i in 0..picks {
-        row.rss_ready.push(rss_mib(vdd, state));
+        row.rss_ready.push(rss_mib(vdd, state, "x11"));
         let t0 = Instant::now();
         let s = post_session("x11")?;
         row.answer.push(t0.elapsed().as_secs_f64());
@@ -413,21 +416,23 @@ fn x11_picks(ns: &str, picks: usize, vdd: u32, state: &Path) -> Result<Row> {
         // Display :0, as on a thin client: the guests' tap filter lets X11 through to
         // TCP 6000 only. Its lock and socket files go to a /tmp of its own (a private
         // mount namespace), so an X server :0 elsewhere on this machine is no obstacle;
-        // clients reach it over the abstract socket, per network namespace.
+        // the screenshots reach it over TCP. No -once: the screenshot's own connection
+        // ending before the greeter's would end the server.
         let display = 0;
+        let xlog = state.with_file_name("xvfb.log");
         let mut xvfb = std::process::Command::new("unshare")
             .args(["--mount", "sh", "-c"])
             .arg(format!(
-                "mount -t tmpfs vdd-bench /tmp && exec Xvfb :{display} -query {host} -listen tcp -ac -once \
+                "mount -t tmpfs vdd-bench /tmp && exec Xvfb :{display} -query {host} -listen tcp -ac \
                  -screen 0 1024x768x24 -fp built-ins"
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&xlog)?)
             .spawn()
             .context("starting Xvfb")?;
         let greeter = loop {
-            if screenshot_ppm(ns, display, &ppm).is_ok() {
+            if xwd_ppm(ns, "127.0.0.1:0", &ppm).is_ok() {
                 let px = std::fs::read(&ppm)?;
                 let all = 1024 * 768;
                 if count_rgb(&px, GREETER_ROOT_RGB)? * 4 >= all
@@ -436,10 +441,18 @@ fn x11_picks(ns: &str, picks: usize, vdd: u32, state: &Path) -> Result<Row> {
                     break t0.elapsed().as_secs_f64();
                 }
             }
-            if t0.elapsed() > LIMIT {
+            let ended = xvfb.try_wait()?;
+            if t0.elapsed() > LIMIT || ended.is_some() {
                 let _ = xvfb.kill();
                 let _ = xvfb.wait();
-                bail!("no greeter on Xvfb within {LIMIT:?}");
+                let said = std::fs::read_to_string(&xlog).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(8).collect();
+                bail!(
+                    "no greeter on Xvfb within {:.0} s (Xvfb {}); it said: {}",
+                    t0.elapsed().as_secs_f64(),
+                    ended.map_or("still running".to_string(), |e| format!("ended: {e}")),
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         };
@@ -461,30 +474,45 @@ fn x11_picks(ns: &str, picks: usize, vdd: u32, state: &Path) -> Result<Row> {
     Ok(row)
 }
 
-/// MiB of RSS of vdd and of every VM under its state folder.
-fn rss_mib(vdd: u32, state: &Path) -> f64 {
-    let rss = |pid: u32| -> f64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    let want = state.display().to_string();
-    let vms: f64 = std::fs::read_dir("/proc")
+/// MiB of RSS of process `pid`.
+fn rss_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// MiB of RSS of vdd and of `guest`'s VMs: its sessions' and warm ones (by their records
+/// in the state folder) and one booted to be saved (its command line names the guest's
+/// folder of saved states). The other guests' VMs are another way's cost.
+fn rss_mib(vdd: u32, state: &Path, guest: &str) -> f64 {
+    let sessions: f64 = std::fs::read_dir(state.join("sessions"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("session.json")).ok())
+        .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+        .filter(|r| r["guest"] == guest)
+        .filter_map(|r| r["pid"].as_u64())
+        .map(|pid| rss_of(pid as u32))
+        .sum();
+    let saving = state.join("saved").join(guest).join("new-");
+    let saving = saving.display().to_string();
+    let savers: f64 = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&want))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&saving))
         })
-        .map(rss)
+        .map(rss_of)
         .sum();
-    rss(vdd) + vms
+    rss_of(vdd) + sessions + savers
 }
 
 /// Samples [`rss_mib`] every 200 ms on a thread of its own, keeping the highest.
@@ -494,13 +522,13 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn start(vdd: u32, state: &Path) -> Sampler {
+    fn start(vdd: u32, state: &Path, guest: &str) -> Sampler {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s, state) = (stop.clone(), state.to_path_buf());
+        let (s, state, guest) = (stop.clone(), state.to_path_buf(), guest.to_string());
         let thread = std::thread::spawn(move || {
             let mut max: f64 = 0.0;
             while !s.load(std::sync::atomic::Ordering::SeqCst) {
-                max = max.max(rss_mib(vdd, &state));
+                max = max.max(rss_mib(vdd, &state, &guest));
                 std::thread::sleep(Duration::from_millis(200));
             }
             max
@@ -525,9 +553,9 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[rank.min(v.len()) - 1]
 }
 
-fn report(rows: &[Row], picks: usize, status: Option<&Value>) {
+fn report(rows: &[Row], status: Option<&Value>) {
     println!(
-        "\nbench pick: {picks} picks per way, seat screen {}x{}, seconds (p50 / p95); memory = RSS of vdd and its VMs",
+        "\nbench pick: seat screen {}x{}, seconds (p50 / p95); memory = MiB RSS of vdd and the way's VMs",
         SCREEN.0, SCREEN.1
     );
     println!(
@@ -549,8 +577,9 @@ fn report(rows: &[Row], picks: usize, status: Option<&Value>) {
     };
     for r in rows {
         println!(
-            "{:<40} {:>15} {:>17} {:>15} {:>15} {:>13.0} {:>10.0}",
+            "{:<40} {:>5} {:>15} {:>17} {:>15} {:>15} {:>9.0} {:>9.0}",
             r.how,
+            r.frame.len(),
             two(&r.answer),
             two(&r.frame),
             two(&r.reset),
