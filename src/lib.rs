@@ -2,7 +2,9 @@
 //!
 //! `ls src` is the architecture: one folder per service (`dhcp`, `tftp`, `http`, `nbd`),
 //! `boot` for the policy they share, `config` for the admin's file, `lan` for the bridge
-//! and taps of X11 guests, `xdmcp` for asking their display managers whether they are up.
+//! and taps of X11 guests, `xdmcp` for asking their display managers whether they are up,
+//! `telemetry` for what the admin sees of the seats (boot timelines, recent events) and
+//! `metrics` for `/metrics`.
 //!
 //! Every service has the same shape: `Service::bind(config)` takes its sockets (so a port
 //! in use stops `vdd serve` before anything is served) and `Service::run(shutdown)` serves
@@ -16,12 +18,14 @@ pub mod dhcp;
 pub mod dispatch;
 pub mod http;
 pub mod lan;
+pub mod metrics;
 pub mod nbd;
 pub mod ndp;
 pub mod netif;
 pub mod peers;
 pub mod reload;
 pub mod tapfilter;
+pub mod telemetry;
 pub mod tftp;
 pub mod warnlimit;
 pub mod xdmcp;

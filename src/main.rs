@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -64,20 +65,33 @@ fn notify(state: sd_notify::NotifyState) {
 }
 
 fn main() -> std::process::ExitCode {
-    let log = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Under systemd the journal stamps every line itself: no second timestamp, and no
     // terminal colours in it.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        log.without_time().with_ansi(false).init();
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(!journal);
+    let log = if journal {
+        log.without_time().with_filter(filter).boxed()
     } else {
-        log.init();
-    }
-    match run(Cli::parse()) {
+        log.with_filter(filter).boxed()
+    };
+    // The panel's recent events: what the log says about seats and sessions, at `info`
+    // and above whatever RUST_LOG asks of the log itself.
+    let events = Arc::new(vdd::telemetry::events::Events::default());
+    tracing_subscriber::registry()
+        .with(log)
+        .with(
+            vdd::telemetry::events::EventLayer(events.clone())
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .init();
+    match run(Cli::parse(), events) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vdd: error: {e:#}");
@@ -86,7 +100,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, events: Arc<vdd::telemetry::events::Events>) -> Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => {
             // As written, for a reload to tell what the admin changed.
@@ -113,7 +127,7 @@ fn run(cli: Cli) -> Result<()> {
                         None
                     };
                     bind_interface(&mut cfg, true)?;
-                    serve(Arc::new(cfg), file, bridge).await
+                    serve(Arc::new(cfg), file, bridge, vdd::telemetry::Hub::new(events)).await
                 })
         }
         Cmd::Check { config } => {
@@ -237,6 +251,22 @@ fn status(cfg: &Config, out: &mut dyn std::io::Write) -> Result<()> {
             n(&s["memory_mib"]),
             n(&s["memory_budget_mib"])
         )?;
+        for h in s["hosts"].as_array().into_iter().flatten() {
+            let state = match h["error"].as_str() {
+                _ if h["up"] == true => "up".to_string(),
+                Some(e) => format!("down: {e}"),
+                None => "not answering yet".to_string(),
+            };
+            writeln!(
+                out,
+                "  host       {}  {} VMs, {} of {} MiB, CPU {:.0}% busy  {state}",
+                h["name"].as_str().unwrap_or("?"),
+                n(&h["vms"]),
+                n(&h["memory_mib"]),
+                n(&h["memory_limit_mib"]),
+                h["cpu_busy"].as_f64().unwrap_or(0.0) * 100.0
+            )?;
+        }
     }
     writeln!(
         out,
@@ -404,7 +434,8 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
     }
     writeln!(out, "  guests     {}", cfg.guests.len())?;
     for g in &cfg.guests {
-        let missing = if g.image.exists() {
+        // On hypervisor hosts the base image is each host's (in its storage pool).
+        let missing = if g.image.exists() || !cfg.dispatch.hosts.is_empty() {
             ""
         } else {
             "  (image missing)"
@@ -418,6 +449,22 @@ fn print_summary(cfg: &Config, out: &mut dyn Write) -> std::io::Result<()> {
             g.memory_mib,
             g.cpus,
             g.image.display()
+        )?;
+    }
+    for h in &cfg.dispatch.hosts {
+        writeln!(
+            out,
+            "  host       {}  {}  {} MiB  {} cpu  VNC on {}  pool {:?}{}",
+            h.name,
+            h.uri,
+            h.memory_mib,
+            h.cpus,
+            h.address,
+            h.pool,
+            h.bridge
+                .as_ref()
+                .map(|b| format!("  bridge {b}"))
+                .unwrap_or_default()
         )?;
     }
     Ok(())
@@ -441,7 +488,12 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result<()> {
+async fn serve(
+    cfg: Arc<Config>,
+    file: Config,
+    bridge: Option<String>,
+    hub: vdd::telemetry::Hub,
+) -> Result<()> {
     raise_fd_limit();
     // Every service takes the running config per request; a reload swaps it.
     let live = Live::new(cfg.clone());
@@ -463,7 +515,8 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
     if cfg.dhcp.mode != DhcpMode::Off {
         let s = vdd::dhcp::Service::bind(live.clone())
             .await
-            .context("starting DHCP")?;
+            .context("starting DHCP")?
+            .with_hub(hub.clone());
         leases = Some(s.leases());
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("DHCP") });
@@ -478,7 +531,8 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
     if cfg.tftp.enabled {
         let s = vdd::tftp::Service::bind(live.clone())
             .await
-            .context("starting TFTP")?;
+            .context("starting TFTP")?
+            .with_hub(hub.clone());
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("TFTP") });
     }
@@ -490,28 +544,36 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
         let lan = bridge
             .zip(leases.clone())
             .map(|(bridge, leases)| vdd::dispatch::LanSide { bridge, leases });
-        let d = vdd::dispatch::Dispatcher::with_lan(live.clone(), lan)
-            .await
-            .context("starting the dispatcher")?;
         let t = shutdown.clone();
-        let run = d.clone();
-        tasks.spawn(async move {
-            run.run(t).await;
-            Ok(())
-        });
+        // With [[dispatch.host]], the VMs run on those hosts over libvirt; else here.
+        let d: Arc<dyn vdd::dispatch::Sessions> = if cfg.dispatch.hosts.is_empty() {
+            let d = vdd::dispatch::Dispatcher::with_lan(live.clone(), lan)
+                .await
+                .context("starting the dispatcher")?;
+            tasks.spawn(d.clone().run(t).map(Ok));
+            d
+        } else {
+            let d = vdd::dispatch::Dispatcher::on_hosts(live.clone(), lan)
+                .await
+                .context("starting the dispatcher on the [[dispatch.host]] hosts")?;
+            tasks.spawn(d.clone().run(t).map(Ok));
+            d
+        };
         Some(d)
     };
+    // Addresses no DHCP ACK of ours explains (proxy mode) are seats by the neighbour table.
+    let seats: Arc<dyn vdd::http::api::SeatLookup> = Arc::new(vdd::http::api::Neighbours {
+        interface: cfg.server.interface.clone(),
+    });
+    hub.set_neighbours(seats.clone());
     if cfg.http.enabled {
         let api = Arc::new(vdd::http::api::Api {
             cfg: live.clone(),
-            dispatcher: dispatcher
-                .clone()
-                .map(|d| d as Arc<dyn vdd::dispatch::Sessions>),
+            dispatcher: dispatcher.clone(),
             leases: leases.clone(),
-            seats: Arc::new(vdd::http::api::Neighbours {
-                interface: cfg.server.interface.clone(),
-            }),
+            seats: seats.clone(),
             reload: Some(reloader.clone()),
+            hub: hub.clone(),
         });
         let s = vdd::http::Service::bind(live.clone())
             .await
@@ -523,7 +585,8 @@ async fn serve(cfg: Arc<Config>, file: Config, bridge: Option<String>) -> Result
     if cfg.nbd.enabled {
         let s = vdd::nbd::Service::bind(live.clone())
             .await
-            .context("starting NBD")?;
+            .context("starting NBD")?
+            .with_hub(hub.clone());
         let t = shutdown.clone();
         tasks.spawn(async move { s.run(t).await.context("NBD") });
     }

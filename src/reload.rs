@@ -5,8 +5,9 @@
 //!
 //! What a service holds from its start cannot change under it: the interface and the
 //! server's address, the state folder, the ports, which services run, the DHCP mode, the
-//! connection caps that size a service's semaphore, the VMs' accelerator. For those the
-//! running value stays, and the reload names each changed key as waiting for a restart.
+//! connection caps that size a service's semaphore, the VMs' accelerator, the hypervisor
+//! hosts. For those the running value stays, and the reload names each changed key as
+//! waiting for a restart.
 //! An invalid file changes nothing.
 
 use std::path::PathBuf;
@@ -181,6 +182,9 @@ pub fn next_config(
     keep!("nbd.max_connections", nbd.max_connections);
     keep!("dispatch.accel", dispatch.accel);
     keep!("dispatch.qemu", dispatch.qemu);
+    // The libvirt backend connects to its hosts and takes its policy at start.
+    keep!("dispatch.host", dispatch.hosts);
+    keep!("dispatch.placement", dispatch.placement);
     // The dispatcher starts with the first guest, and X11 guests' bridge at start: a
     // guest the running vdd cannot start is in the menu, and a pick of it is refused
     // with the reason, until the restart.

@@ -71,6 +71,7 @@ shutdown_timeout = "2s"
         leases: None,
         seats: Arc::new(seats),
         reload: None,
+        hub: Default::default(),
     }
 }
 

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use vdd::config::{Config, Mac};
-use vdd::dispatch::{Error, Pending, Screen, SessionInfo, SessionState, Sessions, Usage, Who};
+use vdd::dispatch::{
+    Error, Pending, Protocol, ScreenSize, SessionInfo, SessionState, Sessions, Usage, Who,
+};
 use vdd::http::api::Api;
 
 #[path = "common/api.rs"]
@@ -34,7 +36,11 @@ fn session(id: &str, seat: Mac, guest: &str) -> SessionInfo {
         id: id.into(),
         seat: seat.to_string(),
         guest: guest.into(),
-        protocol: if guest == "desk" { "xdmcp" } else { "vnc" }.into(),
+        protocol: if guest == "desk" {
+            Protocol::Xdmcp
+        } else {
+            Protocol::Vnc
+        },
         host: Some(Ipv4Addr::new(10, 77, 0, 1)),
         port: 5910,
         password: None,
@@ -78,7 +84,7 @@ impl Sessions for Fake {
         &'a self,
         seat: Mac,
         guest: &'a str,
-        screen: Option<Screen>,
+        screen: Option<ScreenSize>,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(async move {
@@ -135,7 +141,7 @@ impl Sessions for Fake {
     ) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(async move {
             let (s, _) = self.find(id, who)?;
-            if s.protocol == "xdmcp" {
+            if s.protocol == Protocol::Xdmcp {
                 return Err(Error::NoPassword(id.into()));
             }
             Ok(SessionInfo {
@@ -183,6 +189,7 @@ fn api(with_sessions: bool) -> Api {
         leases: None,
         seats: Arc::new(seats),
         reload: None,
+        hub: Default::default(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! The `vdd` binary's command line: `check` on good and bad configs, `serve` without the
-//! interface.
+//! The `vdd` binary's command line: `check` on good and bad configs (the repo's example and
+//! the one the Debian package ships), `serve` without the interface.
 
 use std::process::Command;
 
@@ -15,6 +15,9 @@ fn vdd(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The config the Debian package ships as /etc/vdd/config.toml.
+const PACKAGED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/debian/config.toml");
 
 fn shipped() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap()
@@ -162,5 +165,35 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     assert!(
         first.starts_with(" INFO") || first.starts_with("INFO"),
         "a timestamp or colours in the journal's line: {first:?}"
+    );
+}
+
+/// The packaged config is valid as it is, and `vdd serve` refuses it until the admin has
+/// named the LAN interface, so an installed but unedited vdd never answers DHCP.
+/// (`cargo xtask e2e deb` installs the package for real.)
+#[test]
+fn check_passes_on_the_packaged_config() {
+    let (ok, out, err) = vdd(&["check", "--config", PACKAGED]);
+    assert!(ok, "{err}");
+    for want in [
+        "is valid",
+        "interface  EDIT-lan",
+        "state      /var/lib/vdd",
+        "/var/lib/vdd/thin-client/vmlinuz",
+        "export   thin-client  /var/lib/vdd/thin-client/thin-client.squashfs",
+        "guest    desktop",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+    assert!(err.contains("no such interface here"), "{err}");
+}
+
+#[test]
+fn serve_refuses_the_packaged_config_until_the_interface_is_named() {
+    let (ok, _, err) = vdd(&["serve", "--config", PACKAGED]);
+    assert!(!ok);
+    assert!(
+        err.contains("server.interface = \"EDIT-lan\": no such interface"),
+        "{err}"
     );
 }

@@ -108,9 +108,7 @@ async fn shows_guest_at(s: &SessionInfo, limit: Duration) -> (f64, usize, usize)
     let pw = s.password.clone().expect("a VNC session's password");
     let t0 = Instant::now();
     let f = tokio::task::spawn_blocking(move || {
-        xtask::rfb::watch(addr, &pw, limit, |f| {
-            f.share(xtask::rfb::demo_magenta) > 0.5
-        })
+        xtask::rfb::watch(addr, &pw, limit, |f| f.magenta_share() > 0.5)
     })
     .await
     .unwrap()
@@ -315,7 +313,7 @@ memory = "128M"
 
     // A seat with another screen: its guest starts at that size (a miss), and the pool
     // is rebuilt for it.
-    let screen = vdd::dispatch::Screen {
+    let screen = vdd::dispatch::ScreenSize {
         width: 1280,
         height: 720,
     };

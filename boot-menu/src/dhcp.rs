@@ -339,7 +339,9 @@ impl Client {
         cid.extend_from_slice(&self.mac);
         let o = m.opts_mut();
         o.insert(DhcpOption::ClientIdentifier(cid));
-        o.insert(DhcpOption::ClassIdentifier(b"vdd-boot-menu".to_vec()));
+        o.insert(DhcpOption::ClassIdentifier(
+            vdd_api::DHCP_CLASS.as_bytes().to_vec(),
+        ));
         o.insert(DhcpOption::ParameterRequestList(vec![
             OptionCode::SubnetMask,
             OptionCode::Router,

@@ -9,6 +9,7 @@ pub mod menu;
 pub mod modules;
 pub mod nbd;
 pub mod net;
+pub mod report;
 pub mod screen;
 pub mod session;
 pub mod sessions;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::guests::{request, request_with_key, Error};
+pub use vdd_api::{Protocol, SessionState};
 
 /// The keys of the sessions this boot created: (session id, guest, key).
 static KEYS: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
@@ -54,21 +55,22 @@ fn key_for_guest(guest: &str) -> Option<String> {
 
 /// How to reach a session's display; the password is only in the answer to a create.
 ///
-/// `protocol` is "vnc" (host = the server, port = the VM's VNC port) or "xdmcp" (host =
-/// the guest's own address on the LAN, port 177). An X11 session is "starting" until the
-/// guest's display manager answers XDMCP, then "ready"; "failed" carries `error`.
+/// `protocol` is VNC (host = the server, port = the VM's VNC port) or XDMCP (host = the
+/// guest's own address on the LAN, port 177). An X11 session is starting until the
+/// guest's display manager answers XDMCP, then ready; a failed one carries `error`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct Session {
     pub id: String,
     pub guest: String,
-    pub protocol: String,
+    pub protocol: Protocol,
     #[serde(default)]
     pub host: Option<Ipv4Addr>,
     pub port: u16,
     #[serde(default)]
     pub password: Option<String>,
-    #[serde(default = "ready")]
-    pub state: String,
+    /// A server without states sent none: its sessions were ready.
+    #[serde(default)]
+    pub state: SessionState,
     #[serde(default)]
     pub error: Option<String>,
     /// Only in the answer that created the session.
@@ -84,10 +86,6 @@ pub struct Session {
 pub struct Size {
     pub width: u32,
     pub height: u32,
-}
-
-fn ready() -> String {
-    "ready".into()
 }
 
 impl Session {
@@ -314,7 +312,11 @@ mod tests {
             v.contains("sh /tmp/vdd-fit 720x400; xtigervncviewer"),
             "{v}"
         );
-        assert_eq!(s.state, "ready", "a server without states means ready");
+        assert_eq!(
+            s.state,
+            SessionState::Ready,
+            "a server without states means ready"
+        );
         // What TigerVNC 1.12 (the thin-client root's viewer) prints when the password is
         // refused, and a line that is not a refusal.
         assert!(refused(
@@ -395,7 +397,7 @@ mod tests {
             r#"{"id":"77aa","seat":"52:54:00:00:00:01","guest":"x11","protocol":"xdmcp","host":null,"port":177,"mac":"0a:56:44:01:02:03","state":"starting","started":1}"#,
         )
         .unwrap();
-        assert_eq!((s.host, s.state.as_str()), (None, "starting"));
+        assert_eq!((s.host, s.state), (None, SessionState::Starting));
         assert_eq!(s.target(), "?:177");
         let f: Session = serde_json::from_str(
             r#"{"id":"77aa","seat":"x","guest":"x11","protocol":"xdmcp","host":"10.77.0.120","port":177,"state":"failed","error":"no answer","started":1}"#,

@@ -29,7 +29,7 @@ fn split(mut b: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-fn check(c: &Client, out: &[Output], now: Instant) {
+fn check(c: &Client, out: &[Output]) {
     for o in out {
         match o {
             Output::Send(m) | Output::SendTo(m, _) => {
@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = start;
     let mut c = Client::new(MAC, XID);
     let out = c.start(now);
-    check(&c, &out, now);
+    check(&c, &out);
     check_deadline(&c, now);
     for d in split(data).into_iter().take(16) {
         now += Duration::from_millis(250);
@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
                 Err(_) => continue,
             }
         };
-        check(&c, &out, now);
+        check(&c, &out);
         if d.is_empty() || c.state != before {
             check_deadline(&c, now);
         }

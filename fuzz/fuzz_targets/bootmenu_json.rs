@@ -17,11 +17,11 @@ fn check_session(s: &Session) {
     let template = sessions::vnc_script(&Session {
         id: String::new(),
         guest: String::new(),
-        protocol: "vnc".into(),
+        protocol: sessions::Protocol::Vnc,
         host: None,
         port: 0,
         password: None,
-        state: "ready".into(),
+        state: sessions::SessionState::Ready,
         error: None,
         key: None,
     });

@@ -19,6 +19,9 @@ pub(super) struct WireDispatch {
     qemu: Option<String>,
     shutdown_timeout: Option<String>,
     x11_timeout: Option<String>,
+    placement: Option<String>,
+    #[serde(default)]
+    host: Vec<super::hosts::WireHost>,
 }
 
 /// Which accelerator guest VMs get.
@@ -50,6 +53,9 @@ pub struct Dispatch {
     /// How long an X11 guest's display manager may take to answer XDMCP after its VM
     /// starts (`dispatch.x11_timeout`).
     pub x11_timeout: Duration,
+    /// `[[dispatch.host]]`: with any, VMs run on these hosts over libvirt.
+    pub hosts: Vec<super::hosts::HvHost>,
+    pub placement: super::hosts::Placement,
 }
 
 fn vnc_ports(v: Option<&str>) -> Result<(u16, u16), ConfigError> {
@@ -130,6 +136,8 @@ impl TryFrom<WireDispatch> for Dispatch {
                 }
                 d
             },
+            hosts: super::hosts::hosts(wd.host)?,
+            placement: super::hosts::placement(wd.placement.as_deref())?,
         })
     }
 }

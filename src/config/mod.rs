@@ -3,7 +3,7 @@
 //!
 //! Each section has a file of its own with its wire struct, its validated form and the
 //! `TryFrom` from one to the other (dora's `libs/config` is the model): `server.rs`,
-//! `dhcp.rs`, `boot.rs`, `tftp.rs`, `http.rs`, `nbd.rs`, `guest.rs`, `dispatch.rs`; the
+//! `dhcp.rs`, `boot.rs`, `tftp.rs`, `http.rs`, `nbd.rs`, `guest.rs`, `dispatch.rs` (with `hosts.rs`, its hypervisor hosts); the
 //! value types and parsers they share (`Mac`, `Pool`, sizes, durations) are in `types.rs`.
 //! The validated sections compare with `==`, so a reload can tell which of them changed.
 //! Here: the whole [`Config`], its error, the order of the sections and the checks that
@@ -19,6 +19,7 @@ mod boot;
 mod dhcp;
 mod dispatch;
 mod guest;
+mod hosts;
 mod http;
 mod live;
 mod nbd;
@@ -40,6 +41,7 @@ pub use boot::Boot;
 pub use dhcp::{Dhcp, DhcpMode, Host};
 pub use dispatch::{AccelChoice, Dispatch};
 pub use guest::{Display, Guest, Start};
+pub use hosts::{HvHost, Placement};
 pub use http::Http;
 pub use live::Live;
 pub use nbd::{Export, ExportMode, Nbd};
@@ -301,6 +303,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             format!("at least the {warm} warm VMs the [[guest]] entries keep (their `warm`), plus room for the seats"),
         ));
     }
+    hosts::check_bridges(&dispatch.hosts, &guests)?;
     Ok(Config {
         path: path.to_path_buf(),
         server,

@@ -50,6 +50,8 @@ pub struct Driver {
     table: LeaseTable,
     /// Reservations and releases for guest VMs, from the dispatcher.
     cmds: tokio::sync::mpsc::UnboundedReceiver<super::LeaseCmd>,
+    /// What the admin sees: packets counted, boot firmware's requests as seats' stages.
+    pub(crate) hub: crate::telemetry::Hub,
 }
 
 /// UDP 0.0.0.0:port with SO_REUSEADDR (a restart must not wait for anything), SO_BROADCAST
@@ -114,6 +116,7 @@ impl Driver {
             journal,
             table,
             cmds,
+            hub: Default::default(),
         })
     }
 
@@ -127,6 +130,7 @@ impl Driver {
             journal,
             mut table,
             mut cmds,
+            hub,
         } = self;
         let to_tokio = |s: Socket| UdpSocket::from_std(std::net::UdpSocket::from(s));
         let recv_err = Error::Recv;
@@ -193,6 +197,7 @@ impl Driver {
                     continue;
                 }
             };
+            hub.dhcp_received(&p);
             if port == Port::Dhcp
                 && is_new_client(&p, &cfg, &table)
                 && !new_clients.take(Instant::now())
@@ -213,6 +218,7 @@ impl Driver {
             };
             let d = policy::decide(&p, port, &table, &ctx);
             log_events(&p, &d, &limiter);
+            hub.dhcp_decided(&p, &d.events);
             let Decision {
                 reply,
                 changes,

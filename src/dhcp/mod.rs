@@ -123,6 +123,12 @@ impl Service {
         })
     }
 
+    /// Reports packets and seats' boot stages to `hub` (the admin's panel and metrics).
+    pub fn with_hub(mut self, hub: crate::telemetry::Hub) -> Service {
+        self.driver.hub = hub;
+        self
+    }
+
     /// The handle the dispatcher reserves guest addresses through.
     pub fn leases(&self) -> Leases {
         self.leases.clone()

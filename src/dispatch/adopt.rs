@@ -61,7 +61,7 @@ impl<B: Backend> Dispatcher<B> {
                                     .stop(&mut vm, self.cfg().dispatch.shutdown_timeout)
                                     .await;
                                 if !rec.persist {
-                                    let _ = std::fs::remove_file(&rec.overlay);
+                                    self.backend.remove_overlay(&rec.vm, &rec.overlay);
                                 }
                                 let _ = std::fs::remove_dir_all(&folder);
                                 continue;
@@ -90,7 +90,7 @@ impl<B: Backend> Dispatcher<B> {
                     if let Some(rec) = &rec {
                         info!(session = %rec.id, mac = %rec.seat, guest = %rec.guest, "VM of a previous run is gone; cleaning up");
                         if !rec.persist {
-                            let _ = std::fs::remove_file(&rec.overlay);
+                            self.backend.remove_overlay(&rec.vm, &rec.overlay);
                         }
                         // Its tap went with its QEMU; its address is free again.
                         if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {

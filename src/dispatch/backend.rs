@@ -1,18 +1,30 @@
 //! The seam between the dispatcher and what runs its VMs. The dispatcher decides (who gets
 //! a VM, admission, sessions, records, the LAN side of X11 guests); a backend starts,
-//! finds again, watches and stops the VMs. The local QEMU backend (`qemu.rs`) is the one
-//! there is; another (libvirt on several hosts) fits behind the same trait.
+//! finds again, watches and stops the VMs. The local QEMU backend (`qemu.rs`) is the
+//! default; the libvirt backend (`libvirt/`) runs them on several hypervisor hosts.
 //!
 //! As in firecracker's building blocks, a backend reports through return values and logs
 //! nothing about sessions itself; what it needs to find a VM again after a crash is its
 //! own type ([`Backend::Saved`]), kept in the session's record, not a pid the dispatcher
 //! has to understand.
 //!
+//! What the libvirt backend added, each with a default that is the QEMU backend's
+//! behaviour, so QEMU's code did not change: [`Backend::display_addr`] (a VM's screen on
+//! another host's address), [`Backend::lost`] (a host that stopped answering ends its
+//! sessions with that reason), [`Backend::remove_overlay`] (an overlay on another host)
+//! [`Backend::capacity_mib`] (the memory budget is the hosts' sum) and
+//! [`Backend::hosts`] (their health in the admin's summary). The check that a
+//! guest's base image exists moved from the dispatcher into the QEMU backend's `start`:
+//! on hosts, the image is the host's, not vdd's.
+//!
 //! Warm pools (`warm.rs`) and saved states (`saved.rs`) are the dispatcher's; a backend
 //! only starts a VM from a saved state ([`VmSpec::restore`]), saves one
-//! ([`Backend::save_state`]), and says what a guest does ([`Backend::activity`]).
+//! ([`Backend::save_state`]), and says what a guest does ([`Backend::activity`]). Only
+//! the QEMU backend does these; the libvirt one keeps the defaults (no saved states, no
+//! screen size), and the config refuses `warm` and `start = "saved"` with its hosts.
 
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,7 +33,7 @@ use serde::Serialize;
 
 use super::qemu::VmSpec;
 use super::saved::Activity;
-use super::screen::Screen;
+use super::screen::ScreenSize;
 use super::Error;
 use crate::config::Mac;
 
@@ -83,22 +95,117 @@ pub trait Backend: Send + Sync + 'static {
 
     /// What a saved state depends on besides the guest's own settings: a state saved by
     /// one hypervisor (or build of it) restores only on the same one.
-    fn state_tag(&self) -> String;
+    fn state_tag(&self) -> String {
+        self.describe()
+    }
 
     /// Saves the RAM and device state of the running `vm` to the new file `state`: the VM
     /// is paused first and its disk flushed, so its disk as it is now and `state` belong
-    /// together. The VM stays paused; the caller stops it. Returns the file's size.
+    /// together. The VM stays paused; the caller stops it. Returns the file's size. A
+    /// backend without saved states says so (config refuses `start = "saved"` there).
     fn save_state(
         &self,
-        vm: &mut Self::Vm,
-        state: &Path,
-    ) -> impl Future<Output = Result<u64, Error>> + Send;
+        _vm: &mut Self::Vm,
+        _state: &Path,
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        async {
+            Err(Error::ToolFailed {
+                tool: "save_state".into(),
+                said: "this backend saves no states".into(),
+            })
+        }
+    }
 
     /// What the guest does now, to tell when it is up (see `saved::settled`): a digest of
     /// its screen and the CPU time its VM has used. `None` when the VM cannot be asked.
-    fn activity(&self, vm: Self::Control) -> impl Future<Output = Option<Activity>> + Send;
+    fn activity(&self, _vm: Self::Control) -> impl Future<Output = Option<Activity>> + Send {
+        async { None }
+    }
 
     /// The size of the guest's screen now (`None` when it cannot be asked): the seat's
     /// viewer scales a guest that did not take the seat's size to fit.
-    fn screen_size(&self, vm: Self::Control) -> impl Future<Output = Option<Screen>> + Send;
+    fn screen_size(&self, _vm: Self::Control) -> impl Future<Output = Option<ScreenSize>> + Send {
+        async { None }
+    }
+
+    /// A picture of the VM's screen, for the admin's panel (QEMU: QMP `screendump`,
+    /// libvirt: `virDomainScreenshot`). A backend without one says so.
+    fn screenshot(&self, _vm: Self::Control) -> impl Future<Output = Result<Screen, Error>> + Send {
+        async {
+            Err(Error::ToolFailed {
+                tool: "screenshot".into(),
+                said: "this backend takes no screenshots".into(),
+            })
+        }
+    }
+
+    /// The VM's CPU time and memory now, when the backend can tell.
+    fn usage(&self, _vm: &Self::Vm) -> Option<VmUsage> {
+        None
+    }
+
+    /// Where the VM's VNC display listens, when not on vdd's own LAN address (a VM on
+    /// another host). QEMU: `None`, vdd's address.
+    fn display_addr(&self, _saved: &Self::Saved) -> Option<Ipv4Addr> {
+        None
+    }
+
+    /// Why the VM's session must end although the VM may still run: its host stopped
+    /// answering, so its screen, its stop and its disk are out of reach. The session
+    /// fails with this message. QEMU's VMs run beside vdd: never.
+    fn lost(&self, _vm: &Self::Vm) -> Option<String> {
+        None
+    }
+
+    /// Throws a session's overlay away (at its end unless kept, and at a reset). QEMU:
+    /// the file beside vdd.
+    fn remove_overlay(&self, _saved: &Self::Saved, overlay: &Path) {
+        let _ = std::fs::remove_file(overlay);
+    }
+
+    /// MiB of guest memory the backend offers, when it knows better than vdd's machine
+    /// (`dispatch.memory_budget = "auto"`). QEMU: `None`, 80% of this machine's.
+    fn capacity_mib(&self) -> Option<u64> {
+        None
+    }
+
+    /// The hosts the VMs run on and their health, for the admin's summary. QEMU: none
+    /// (vdd's own machine).
+    fn hosts(&self) -> Vec<HostStatus> {
+        Vec::new()
+    }
+}
+
+/// One hypervisor host, as `GET /api/v1/status` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HostStatus {
+    pub name: String,
+    /// Answering now.
+    pub up: bool,
+    /// Why not, when it is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// vdd's VMs there, their memory, and what vdd may give there.
+    pub vms: usize,
+    pub memory_mib: u64,
+    pub memory_limit_mib: u64,
+    /// Its CPU busy share at its last answer (0..1).
+    pub cpu_busy: f64,
+}
+
+/// A VM's screen: `width * height` RGB pixels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Screen {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+/// What a VM costs the server now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct VmUsage {
+    /// CPU time used since the VM started (user + system), in seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory, in bytes.
+    pub rss_bytes: u64,
 }

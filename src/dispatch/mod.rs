@@ -15,8 +15,10 @@
 //!
 //! Here: the API's view (sessions, who may do what) and a session's end.
 //! Beside it: `sessions.rs` (the seam the HTTP API sees), `start.rs` (a session's start),
-//! `backend.rs` (the trait the VMs run behind), `qemu.rs` (the local QEMU
-//! backend), `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
+//! `backend.rs` (the trait the VMs run behind), `observe.rs` (what the admin's panel
+//! sees of them: screens, CPU and memory, failed sessions), `qemu.rs` (the local QEMU
+//! backend), `libvirt/` and `placement.rs` (the libvirt backend over hypervisor hosts),
+//! `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
 //! on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over running
 //! VMs), `x11.rs` (an X11 guest's way to ready), `warm.rs` (warm pools), `saved.rs`
 //! (saved-state starts; `qemu_state.rs` is the QEMU side), `screen.rs` (the seat's
@@ -26,7 +28,10 @@
 mod adopt;
 pub mod backend;
 mod ledger;
+pub mod libvirt;
 mod monitor;
+mod observe;
+pub mod placement;
 pub mod qemu;
 mod qemu_state;
 mod record;
@@ -50,11 +55,13 @@ use tracing::{info, warn};
 
 use crate::config::{AccelChoice, Config, Display, Live, Mac};
 use crate::{dhcp, lan, tapfilter, xdmcp};
-pub use backend::Backend;
+pub use backend::{Backend, Screen, VmUsage};
 use qemu::{Accel, Qemu, VmDisplay, VmSpec};
 use record::{new_key, write_record, How, Record, X11Rec};
-pub use screen::Screen;
+pub use screen::ScreenSize;
 pub use sessions::{Counts, Pending, Sessions, Usage};
+/// The session states and protocols, shared with the thin client (the `vdd-api` crate).
+pub use vdd_api::{Protocol, SessionState};
 
 /// An error with its causes, for a log line or the message a seat sees.
 pub fn report(e: &dyn std::error::Error) -> String {
@@ -123,6 +130,17 @@ pub enum Error {
     /// A saved state did not load (`saved.rs`); the dispatcher boots the guest instead.
     #[error("the saved state {0} did not load: {1}")]
     Restore(PathBuf, String),
+    /// A hypervisor host refused a libvirt call.
+    #[error("hypervisor host {host}: {what}")]
+    Host {
+        host: String,
+        what: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    /// A hypervisor host did not answer.
+    #[error("hypervisor host {host} does not answer: {what}")]
+    HostDown { host: String, what: String },
 }
 
 /// Where an X11 guest's NIC sits: the bridge its tap joins and vdd's DHCP leases.
@@ -132,18 +150,6 @@ pub struct LanSide {
     pub leases: dhcp::Leases,
 }
 
-/// Whether a session can be used yet.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SessionState {
-    /// The VM runs; an X11 guest's display manager has not answered XDMCP yet.
-    Starting,
-    /// Ready to connect to (a VNC session from the start).
-    Ready,
-    /// It did not come up; `error` says why; the VM is stopped.
-    Failed,
-}
-
 /// What a client learns about a session. The password is only in the answer to the
 /// request that set it (create, reattach, reset).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -151,9 +157,9 @@ pub struct SessionInfo {
     pub id: String,
     pub seat: String,
     pub guest: String,
-    /// "vnc" (connect a VNC viewer to host:port with the password) or "xdmcp" (run
-    /// `X -query host`; the guest's display manager listens on host:177).
-    pub protocol: String,
+    /// VNC (connect a viewer to host:port with the password) or XDMCP (run `X -query
+    /// host`; the guest's display manager listens on host:177).
+    pub protocol: Protocol,
     /// The server (VNC) or the guest's own address (XDMCP; `null` only if not yet known).
     pub host: Option<Ipv4Addr>,
     pub port: u16,
@@ -172,7 +178,7 @@ pub struct SessionInfo {
     pub start: String,
     /// The guest's screen size, when the seat reported its own.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub screen: Option<Screen>,
+    pub screen: Option<ScreenSize>,
     /// The session's key: only in the answer that created the session (or reset it).
     /// A seat must show it (`X-Vdd-Session-Key`) for everything else it does with the
     /// session: a seat is only a MAC in the neighbour table, and any LAN host can clone
@@ -251,7 +257,7 @@ struct State<B: Backend> {
     pending_seats: Vec<(Mac, String)>,
     /// Per guest, the screen its seats asked for last: its warm VMs and saved state are
     /// made for it.
-    screens: BTreeMap<String, Screen>,
+    screens: BTreeMap<String, ScreenSize>,
     /// Per guest, how its VMs started (warm hits and misses, saved or cold).
     counts: BTreeMap<String, Counts>,
     saved: saved::Store,
@@ -433,6 +439,7 @@ impl<B: Backend> Dispatcher<B> {
         self.cfg()
             .dispatch
             .memory_budget_mib
+            .or(self.backend.capacity_mib())
             .unwrap_or(self.machine_mib * 8 / 10)
     }
 
@@ -449,14 +456,22 @@ impl<B: Backend> Dispatcher<B> {
     fn info(&self, s: &Session<B>, password: Option<String>) -> SessionInfo {
         let rec = &s.rec;
         let (protocol, host, port, mac) = match &rec.x11 {
-            None => ("vnc", Some(self.vnc_addr), rec.port, None),
-            Some(x) => ("xdmcp", Some(x.ip), xdmcp::PORT, Some(x.mac.to_string())),
+            None => {
+                let addr = self.backend.display_addr(&rec.vm).unwrap_or(self.vnc_addr);
+                (Protocol::Vnc, Some(addr), rec.port, None)
+            }
+            Some(x) => (
+                Protocol::Xdmcp,
+                Some(x.ip),
+                xdmcp::PORT,
+                Some(x.mac.to_string()),
+            ),
         };
         SessionInfo {
             id: rec.id.clone(),
             seat: rec.seat.to_string(),
             guest: rec.guest.clone(),
-            protocol: protocol.into(),
+            protocol,
             host,
             port,
             password,
@@ -618,7 +633,7 @@ impl<B: Backend> Dispatcher<B> {
     /// went with QEMU's last file descriptor.)
     fn cleanup(&self, rec: &Record<B::Saved>) {
         if !rec.persist {
-            let _ = std::fs::remove_file(&rec.overlay);
+            self.backend.remove_overlay(&rec.vm, &rec.overlay);
         }
         let _ = std::fs::remove_dir_all(self.dir.join(&rec.id));
         if let (Some(x), Some(l)) = (&rec.x11, &self.lan) {

@@ -1,5 +1,5 @@
 //! The dispatcher's watch over its VMs, every 2 s until shutdown: a VM that exits ends its
-//! session; a seat not seen for `dispatch.idle_timeout` (no API call, no VNC viewer) gets
+//! session; a VM whose host stopped answering fails its session with the reason; a seat not seen for `dispatch.idle_timeout` (no API call, no VNC viewer) gets
 //! its VMs stopped; X11 guests' DHCP bindings are renewed by vdd itself; failed sessions
 //! are forgotten after [`FAILED_KEPT`]; saved states and warm pools are kept up
 //! (`warm.rs`). On shutdown every VM is stopped.
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::{Backend, Dispatcher, Session, X11Rec, FAILED_KEPT};
+use super::{Backend, Dispatcher, Failed, Session, SessionState, X11Rec, FAILED_KEPT};
 
 impl<B: Backend> Dispatcher<B> {
     /// Watches the VMs until shutdown: a VM that dies ends its session; a seat not seen
@@ -28,12 +28,14 @@ impl<B: Backend> Dispatcher<B> {
             }
             n += 1;
             let mut dead = Vec::new();
+            let mut lost = Vec::new();
             let mut probe = Vec::new();
             {
                 let mut st = self.state.lock().await;
                 for (id, s) in st.sessions.iter_mut() {
-                    let exited = self.backend.exited(&mut s.vm);
-                    if exited {
+                    if let Some(why) = self.backend.lost(&s.vm) {
+                        lost.push((id.clone(), why));
+                    } else if self.backend.exited(&mut s.vm) {
                         dead.push(id.clone());
                     } else if n % 5 == 0 && !s.rec.warm {
                         probe.push((id.clone(), self.backend.control(&s.vm)));
@@ -49,6 +51,23 @@ impl<B: Backend> Dispatcher<B> {
                         if let Some(p) = s.probe.take() {
                             p.abort();
                         }
+                        self.cleanup(&s.rec);
+                    }
+                }
+                // Out of reach (its host stopped answering): the session fails, readable
+                // with its reason for FAILED_KEPT, and what of it can be undone is.
+                for (id, why) in lost {
+                    if let Some(mut s) = st.sessions.remove(&id) {
+                        error!(session = %id, mac = %s.rec.seat, guest = %s.rec.guest, "session ended: {why}");
+                        if let Some(p) = s.probe.take() {
+                            p.abort();
+                        }
+                        let mut info = self.info(&s, None);
+                        info.state = SessionState::Failed;
+                        info.error = Some(why);
+                        let key = s.rec.key.clone();
+                        let since = Instant::now();
+                        st.failed.insert(id, Failed { info, key, since });
                         self.cleanup(&s.rec);
                     }
                 }

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::process::Command;
 use tracing::{info, warn};
 
-use super::screen::Screen;
+use super::screen::ScreenSize;
 use super::Error;
 use crate::config::{Guest, Mac};
 use crate::{lan, tapfilter};
@@ -70,6 +70,12 @@ impl super::backend::Backend for Qemu {
     /// unchecked. QEMU inherits the tap's only other descriptor; vdd's goes right after
     /// the spawn, so the tap lives exactly as long as the VM.
     async fn start(&self, spec: VmSpec, password: Option<String>) -> Result<(Vm, Saved), Error> {
+        if !spec.guest.image.exists() {
+            return Err(Error::MissingImage {
+                guest: spec.guest.name.clone(),
+                path: spec.guest.image.clone(),
+            });
+        }
         let tap = match &spec.display {
             VmDisplay::Vnc { .. } => None,
             VmDisplay::Lan { mac, bridge } => {
@@ -187,9 +193,67 @@ impl super::backend::Backend for Qemu {
         super::qemu_state::activity(&c.qmp, c.pid).await
     }
 
-    async fn screen_size(&self, c: Control) -> Option<Screen> {
+    async fn screen_size(&self, c: Control) -> Option<ScreenSize> {
         super::qemu_state::screen_size(&c.qmp).await
     }
+
+    /// QMP `screendump` into the session's folder (PPM, QEMU's native format; PNG
+    /// needs QEMU 7.1), read back and removed.
+    async fn screenshot(&self, c: Control) -> Result<super::backend::Screen, Error> {
+        let qmp = c.qmp;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = qmp.with_file_name(format!("screen-{n}.ppm"));
+        let mut q = Qmp::connect(&qmp, Duration::from_secs(5)).await?;
+        let done = q
+            .execute(
+                "screendump",
+                Some(json!({"filename": file.display().to_string()})),
+            )
+            .await;
+        let bytes = std::fs::read(&file);
+        let _ = std::fs::remove_file(&file);
+        done?;
+        let bytes = bytes.map_err(|e| Error::State(file.clone(), e))?;
+        let img = qemu_ctl::ppm::parse(&bytes).map_err(|e| Error::ToolFailed {
+            tool: "screendump".into(),
+            said: e.to_string(),
+        })?;
+        Ok(super::backend::Screen {
+            width: img.width,
+            height: img.height,
+            rgb: img.rgb.to_vec(),
+        })
+    }
+
+    fn usage(&self, vm: &Vm) -> Option<super::backend::VmUsage> {
+        usage(vm.pid)
+    }
+}
+
+/// CPU time (utime + stime of /proc/PID/stat, in clock ticks) and VmRSS of a process.
+pub fn usage(pid: u32) -> Option<super::backend::VmUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that closes the command name: state is the 1st, utime the
+    // 12th, stime the 13th (proc(5) numbers them 3, 14, 15).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&h| h > 0)
+        .unwrap_or(100) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Some(super::backend::VmUsage {
+        cpu_seconds: ticks as f64 / hz,
+        rss_bytes: rss_kib * 1024,
+    })
 }
 
 /// Everything needed to start one VM.
@@ -204,7 +268,7 @@ pub struct VmSpec {
     pub display: VmDisplay,
     /// A VNC guest's screen size (QEMU's VGA with that EDID and mode); `None`: QEMU's
     /// default VGA.
-    pub screen: Option<Screen>,
+    pub screen: Option<ScreenSize>,
     /// Resume from this saved state instead of booting; the overlay then sits on its
     /// frozen disk instead of the guest's base image.
     pub restore: Option<Restore>,
@@ -345,6 +409,24 @@ pub async fn start(
             .map_err(|e| Error::State(spec.dir.clone(), e))?
     };
     let mut cmd = Command::new(&qemu.binary);
+    // The packaged unit (debian/vdd.service) gives vdd CAP_NET_ADMIN, CAP_NET_RAW and
+    // CAP_NET_BIND_SERVICE as ambient capabilities, which every program it starts would
+    // inherit. A VM needs none (its tap comes open), so a guest that breaks out of QEMU
+    // finds none of them. (As root, vdd's VMs keep root's; the unit runs it as vdd.)
+    // SAFETY: only prctl(2), which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // EINVAL before Linux 4.3, which has no ambient set to clear.
+            nix::libc::prctl(
+                nix::libc::PR_CAP_AMBIENT,
+                nix::libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
     cmd.arg("-name")
         .arg(format!("vdd-{},process=vdd-{}", spec.session, spec.session))
         .args(["-accel", qemu.accel.as_str(), "-M", "q35"])
@@ -456,7 +538,7 @@ pub async fn start(
 /// The VNC guest's graphics card: QEMU's standard VGA, with an EDID that makes `screen`
 /// its monitor's preferred mode and that mode in its VBE list (`xres`, `yres`), so a
 /// guest with a KMS driver (Linux's bochs-drm) starts its console and desktop at it.
-fn vga(cmd: &mut Command, screen: Option<Screen>) {
+fn vga(cmd: &mut Command, screen: Option<ScreenSize>) {
     match screen {
         None => {
             cmd.args(["-vga", "std"]);

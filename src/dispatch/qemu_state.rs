@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::qemu::Vm;
 use super::saved::Activity;
-use super::screen::Screen;
+use super::screen::ScreenSize;
 use super::Error;
 use qemu_ctl::qmp::Qmp;
 
@@ -142,12 +142,12 @@ async fn screendump(qmp: &Path) -> Option<Vec<u8>> {
 }
 
 /// The size of the guest's screen, from a screendump's PPM header ("P6 W H 255").
-pub async fn screen_size(qmp: &Path) -> Option<Screen> {
+pub async fn screen_size(qmp: &Path) -> Option<ScreenSize> {
     let ppm = screendump(qmp).await?;
     let head = String::from_utf8_lossy(&ppm[..ppm.len().min(64)]).into_owned();
     let mut f = head.split_ascii_whitespace();
     (f.next()? == "P6").then_some(())?;
-    Some(Screen {
+    Some(ScreenSize {
         width: f.next()?.parse().ok()?,
         height: f.next()?.parse().ok()?,
     })

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{random, Error, Screen};
+use super::{random, Error, ScreenSize};
 use crate::config::Mac;
 
 /// A session key: 128 random bits, hex.
@@ -45,7 +45,7 @@ pub(super) struct Record<S> {
     pub(super) fingerprint: String,
     /// The guest's screen size, when the seat reported one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) screen: Option<Screen>,
+    pub(super) screen: Option<ScreenSize>,
     /// The saved state (its folder) the VM resumed from: its overlay sits on that
     /// state's frozen disk, so the state is kept while the VM runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::qemu::{private_dir, Restore, VmDisplay, VmSpec};
-use super::screen::Screen;
+use super::screen::ScreenSize;
 use super::start::Priority;
 use super::{now_unix, random, report, Backend, Dispatcher, Error};
 use crate::config::{Display, Guest, Start};
@@ -93,7 +93,7 @@ pub struct Fingerprint {
 /// `tag`. The base image counts by its size, modification time and inode, not its bytes:
 /// reading a 20 GiB image to hash it would take minutes, and any write to it changes its
 /// time. (A qcow2 base's own backing files are not followed.)
-pub fn fingerprint(guest: &Guest, screen: Option<Screen>, tag: &str) -> Fingerprint {
+pub fn fingerprint(guest: &Guest, screen: Option<ScreenSize>, tag: &str) -> Fingerprint {
     use sha2::Digest;
     use std::os::unix::fs::MetadataExt;
     let image = match std::fs::metadata(&guest.image) {
@@ -131,7 +131,7 @@ pub struct Meta {
     pub guest: String,
     pub digest: String,
     pub fingerprint: String,
-    pub screen: Option<Screen>,
+    pub screen: Option<ScreenSize>,
     /// Bytes of the RAM and device state, and of the frozen disk.
     pub state_bytes: u64,
     pub disk_bytes: u64,
@@ -171,7 +171,7 @@ pub struct Store {
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct SavedInfo {
     pub guest: String,
-    pub screen: Option<Screen>,
+    pub screen: Option<ScreenSize>,
     pub state_mib: f64,
     pub disk_mib: f64,
     pub boot_secs: f64,
@@ -284,7 +284,7 @@ impl<B: Backend> Dispatcher<B> {
 
     /// Saves `guest` at `screen` if it has no state for its current fingerprint: called by
     /// the maintenance pass (`warm.rs`), one save at a time.
-    pub(super) async fn ensure_saved(self: &Arc<Self>, guest: &Guest, screen: Option<Screen>) {
+    pub(super) async fn ensure_saved(self: &Arc<Self>, guest: &Guest, screen: Option<ScreenSize>) {
         let fp = self.fingerprint(guest, screen);
         {
             let mut st = self.state.lock().await;
@@ -329,7 +329,7 @@ impl<B: Backend> Dispatcher<B> {
     async fn save(
         &self,
         guest: &Guest,
-        screen: Option<Screen>,
+        screen: Option<ScreenSize>,
         fp: &Fingerprint,
     ) -> Result<Ready, Error> {
         if !guest.image.exists() {
@@ -529,11 +529,11 @@ pub fn infos(store: &Store) -> Vec<SavedInfo> {
 }
 
 /// A VNC guest's screen for a pick that reported `screen`: X11 guests have none.
-pub fn guest_screen(guest: &Guest, screen: Option<Screen>) -> Option<Screen> {
+pub fn guest_screen(guest: &Guest, screen: Option<ScreenSize>) -> Option<ScreenSize> {
     (guest.display == Display::Vnc)
         .then_some(screen)
         .flatten()
-        .map(Screen::for_guest)
+        .map(ScreenSize::for_guest)
 }
 
 #[cfg(test)]
@@ -593,7 +593,7 @@ mod tests {
             start: Start::Saved,
             screen: None,
         };
-        let s = Screen {
+        let s = ScreenSize {
             width: 1024,
             height: 768,
         };

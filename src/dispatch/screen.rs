@@ -5,29 +5,29 @@ use serde::{Deserialize, Serialize};
 
 /// A display size in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Screen {
+pub struct ScreenSize {
     pub width: u32,
     pub height: u32,
 }
 
 /// The largest screen a guest is started at: QEMU's VGA has 16 MiB of video memory by
 /// default, and 2560x1600 at 32 bits per pixel is the largest common mode that fits.
-pub const MAX: Screen = Screen {
+pub const MAX: ScreenSize = ScreenSize {
     width: 2560,
     height: 1600,
 };
 
 /// The smallest: what every VGA guest can show.
-pub const MIN: Screen = Screen {
+pub const MIN: ScreenSize = ScreenSize {
     width: 640,
     height: 480,
 };
 
-impl Screen {
+impl ScreenSize {
     /// What a guest is started at for a seat that reported `self`: within [`MIN`] and
     /// [`MAX`], the width a multiple of 8 (VGA's and VBE's granule). A larger monitor gets
     /// the largest size of the same aspect that fits, and its viewer scales it up.
-    pub fn for_guest(self) -> Screen {
+    pub fn for_guest(self) -> ScreenSize {
         let (mut w, mut h) = (self.width.max(1) as u64, self.height.max(1) as u64);
         if w > MAX.width as u64 || h > MAX.height as u64 {
             // Shrink both sides by the same factor, keeping the aspect.
@@ -41,14 +41,14 @@ impl Screen {
         }
         let w = (w as u32).clamp(MIN.width, MAX.width) & !7;
         let h = (h as u32).clamp(MIN.height, MAX.height);
-        Screen {
+        ScreenSize {
             width: w,
             height: h,
         }
     }
 }
 
-impl std::fmt::Display for Screen {
+impl std::fmt::Display for ScreenSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.width, self.height)
     }
@@ -58,8 +58,8 @@ impl std::fmt::Display for Screen {
 mod tests {
     use super::*;
 
-    fn s(width: u32, height: u32) -> Screen {
-        Screen { width, height }
+    fn s(width: u32, height: u32) -> ScreenSize {
+        ScreenSize { width, height }
     }
 
     #[test]

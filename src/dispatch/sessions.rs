@@ -3,8 +3,9 @@
 
 use serde::Serialize;
 
+use super::backend::{Screen, VmUsage};
 use super::saved::SavedInfo;
-use super::{Backend, Dispatcher, Error, Screen, SessionInfo, Who};
+use super::{Backend, Dispatcher, Error, ScreenSize, SessionInfo, Who};
 use crate::config::Mac;
 
 /// A boxed future of the [`Sessions`] interface.
@@ -23,7 +24,7 @@ pub trait Sessions: Send + Sync {
         &'a self,
         seat: Mac,
         guest: &'a str,
-        screen: Option<Screen>,
+        screen: Option<ScreenSize>,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>>;
     fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
@@ -33,6 +34,18 @@ pub trait Sessions: Send + Sync {
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
     /// What runs now, for the admin's summary.
     fn usage(&self) -> Pending<'_, Usage>;
+    /// Sessions that failed in the last [`super::FAILED_KEPT`], with their error.
+    fn failed(&self) -> Pending<'_, Vec<SessionInfo>> {
+        Box::pin(async { Vec::new() })
+    }
+    /// The screen of a session's VM (the admin's panel).
+    fn screenshot<'a>(&'a self, id: &'a str) -> Pending<'a, Result<Screen, Error>> {
+        Box::pin(async move { Err(Error::NotFound(id.to_string())) })
+    }
+    /// CPU time and memory of every running session's VM, by session id.
+    fn vm_usage(&self) -> Pending<'_, Vec<(String, VmUsage)>> {
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// The dispatcher's load, for `GET /api/v1/status`.
@@ -54,6 +67,9 @@ pub struct Usage {
     pub starts: std::collections::BTreeMap<String, Counts>,
     /// The saved states, with what each costs on disk.
     pub saved: Vec<SavedInfo>,
+    /// The hypervisor hosts (`[[dispatch.host]]`), when the VMs run on them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<super::backend::HostStatus>,
 }
 
 /// How one guest's VMs started since vdd did.
@@ -80,7 +96,7 @@ impl<B: Backend> Sessions for Dispatcher<B> {
         &'a self,
         seat: Mac,
         guest: &'a str,
-        screen: Option<Screen>,
+        screen: Option<ScreenSize>,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(Dispatcher::<B>::create_at(self, seat, guest, who, screen))
@@ -100,6 +116,15 @@ impl<B: Backend> Sessions for Dispatcher<B> {
     }
     fn reset<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(Dispatcher::<B>::reset(self, id, who))
+    }
+    fn failed(&self) -> Pending<'_, Vec<SessionInfo>> {
+        Box::pin(Dispatcher::<B>::failed_sessions(self))
+    }
+    fn screenshot<'a>(&'a self, id: &'a str) -> Pending<'a, Result<Screen, Error>> {
+        Box::pin(Dispatcher::<B>::screenshot(self, id))
+    }
+    fn vm_usage(&self) -> Pending<'_, Vec<(String, VmUsage)>> {
+        Box::pin(Dispatcher::<B>::vm_usage(self))
     }
     fn usage(&self) -> Pending<'_, Usage> {
         Box::pin(async move {
@@ -129,6 +154,7 @@ impl<B: Backend> Sessions for Dispatcher<B> {
                     .count(),
                 starts: st.counts.clone(),
                 saved: super::saved::infos(&st.saved),
+                hosts: self.backend.hosts(),
             }
         })
     }

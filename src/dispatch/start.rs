@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::saved::{guest_screen, Ready};
-use super::screen::Screen;
+use super::screen::ScreenSize;
 use super::*;
 
 /// Whose VM is admitted: a seat's, or one started ahead of the seats (a warm VM, a VM
@@ -22,7 +22,7 @@ pub(super) enum Priority {
 /// What a new VM is for, beside its guest.
 pub(super) struct Plan {
     pub(super) warm: bool,
-    pub(super) screen: Option<Screen>,
+    pub(super) screen: Option<ScreenSize>,
     pub(super) fingerprint: String,
 }
 
@@ -47,7 +47,7 @@ impl<B: Backend> Dispatcher<B> {
         seat: Mac,
         guest_name: &str,
         who: Who<'_>,
-        screen: Option<Screen>,
+        screen: Option<ScreenSize>,
     ) -> Result<SessionInfo, Error> {
         self.create_keyed(seat, guest_name, who, None, screen).await
     }
@@ -59,7 +59,7 @@ impl<B: Backend> Dispatcher<B> {
         guest_name: &str,
         who: Who<'_>,
         key: Option<String>,
-        screen: Option<Screen>,
+        screen: Option<ScreenSize>,
     ) -> Result<SessionInfo, Error> {
         let guest = self
             .cfg()
@@ -318,12 +318,6 @@ impl<B: Backend> Dispatcher<B> {
         key: String,
         plan: &Plan,
     ) -> Result<(Session<B>, Option<String>), Error> {
-        if !guest.image.exists() {
-            return Err(Error::MissingImage {
-                guest: guest.name.clone(),
-                path: guest.image.clone(),
-            });
-        }
         let saved = self.saved_for(guest, &plan.fingerprint).await;
         match self
             .start_from(id, seat, guest, port, &key, plan, saved.as_ref())
@@ -357,6 +351,8 @@ impl<B: Backend> Dispatcher<B> {
         plan: &Plan,
         saved: Option<&Ready>,
     ) -> Result<(Session<B>, Option<String>), Error> {
+        // Whether the base image exists is the backend's to tell: on a hypervisor host it
+        // is the host's file, not vdd's.
         let folder = self.dir.join(id);
         qemu::private_dir(&folder)?;
         let overlay = if guest.persist {

@@ -30,15 +30,22 @@ use crate::config::{Guest, Start};
 
 /// The screen `guest`'s warm VMs and saved state are made for: the one its seats asked
 /// for last, else its `screen` in the config.
-pub(super) fn wanted_screen<B: Backend>(st: &State<B>, guest: &Guest) -> Option<screen::Screen> {
+pub(super) fn wanted_screen<B: Backend>(
+    st: &State<B>,
+    guest: &Guest,
+) -> Option<screen::ScreenSize> {
     st.screens.get(&guest.name).copied().or(guest
         .screen
-        .map(|(width, height)| screen::Screen { width, height }))
+        .map(|(width, height)| screen::ScreenSize { width, height }))
 }
 
 impl<B: Backend> Dispatcher<B> {
     /// The fingerprint of `guest` at `screen` on this dispatcher's backend.
-    pub(super) fn fingerprint(&self, guest: &Guest, screen: Option<screen::Screen>) -> Fingerprint {
+    pub(super) fn fingerprint(
+        &self,
+        guest: &Guest,
+        screen: Option<screen::ScreenSize>,
+    ) -> Fingerprint {
         fingerprint(guest, screen, &self.backend.state_tag())
     }
 
@@ -207,7 +214,7 @@ impl<B: Backend> Dispatcher<B> {
     async fn start_warm(
         self: &Arc<Self>,
         guest: &Guest,
-        screen: Option<screen::Screen>,
+        screen: Option<screen::ScreenSize>,
         fp: &Fingerprint,
     ) -> Result<(), Error> {
         let port = self.reserve(guest, Priority::Background).await?;

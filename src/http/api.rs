@@ -14,6 +14,24 @@ use tracing::{info, warn};
 
 use crate::config::{Live, Mac};
 use crate::dispatch::{self, Sessions, Who};
+use vdd_api::Stage;
+
+/// The largest boot report taken (16 stages with details are about 1.5 KiB).
+pub const BOOT_REPORT_BODY: usize = 4096;
+
+/// The route's pattern for the request counter: ids never become labels.
+fn route_name(parts: &[&str]) -> &'static str {
+    match parts {
+        ["guests"] => "/api/v1/guests",
+        ["status"] => "/api/v1/status",
+        ["sessions"] => "/api/v1/sessions",
+        ["sessions", _] => "/api/v1/sessions/{id}",
+        ["sessions", _, "reset"] => "/api/v1/sessions/{id}/reset",
+        ["sessions", _, "password"] => "/api/v1/sessions/{id}/password",
+        ["boot"] => "/api/v1/boot",
+        _ => "other",
+    }
+}
 
 /// Maps a request's source address to the seat (MAC) it belongs to.
 pub trait SeatLookup: Send + Sync {
@@ -92,7 +110,7 @@ struct CreateBody {
     /// The key of the seat's running session of this guest, to reattach to it.
     key: Option<String>,
     /// The seat's monitor (its preferred mode): a new VNC guest starts at that size.
-    screen: Option<dispatch::Screen>,
+    screen: Option<dispatch::ScreenSize>,
 }
 
 /// The header a seat shows a session's key in.
@@ -110,6 +128,9 @@ pub struct Api {
     /// Re-reads the config file for `POST /api/v1/reload` (`vdd reload`); `None`: the
     /// route answers 404 (tests, or a vdd without a config file of its own).
     pub reload: Option<Arc<crate::reload::Reloader>>,
+    /// What the admin sees: requests counted, sessions and thin clients' reports as
+    /// stages of their seats' boots.
+    pub hub: crate::telemetry::Hub,
 }
 
 impl Api {
@@ -147,7 +168,25 @@ impl Api {
         let rest = path.strip_prefix("/api/v1/")?;
         let rest = rest.split('?').next().unwrap_or("");
         let parts: Vec<&str> = rest.split('/').collect();
-        let r = match (method, parts.as_slice()) {
+        let r = self
+            .route(method, rest, &parts, peer, authorization, key, body)
+            .await;
+        self.hub.api_request(route_name(&parts), r.status);
+        Some(r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn route(
+        &self,
+        method: &str,
+        rest: &str,
+        parts: &[&str],
+        peer: IpAddr,
+        authorization: Option<&str>,
+        key: Option<&str>,
+        body: &[u8],
+    ) -> Reply {
+        match (method, parts) {
             ("GET" | "HEAD", ["guests"]) => self.guests(),
             ("GET" | "HEAD", ["status"]) => self.status(peer, authorization).await,
             (_, ["status"]) => error(405, "use GET"),
@@ -166,9 +205,46 @@ impl Api {
                 self.password(peer, authorization, key, id).await
             }
             (_, ["sessions", _, "password"]) => error(405, "use POST"),
+            ("POST", ["boot"]) => self.boot_report(peer, body).await,
+            (_, ["boot"]) => error(405, "use POST"),
             _ => error(404, format!("no API path /api/v1/{rest}")),
+        }
+    }
+
+    /// `POST /api/v1/boot`: a thin client reports the stages of its boot that only it
+    /// sees. Taken only from the seat itself (its address in the neighbour table: the
+    /// report names no MAC), bounded in size (the HTTP driver reads at most
+    /// [`BOOT_REPORT_BODY`]) and in rate (per seat, see `telemetry::boots`).
+    async fn boot_report(&self, peer: IpAddr, body: &[u8]) -> Reply {
+        if body.len() > BOOT_REPORT_BODY {
+            return error(
+                413,
+                format!("a boot report is at most {BOOT_REPORT_BODY} bytes"),
+            );
+        }
+        let mac = match self.caller(peer, None).await {
+            Caller::Seat(m) => m,
+            Caller::Guest => return guest_caller(peer),
+            Caller::Admin | Caller::Unknown => return unknown_caller(peer),
         };
-        Some(r)
+        let r: vdd_api::BootReport = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return error(400, format!("not a boot report: {e}")),
+        };
+        match self.hub.client_report(mac, &r) {
+            Ok(()) => Reply {
+                status: 204,
+                body: Vec::new(),
+            },
+            Err(e) => {
+                warn!(ip = %peer, %mac, "boot report refused: {e}");
+                let status = match e {
+                    crate::telemetry::boots::ReportError::TooMany => 429,
+                    _ => 400,
+                };
+                error(status, e.to_string())
+            }
+        }
     }
 
     fn guests(&self) -> Reply {
@@ -351,6 +427,12 @@ impl Api {
         match created {
             Ok(s) => {
                 info!(session = %s.id, mac = %seat, ip = %peer, guest = %s.guest, "session handed out");
+                let what = format!("{} {}", s.guest, s.id);
+                self.hub
+                    .stage(seat, Stage::SessionStarted, Some(what.clone()));
+                if s.state == vdd_api::SessionState::Ready {
+                    self.hub.stage(seat, Stage::SessionReady, Some(what));
+                }
                 reply(if running { 200 } else { 201 }, json!(s))
             }
             Err(e) => dispatch_error(e),
@@ -398,7 +480,18 @@ impl Api {
             Err(r) => return r,
         };
         match d.get(id, who).await {
-            Ok(s) => reply(200, json!(s)),
+            Ok(s) => {
+                // An X11 session turns ready while its seat polls it: the seat's first
+                // GET that finds it ready is the stage (repeats of one detail are no news).
+                if let (Who::Seat { mac, .. }, vdd_api::SessionState::Ready) = (who, s.state) {
+                    self.hub.stage(
+                        mac,
+                        Stage::SessionReady,
+                        Some(format!("{} {}", s.guest, s.id)),
+                    );
+                }
+                reply(200, json!(s))
+            }
             Err(e) => dispatch_error(e),
         }
     }
@@ -408,11 +501,20 @@ impl Api {
             Ok(x) => x,
             Err(r) => return r,
         };
+        let known = d.get(id, who).await.ok();
         match d.end(id, who).await {
-            Ok(()) => Reply {
-                status: 204,
-                body: Vec::new(),
-            },
+            Ok(()) => {
+                if let Some(s) = known {
+                    if let Ok(m) = s.seat.parse::<Mac>() {
+                        let what = format!("{} {}", s.guest, s.id);
+                        self.hub.stage(m, Stage::SessionEnded, Some(what));
+                    }
+                }
+                Reply {
+                    status: 204,
+                    body: Vec::new(),
+                }
+            }
             Err(e) => dispatch_error(e),
         }
     }
@@ -441,7 +543,16 @@ impl Api {
             Err(r) => return r,
         };
         match d.reset(id, who).await {
-            Ok(s) => reply(200, json!(s)),
+            Ok(s) => {
+                if let Ok(m) = s.seat.parse::<Mac>() {
+                    let what = format!("{} {}", s.guest, s.id);
+                    self.hub.stage(m, Stage::SessionStarted, Some(what.clone()));
+                    if s.state == vdd_api::SessionState::Ready {
+                        self.hub.stage(m, Stage::SessionReady, Some(what));
+                    }
+                }
+                reply(200, json!(s))
+            }
             Err(e) => dispatch_error(e),
         }
     }
@@ -506,7 +617,7 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
         E::UnknownGuest(_) | E::NotFound(_) => 404,
         E::NotYours(_) | E::WrongKey(_) => 403,
         E::NoPassword(_) => 409,
-        E::Full(_) => 503,
+        E::Full(_) | E::HostDown { .. } => 503,
         E::MissingImage { .. }
         | E::Spawn { .. }
         | E::ToolFailed { .. }
@@ -518,7 +629,8 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
         | E::Lan(_)
         | E::TapFilter(_)
         | E::Reserve(_)
-        | E::Restore(..) => 500,
+        | E::Restore(..)
+        | E::Host { .. } => 500,
     };
     // With its causes: the admin (and the seat's screen) must see the errno.
     let message = dispatch::report(&e);

@@ -25,6 +25,7 @@
 //! `[http] sendfile = false` keeps the copy
 //! path for file systems without sendfile support.
 
+pub mod admin;
 pub mod codec;
 pub mod files;
 pub mod range;
@@ -97,6 +98,10 @@ pub struct Service {
     warns: Arc<WarnLimit>,
     /// The JSON API under /api/v1/ (menu and sessions).
     api: Arc<api::Api>,
+    /// The admin's panel (`/admin/`) and `/metrics`; `None`: 404.
+    panel: Option<Arc<admin::Panel>>,
+    /// What the admin sees: bytes and transfers, boot files as seats' stages.
+    hub: crate::telemetry::Hub,
 }
 
 impl Service {
@@ -124,6 +129,7 @@ impl Service {
                 interface: cfg.get().server.interface.clone(),
             }),
             reload: None,
+            hub: Default::default(),
         });
         Ok(Service {
             cfg,
@@ -133,11 +139,16 @@ impl Service {
             // At most a few `warn` lines per second about bad clients; the rest go to `debug`.
             warns: Arc::new(WarnLimit::new(5, Duration::from_secs(1))),
             api,
+            panel: None,
+            hub: Default::default(),
         })
     }
 
-    /// Serves `api` under /api/v1/ (by default: the guest list, and no sessions).
+    /// Serves `api` under /api/v1/ (by default: the guest list, and no sessions), the
+    /// admin's panel over it at /admin/ and /metrics, and reports to the API's hub.
     pub fn with_api(mut self, api: Arc<api::Api>) -> Service {
+        self.hub = api.hub.clone();
+        self.panel = Some(Arc::new(admin::Panel::new(api.clone())));
         self.api = api;
         self
     }
@@ -192,6 +203,8 @@ impl Service {
                     };
                     let conn = Conn {
                         api: self.api.clone(),
+                        panel: self.panel.clone(),
+                        hub: self.hub.clone(),
                         cfg,
                         peer,
                         warns: self.warns.clone(),
@@ -239,6 +252,8 @@ fn is_transient(e: &io::Error) -> bool {
 /// One client connection.
 struct Conn {
     api: Arc<api::Api>,
+    panel: Option<Arc<admin::Panel>>,
+    hub: crate::telemetry::Hub,
     cfg: Arc<Config>,
     peer: SocketAddr,
     warns: Arc<WarnLimit>,
@@ -249,6 +264,14 @@ struct Conn {
 enum Next {
     KeepAlive,
     Close,
+}
+
+fn next(close: bool) -> Next {
+    if close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
 }
 
 impl Conn {
@@ -290,6 +313,8 @@ impl Conn {
             };
             let answered = if req.target.starts_with("/api/") {
                 self.answer_api(&mut stream, &req, &mut buf).await
+            } else if admin::is_ours(&req.target) {
+                self.answer_panel(&mut stream, &req, &mut buf).await
             } else {
                 self.answer(&mut stream, &req, local).await
             };
@@ -393,6 +418,11 @@ impl Conn {
                     close,
                 )
                 .await?;
+                if method == Method::Get {
+                    self.hub.http_sent("script", script.text.len() as u64);
+                    self.hub
+                        .http_stage(self.peer.ip(), mac, vdd_api::Stage::HttpScript);
+                }
             }
             Route::BootFile { mac, part } => {
                 let label = match mac {
@@ -406,8 +436,16 @@ impl Conn {
                     }
                     Some(path) => match files::open_path(&path) {
                         Ok(f) => {
-                            self.send_file(stream, req, method, f, &label, close)
+                            let (kind, stage) = match part {
+                                BootPart::Kernel => ("kernel", vdd_api::Stage::HttpKernel),
+                                BootPart::Initrd => ("initrd", vdd_api::Stage::HttpInitrd),
+                            };
+                            if self
+                                .send_file(stream, req, method, f, &label, close, kind)
                                 .await?
+                            {
+                                self.hub.http_stage(self.peer.ip(), mac, stage);
+                            }
                         }
                         Err(e) => {
                             tracing::error!(
@@ -425,8 +463,8 @@ impl Conn {
             Route::File { name } => match files::open_beneath(&self.cfg.http.root, &name) {
                 Ok(f) => {
                     let label = format!("/files/{name}");
-                    self.send_file(stream, req, method, f, &label, close)
-                        .await?
+                    self.send_file(stream, req, method, f, &label, close, "file")
+                        .await?;
                 }
                 Err(FileError::BadName) => {
                     self.client_warn(format_args!("refused file name {name:?}"));
@@ -555,6 +593,8 @@ impl Conn {
         with_stall_timeout(stream.write_all(&out)).await
     }
 
+    /// Sends a file's answer; true when a body was sent in full (`kind` counts it).
+    #[allow(clippy::too_many_arguments)]
     async fn send_file(
         &self,
         stream: &mut TcpStream,
@@ -563,7 +603,8 @@ impl Conn {
         f: Opened,
         label: &str,
         close: bool,
-    ) -> io::Result<()> {
+        kind: &'static str,
+    ) -> io::Result<bool> {
         let info = FileInfo {
             len: f.meta.len(),
             mtime: f.meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -581,19 +622,22 @@ impl Conn {
         with_stall_timeout(stream.write_all(&head)).await?;
         let Some((offset, len)) = ans.body else {
             debug!(peer = %self.peer, file = %label, status, "http answered without body");
-            return Ok(());
+            return Ok(false);
         };
         let started = Instant::now();
+        let in_flight = self.hub.http_in_flight();
         let sent = if self.cfg.http.sendfile {
             send_sendfile(stream, &f.file, offset, len).await
         } else {
             send_copy(stream, f.file, offset, len).await
         };
         let ms = started.elapsed().as_millis() as u64;
+        drop(in_flight);
         match sent {
             Ok(()) => {
                 info!(peer = %self.peer, file = %label, status, bytes = len, ms, "file served");
-                Ok(())
+                self.hub.http_sent(kind, len);
+                Ok(true)
             }
             Err(e) => {
                 info!(peer = %self.peer, file = %label, status, ms, error = %e, "file transfer aborted");

@@ -83,8 +83,18 @@ impl Service {
                 bytes: Arc::new(Semaphore::new(TOTAL_BYTES_KIB)),
                 // At most a few warnings per second for misbehaving clients.
                 warn: WarnLimit::new(10, Duration::from_secs(1)),
+                hub: Default::default(),
             }),
         })
+    }
+
+    /// Reports connections and bytes to `hub` (the admin's panel and metrics). Before
+    /// `run`, while nothing else holds the shared state.
+    pub fn with_hub(mut self, hub: crate::telemetry::Hub) -> Service {
+        if let Some(s) = Arc::get_mut(&mut self.shared) {
+            s.hub = hub;
+        }
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -74,6 +74,8 @@ pub struct Shared {
     /// Payload bytes in flight over all connections (KiB): bounded memory for a classroom.
     pub bytes: Arc<Semaphore>,
     pub warn: WarnLimit,
+    /// What the admin sees: connections and bytes, the root's attach as a seat's stage.
+    pub hub: crate::telemetry::Hub,
 }
 
 /// How a connection ended badly (logged by the caller, never propagated further).
@@ -144,7 +146,11 @@ pub async fn serve(
         info.size = info.size.min(served);
     }
     info!(%peer, export = %info.name, structured = neg.structured, "nbd connection opened");
-    let stats = Arc::new(Stats::default());
+    shared.hub.nbd_opened(peer.ip(), &info.name);
+    let stats = Arc::new(Stats {
+        hub: shared.hub.clone(),
+        ..Stats::default()
+    });
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Reply>(IN_FLIGHT * 2);
     let mut writer = tokio::spawn(writer(wr, rx, stats.clone()));
@@ -180,6 +186,7 @@ pub async fn serve(
         None => writer.await,
     };
     drop(lease);
+    shared.hub.nbd_closed();
     let how = match ended {
         Ok(how) => how.to_string(),
         Err(SessionError::Protocol(m)) => {
@@ -258,6 +265,20 @@ async fn handshake(
 struct Stats {
     read: AtomicU64,
     written: AtomicU64,
+    /// vdd's totals over all connections.
+    hub: crate::telemetry::Hub,
+}
+
+impl Stats {
+    fn read(&self, n: u64) {
+        self.read.fetch_add(n, Ordering::Relaxed);
+        self.hub.nbd_bytes(true, n);
+    }
+
+    fn written(&self, n: u64) {
+        self.written.fetch_add(n, Ordering::Relaxed);
+        self.hub.nbd_bytes(false, n);
+    }
 }
 
 /// One reply: a header, and for a successful READ its data, sent as is (the data was
@@ -501,9 +522,7 @@ impl Conn {
                         }
                         Err(e) => return Err(e.into()),
                     }
-                    self.stats
-                        .written
-                        .fetch_add(u64::from(len), Ordering::Relaxed);
+                    self.stats.written(u64::from(len));
                     self.blocking(req, permits, move |b| b.write(&data, offset, fua));
                 }
                 Command::Flush => self.blocking(
@@ -606,12 +625,12 @@ async fn writer(
             let sock = w.get_ref().as_ref();
             timed(send_more(sock, &r.head[..r.head_len])).await?;
             timed(send_file(sock, base, *off, *len as usize)).await?;
-            stats.read.fetch_add(u64::from(*len), Ordering::Relaxed);
+            stats.read(u64::from(*len));
         } else {
             timed(w.write_all(&r.head[..r.head_len])).await?;
             if !r.data.is_empty() {
                 timed(w.write_all(&r.data)).await?;
-                stats.read.fetch_add(r.data.len() as u64, Ordering::Relaxed);
+                stats.read(r.data.len() as u64);
             }
         }
         drop(r);

@@ -407,6 +407,7 @@ impl RecvTimeout {
 /// syscalls per block, where the tokio loop made four to five (a `recvfrom` that found
 /// nothing, `epoll_wait`, `recvfrom`, `preadv`, `sendto`) plus its timer and task
 /// bookkeeping. Threads are bounded by `max_transfers`; the permit lives in here.
+#[allow(clippy::too_many_arguments)]
 pub fn transfer(
     cfg: Arc<Config>,
     local: IpAddr,
@@ -415,6 +416,7 @@ pub fn transfer(
     metrics: Arc<Metrics>,
     permit: (OwnedSemaphorePermit, crate::peers::Slot),
     shutdown: CancellationToken,
+    hub: crate::telemetry::Hub,
 ) {
     let _guard = ActiveGuard(metrics.clone(), Some(permit));
     let file = codec::printable(&req.filename);
@@ -570,6 +572,7 @@ pub fn transfer(
                 metrics
                     .completed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                hub.tftp_done(peer.ip(), &file, bytes);
                 return;
             }
             Next::ClientError { code } => {

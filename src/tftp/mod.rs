@@ -110,6 +110,8 @@ pub struct Service {
     limit: Arc<Semaphore>,
     per_address: crate::peers::PerAddress,
     metrics: Arc<Metrics>,
+    /// What the admin sees: bytes and transfers, boot files as seats' stages.
+    hub: crate::telemetry::Hub,
 }
 
 impl Service {
@@ -139,7 +141,15 @@ impl Service {
             cfg,
             socket,
             metrics: Arc::new(Metrics::default()),
+            hub: Default::default(),
         })
+    }
+
+    /// Reports transfers to `hub` (the admin's panel and metrics).
+    pub fn with_hub(mut self, hub: crate::telemetry::Hub) -> Service {
+        hub.watch_tftp(self.metrics.clone());
+        self.hub = hub;
+        self
     }
 
     /// The bound address (the real port when bound to port 0).
@@ -205,13 +215,17 @@ impl Service {
                                 mode_text: r.mode_text,
                                 options: r.options,
                             };
-                            let (cfg, m, t) =
-                                (cfg.clone(), self.metrics.clone(), shutdown.child_token());
+                            let (cfg, m, t, hub) = (
+                                cfg.clone(),
+                                self.metrics.clone(),
+                                shutdown.child_token(),
+                                self.hub.clone(),
+                            );
                             // Counted here, not in the task, so the cap and the counter
                             // agree even before the task first runs.
                             m.active.fetch_add(1, Ordering::SeqCst);
                             spawn_transfer(move || {
-                                driver::transfer(cfg, local, peer, req, m, (permit, slot), t)
+                                driver::transfer(cfg, local, peer, req, m, (permit, slot), t, hub)
                             });
                             None
                         }

@@ -32,10 +32,12 @@ pub enum Purpose {
 impl Purpose {
     fn groups(self) -> &'static [&'static str] {
         match self {
-            Purpose::Demo => &["lab", "qemu", "images"],
-            Purpose::Test => &["lab", "qemu", "images", "peers", "xdm"],
-            Purpose::Bench => &["lab", "qemu", "images", "peers", "x11-check"],
-            Purpose::GuestX11 => &["lab", "qemu", "images", "peers", "x11-check"],
+            Purpose::Demo => &["lab", "build", "qemu", "images"],
+            Purpose::Test => &[
+                "lab", "build", "qemu", "images", "peers", "package", "xdm", "panel", "libvirt",
+            ],
+            Purpose::Bench => &["lab", "build", "qemu", "images", "peers", "x11-check"],
+            Purpose::GuestX11 => &["lab", "build", "qemu", "images", "peers", "x11-check"],
         }
     }
 

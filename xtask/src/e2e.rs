@@ -158,37 +158,46 @@ warm = 1
 
 /// Starts a lab and `vdd serve` in its server namespace, and waits until it serves.
 pub fn serve(tag: &str, cmdline: &str) -> Result<Served> {
-    let vdd = build_vdd()?;
+    serve_with(tag, cmdline, &build_vdd()?)
+}
+
+/// [`serve`] with a given vdd binary (benchmarks run the release build).
+pub fn serve_with(tag: &str, cmdline: &str, vdd: &Path) -> Result<Served> {
     let mut lab = Lab::new(tag)?;
     let dir = std::env::temp_dir().join(format!("{}-{}", lab.name, "work"));
     std::fs::create_dir_all(dir.join("tftp"))?;
-    let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, lab_config(&dir, cmdline))?;
-    let log = std::fs::File::create(dir.join("vdd.log"))?;
-    let mut cmd = Lab::cmd(&lab.server_ns, &vdd);
+    std::fs::write(dir.join("config.toml"), lab_config(&dir, cmdline))?;
+    let vdd_pid = start_vdd(&mut lab, &dir, vdd, "vdd.log")?;
+    Ok(Served { lab, dir, vdd_pid })
+}
+
+/// Starts `vdd serve --config DIR/config.toml` in the lab's server namespace, its output
+/// in `DIR/LOG`, and waits until it serves; returns its pid.
+pub fn start_vdd(lab: &mut Lab, dir: &Path, vdd: &Path, log: &str) -> Result<u32> {
+    let out = std::fs::File::create(dir.join(log))?;
+    let mut cmd = Lab::cmd(&lab.server_ns, vdd);
     cmd.args(["serve", "--config"])
-        .arg(&cfg)
+        .arg(dir.join("config.toml"))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .stdout(out.try_clone()?)
+        .stderr(out);
     let vdd_pid = lab.spawn("vdd", cmd)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = std::fs::read_to_string(dir.join("vdd.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
         if text.contains("vdd serving") {
-            break;
+            return Ok(vdd_pid);
         }
         if !lab.is_running(vdd_pid) || Instant::now() > deadline {
             bail!("vdd did not start:\n{text}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(Served { lab, dir, vdd_pid })
 }
 
 /// Starts the thin client on a new tap of the lab.
@@ -416,15 +425,17 @@ pub fn admin_api(
     Ok((code, v))
 }
 
-/// The share of a PPM (P6, 8-bit) screenshot in the demo guest's magenta (VGA colour 5),
-/// which fills its screen behind the banner.
+/// The share of a PPM (P6, 8-bit) screenshot in the demo guest's magenta, which fills its
+/// screen behind the banner.
 pub fn magenta_share(ppm: &[u8]) -> Result<f64> {
-    let (w, h, px) = crate::e2e_x11::parse_ppm(ppm)?;
-    let n = px
-        .chunks_exact(3)
-        .filter(|p| crate::rfb::demo_magenta(p[0], p[1], p[2]))
-        .count();
-    Ok(n as f64 / (w * h).max(1) as f64)
+    let i = qemu_ctl::ppm::parse(ppm)?;
+    Ok(i.count(is_magenta) as f64 / (i.width * i.height).max(1) as f64)
+}
+
+/// The demo guest's magenta (VGA colour 5: about 170, 0, 170), with room for a scaler's
+/// rounding.
+pub fn is_magenta(p: &[u8]) -> bool {
+    p[0] >= 140 && p[1] <= 60 && p[2] >= 140 && p[0].abs_diff(p[2]) < 40
 }
 
 /// The guest must cover most of the thin client's screen: it starts at the size of the
@@ -590,7 +601,7 @@ fn session_in(s: &mut Served) -> Result<SessionReport> {
 }
 
 /// Removes a run's logs, unless `XTASK_KEEP_LOGS=1` asks to keep them.
-fn remove_work(dir: &Path) {
+pub fn remove_work(dir: &Path) {
     if std::env::var("XTASK_KEEP_LOGS").as_deref() == Ok("1") {
         eprintln!(
             "xtask e2e: logs kept in {} (XTASK_KEEP_LOGS=1)",

@@ -405,26 +405,7 @@ pub fn xwd_ppm(ns: &str, display: &str, ppm: &Path) -> Result<()> {
 
 /// Pixels of exactly `rgb` in an 8-bit binary PPM (P6).
 pub fn count_rgb(ppm: &[u8], rgb: [u8; 3]) -> Result<usize> {
-    let mut fields = Vec::new();
-    let mut i = 0;
-    while fields.len() < 4 {
-        while ppm.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        let start = i;
-        while ppm.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
-            i += 1;
-        }
-        if start == i {
-            bail!("not a PPM file");
-        }
-        fields.push(String::from_utf8_lossy(&ppm[start..i]).into_owned());
-    }
-    if fields[0] != "P6" || fields[3] != "255" {
-        bail!("not an 8-bit P6 PPM");
-    }
-    let px = ppm.get(i + 1..).unwrap_or_default();
-    Ok(px.chunks_exact(3).filter(|p| *p == rgb).count())
+    Ok(qemu_ctl::ppm::parse(ppm)?.count(|p| p == rgb))
 }
 
 fn serial_tail(work: &Path) -> String {

@@ -20,33 +20,10 @@ use crate::qemu::Qemu;
 /// The root window colour the guest's xdm paints (images/guest-x11).
 pub const GREETER_RGB: [u8; 3] = [0x1e, 0x5a, 0xa0];
 
-/// A decoded 8-bit P6 PPM: width, height and RGB bytes.
+/// A decoded 8-bit P6 PPM: width, height and RGB bytes (`qemu_ctl::ppm`).
 pub fn parse_ppm(ppm: &[u8]) -> Result<(usize, usize, &[u8])> {
-    let mut fields = Vec::new();
-    let mut i = 0;
-    while fields.len() < 4 {
-        while i < ppm.len() && ppm[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let start = i;
-        while i < ppm.len() && !ppm[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if start == i {
-            bail!("not a PPM file");
-        }
-        fields.push(String::from_utf8_lossy(&ppm[start..i]).into_owned());
-    }
-    if fields[0] != "P6" || fields[3] != "255" {
-        bail!("not an 8-bit P6 PPM");
-    }
-    let w: usize = fields[1].parse().context("PPM width")?;
-    let h: usize = fields[2].parse().context("PPM height")?;
-    let px = ppm.get(i + 1..).unwrap_or_default();
-    if px.len() < w * h * 3 {
-        bail!("PPM shorter than {w}x{h}");
-    }
-    Ok((w, h, &px[..w * h * 3]))
+    let i = qemu_ctl::ppm::parse(ppm)?;
+    Ok((i.width, i.height, i.rgb))
 }
 
 /// What a screenshot shows of the greeter: the share of the screen in the guest's
@@ -88,20 +65,6 @@ pub struct X11Report {
     pub login_to_desktop: Duration,
     /// From typing `exit` to the menu on the thin client again.
     pub logout_to_menu: Duration,
-}
-
-/// Names of the lab bridge's `vdt-*` ports (the X11 guests' taps) in namespace `ns`.
-fn taps(ns: &str) -> Result<Vec<String>> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns, "-o", "link", "show", "master", crate::lab::BRIDGE])
-        .output()
-        .context("ip link show")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        .filter(|n| n.starts_with("vdt-"))
-        .collect())
 }
 
 pub fn x11() -> Result<X11Report> {
@@ -158,7 +121,7 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
     // The session's tap (vdd's `lan::tap_name`: the prefix and the id's first 11
     // characters); the warm pool's VMs have taps of their own.
     let tap = format!("vdt-{}", &id[..id.len().min(11)]);
-    let on_bridge = taps(&ns)?;
+    let on_bridge = crate::lab::vdd_taps(&ns)?;
     if !on_bridge.contains(&tap) {
         bail!("want the session's tap {tap} on the bridge, found {on_bridge:?}");
     }
@@ -209,7 +172,7 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
     if code != 200 || list.as_array().is_none_or(|a| !a.is_empty()) {
         bail!("sessions left after the logout ({code}): {list}");
     }
-    let left = taps(&ns)?;
+    let left = crate::lab::vdd_taps(&ns)?;
     if left.contains(&tap) {
         bail!("the session's tap {tap} is still on the bridge after it ended: {left:?}");
     }

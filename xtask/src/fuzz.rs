@@ -116,22 +116,6 @@ fn resolve(tc: Toolchain) -> Toolchain {
     }
 }
 
-fn ensure_cargo_fuzz() -> Result<()> {
-    let have = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if have {
-        return Ok(());
-    }
-    eprintln!(
-        "xtask fuzz: cargo-fuzz is missing; installing it: cargo install cargo-fuzz --locked"
-    );
-    crate::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
-}
-
 /// Copies the committed seeds into the working corpus (existing entries are kept: the
 /// corpus grows across runs on one machine).
 fn seed(root: &Path, target: &str) -> Result<PathBuf> {
@@ -165,7 +149,7 @@ pub fn run(seconds: u64, targets: &[String], toolchain: Toolchain, dev: bool) ->
         targets.iter().map(String::as_str).collect()
     };
     let root = root();
-    ensure_cargo_fuzz()?;
+    crate::ensure_cargo_tool("fuzz", "cargo-fuzz", None)?;
     let tc = resolve(toolchain);
     eprintln!("xtask fuzz: building with {tc:?}");
     let built = Instant::now();

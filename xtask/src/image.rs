@@ -18,7 +18,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Where built images are kept across checkouts: `$XDG_CACHE_HOME/vdd` or `~/.cache/vdd`.
-fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -27,7 +27,7 @@ fn cache_dir() -> Option<PathBuf> {
 
 /// The machine's apt sources, handed to mmdebstrap as its "mirror" (it pastes a file's
 /// contents into the chroot's sources.list), and its release name.
-fn apt_sources() -> Result<(PathBuf, String)> {
+pub(crate) fn apt_sources() -> Result<(PathBuf, String)> {
     let os = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
     let suite = os
         .lines()
@@ -587,11 +587,12 @@ fn guest_x11_build(
     Ok(())
 }
 
-/// Removes the cache's other files named `prefix*` with the extension of `keep` that
-/// are older than a day: each recipe change leaves a root tarball of about 450 MB. Other
+/// Removes the cache's other files (or folders) named `prefix*` with the extension of
+/// `keep` that are older than a day: each recipe change leaves a root tarball of about
+/// 450 MB. Other
 /// checkouts share the cache and may be building or reading another recipe's files right
 /// now (seen: main's e2e while this branch built), so recent files stay.
-fn prune_cache(keep: &Path, prefix: &str) {
+pub(crate) fn prune_cache(keep: &Path, prefix: &str) {
     const STALE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
     let (Some(dir), Some(ext)) = (keep.parent(), keep.extension()) else {
         return;
@@ -606,7 +607,11 @@ fn prune_cache(keep: &Path, prefix: &str) {
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE));
         if p != keep && name.starts_with(prefix) && p.extension() == Some(ext) && stale {
-            let _ = std::fs::remove_file(&p);
+            if p.is_dir() {
+                let _ = std::fs::remove_dir_all(&p);
+            } else {
+                let _ = std::fs::remove_file(&p);
+            }
         }
     }
 }

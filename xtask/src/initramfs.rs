@@ -15,6 +15,18 @@ use anyhow::{bail, Context, Result};
 /// crt-static RUSTFLAGS away from the host build (build scripts, proc macros, vdd itself).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 
+/// RUSTFLAGS of [`TARGET`] for the static boot-menu. Symbols stripped: boot-menu goes
+/// into every client's RAM.
+pub const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static -C strip=symbols";
+
+/// The environment variable that gives [`TARGET`] alone its RUSTFLAGS.
+pub fn target_rustflags_var() -> String {
+    format!(
+        "CARGO_TARGET_{}_RUSTFLAGS",
+        TARGET.to_uppercase().replace('-', "_")
+    )
+}
+
 /// What the build produced, for the caller to print or boot.
 #[derive(Debug)]
 pub struct Built {
@@ -224,14 +236,7 @@ pub fn build_boot_menu(root: &Path) -> Result<PathBuf> {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
         .args(["build", "-p", "boot-menu", "--release", "--target", TARGET])
-        // Symbols stripped: the binary goes into every client's RAM.
-        .env(
-            format!(
-                "CARGO_TARGET_{}_RUSTFLAGS",
-                TARGET.to_uppercase().replace('-', "_")
-            ),
-            "-C target-feature=+crt-static -C strip=symbols",
-        );
+        .env(target_rustflags_var(), STATIC_RUSTFLAGS);
     eprintln!("xtask: running {cmd:?}");
     let st = cmd.status().context("starting cargo")?;
     if !st.success() {

@@ -287,6 +287,21 @@ impl Lab {
     }
 }
 
+/// Names of the lab bridge's `vdt-*` ports (vdd's taps of X11 guests, `TAP_PREFIX` in
+/// src/lan.rs) in namespace `ns`.
+pub fn vdd_taps(ns: &str) -> Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "master", BRIDGE])
+        .output()
+        .context("ip link show")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("vdt-"))
+        .collect())
+}
+
 fn link_mac(ns: &str, dev: &str) -> Result<String> {
     let out = Command::new("ip")
         .args(["-n", ns, "-o", "link", "show", dev])

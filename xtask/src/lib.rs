@@ -1,15 +1,22 @@
 //! Shared pieces of `cargo xtask` that the integration tests use too.
 
 pub mod bench;
+pub mod browser;
+pub mod deb;
 pub mod deps;
 pub mod e2e;
+pub mod e2e_deb;
 pub mod e2e_guest_x11;
+pub mod e2e_hosts;
 pub mod e2e_initramfs;
+pub mod e2e_panel;
 pub mod e2e_x11;
 pub mod fuzz;
+pub mod hv;
 pub mod image;
 pub mod initramfs;
 pub mod lab;
+pub mod nspawn;
 pub mod qemu;
 pub mod rfb;
 
@@ -22,4 +29,26 @@ pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
         anyhow::bail!("{cmd:?} failed: {st}");
     }
     Ok(())
+}
+
+/// Installs the cargo subcommand `cargo SUB` from crates.io (crate `krate`, `version` a
+/// requirement such as "^3", or the newest) unless `cargo SUB --version` already works.
+pub fn ensure_cargo_tool(sub: &str, krate: &str, version: Option<&str>) -> anyhow::Result<()> {
+    use std::process::{Command, Stdio};
+    let have = Command::new("cargo")
+        .args([sub, "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if have {
+        return Ok(());
+    }
+    let mut install = Command::new("cargo");
+    install.args(["install", krate, "--locked"]);
+    if let Some(v) = version {
+        install.args(["--version", v]);
+    }
+    eprintln!("xtask: {krate} is missing; installing it from crates.io");
+    run(&mut install)
 }

@@ -39,6 +39,9 @@ enum Cmd {
     },
     /// The README's demo: a lab network, vdd, and a QEMU thin client that PXE-boots from it.
     Demo,
+    /// Build the Debian package target/debian/vdd_VERSION_amd64.deb (cargo-deb, installed
+    /// from crates.io when missing) and list its files.
+    Deb,
     /// Install the Debian packages (xtask/debian-packages.txt) that a command needs and this
     /// machine lacks; not as root, print the command that would.
     Deps {
@@ -94,6 +97,8 @@ enum Bench {
     /// vdd's memory (VmRSS, VmHWM) under floods from the LAN (TFTP, HTTP, NBD, DHCP), and
     /// whether a well-behaved client is still served during each.
     Floods(xtask::bench::floods::Args),
+    /// What the admin panel costs: vdd's CPU while Chromium shows N sessions' screens.
+    Panel(xtask::bench::panel::Args),
     /// DHCP: perfdhcp against vdd, kea-dhcp4 and dnsmasq at stepped rates (DORA/s, drops).
     Dhcp {
         /// Shorter steps (3 s instead of 10 s).
@@ -128,6 +133,14 @@ enum E2e {
     /// PXE-boot a thin client, autopick the X11 guest, and check that the thin client's
     /// screen shows the guest's xdm greeter (XDMCP); then end the session from the API.
     X11,
+    /// Two libvirt hypervisor hosts in the lab: sessions fill host 1, then host 2 (the
+    /// thin client's guest runs there); kill -9 of vdd adopts them; host 1's daemon killed
+    /// fails its sessions and new ones go to host 2.
+    Hosts,
+    /// The admin panel in headless Chromium while a thin client boots: login, the seat's
+    /// stages arriving, the guest's thumbnail, reset and end from the panel, the refusals;
+    /// screenshots in target/e2e/panel-*.png; /metrics through promtool.
+    Panel,
     /// PXE-boot a QEMU thin client from vdd in a lab network to the check command in its
     /// NBD root, through the iPXE ROM and through OVMF's own UEFI PXE (TFTP chain).
     Boot {
@@ -139,6 +152,10 @@ enum E2e {
     /// tap, DHCP by MAC), time its XDMCP Willing, and check that its greeter draws on
     /// `Xvfb -query` (screenshot: target/guest-x11-greeter.png), then log in as guest.
     GuestX11,
+    /// Install the .deb into a Debian 12 container booted with systemd (systemd-nspawn) on a
+    /// lab network and run vdd as a service: start, a DHCP lease, an NBD read, two VMs,
+    /// reload, stop, purge.
+    Deb,
     /// Boot the initramfs under QEMU TCG with user networking; wait for boot-menu's markers.
     Initramfs {
         /// Use the images already in images/out instead of building them.
@@ -164,9 +181,14 @@ fn main() -> Result<()> {
         Cmd::E2e {
             what: E2e::GuestX11,
         } => ensure(Purpose::GuestX11)?,
+        Cmd::E2e { what: E2e::Panel } => ensure(Purpose::Test)?,
+        Cmd::E2e { what: E2e::Deb } => ensure(Purpose::Test)?,
         Cmd::E2e { .. } => ensure(Purpose::Demo)?,
+        Cmd::Bench {
+            which: Bench::Panel(_),
+        } => ensure(Purpose::Test)?,
         Cmd::Bench { .. } => ensure(Purpose::Bench)?,
-        Cmd::Deps { .. } | Cmd::Fuzz { .. } => {}
+        Cmd::Deps { .. } | Cmd::Fuzz { .. } | Cmd::Deb => {}
     }
     match cli.cmd {
         Cmd::Deps { purpose } => ensure(purpose),
@@ -202,6 +224,11 @@ fn main() -> Result<()> {
                 "mkfs.vfat",
                 "syslinux",
                 "curl",
+                "chromium",
+                "chromedriver",
+                "promtool",
+                "libvirtd",
+                "virsh",
             ];
             if let Some(why) = xtask::lab::missing(&tools) {
                 eprintln!("xtask test: skipping the QEMU end-to-end boots: {why}");
@@ -221,6 +248,23 @@ fn main() -> Result<()> {
                 r.pick_to_frame.as_secs_f64(),
                 r.screenshot.display()
             );
+            let r = once_more("e2e panel", xtask::e2e_panel::run)?;
+            println!(
+                "e2e panel: passed in {:.0} s; screenshots {}",
+                r.total.as_secs_f64(),
+                r.screenshots
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            let r = once_more("e2e hosts", xtask::e2e_hosts::hosts)?;
+            println!(
+                "e2e hosts: passed in {:.0} s; host 1 down to its sessions failed {:.1} s; screenshot {}",
+                r.total.as_secs_f64(),
+                r.host_down_to_failed.as_secs_f64(),
+                r.screenshot.display()
+            );
             let r = once_more("e2e x11", xtask::e2e_x11::x11)?;
             println!(
                 "e2e x11: passed; the guest's greeter ({} start) on the thin client's screen {:.1} s after the pick; screenshot {}",
@@ -228,6 +272,45 @@ fn main() -> Result<()> {
                 r.pick_to_greeter.as_secs_f64(),
                 r.screenshot.display()
             );
+            if let Some(why) = xtask::lab::missing(E2E_DEB_TOOLS) {
+                eprintln!("xtask test: skipping the package's install test: {why}");
+                return Ok(());
+            }
+            let r = xtask::e2e_deb::run()?;
+            println!(
+                "e2e deb: passed in {:.0} s; {}",
+                r.steps.iter().map(|s| s.1.as_secs_f64()).sum::<f64>(),
+                r.exposure
+            );
+            Ok(())
+        }
+        Cmd::Deb => {
+            let b = xtask::deb::build()?;
+            print!("{}", xtask::deb::contents(&b.deb)?);
+            println!("{}", b.deb.display());
+            Ok(())
+        }
+        Cmd::E2e { what: E2e::Deb } => {
+            if let Some(why) = xtask::lab::missing(E2E_DEB_TOOLS) {
+                bail!("cannot run the package's install test: {why}");
+            }
+            let r = xtask::e2e_deb::run()?;
+            println!("e2e deb: passed; {}", r.exposure);
+            println!(
+                "  package {} ({:.1} MiB)",
+                r.deb.display(),
+                r.deb_bytes as f64 / 1048576.0
+            );
+            for (name, took) in &r.steps {
+                println!("  {:>7.1} s  {name}", took.as_secs_f64());
+            }
+            println!(
+                "  {:>7.1} s  in all",
+                r.steps.iter().map(|s| s.1.as_secs_f64()).sum::<f64>()
+            );
+            if !r.reloaded {
+                println!("  (the reload step was skipped: this vdd has no `vdd reload` yet)");
+            }
             Ok(())
         }
         Cmd::Demo => xtask::e2e::demo(),
@@ -260,6 +343,54 @@ fn main() -> Result<()> {
                 r.screenshot.display(),
                 r.desktop.display()
             );
+            Ok(())
+        }
+        Cmd::E2e { what: E2e::Panel } => {
+            let r = xtask::e2e_panel::run()?;
+            println!("e2e panel: passed; each boot stage on the seat's page, since the login:");
+            for (name, at) in &r.stages {
+                println!("  {:>7.1} s  {name}", at.as_secs_f64());
+            }
+            println!(
+                "  the thumbnail's pixels: {:.0}% the demo guest's magenta",
+                r.thumb_magenta * 100.0
+            );
+            println!(
+                "  from the thin client's start: {:.0} s",
+                r.total.as_secs_f64()
+            );
+            for p in &r.screenshots {
+                println!("  screenshot: {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::E2e { what: E2e::Hosts } => {
+            let r = xtask::e2e_hosts::hosts()?;
+            println!("e2e hosts: passed; times since the thin client's QEMU start:");
+            for (name, at) in &r.stages {
+                println!("  {:>7.1} s  {name}", at.as_secs_f64());
+            }
+            println!(
+                "  VM start on a host (POST to answer): {:.2} s",
+                r.vm_start.as_secs_f64()
+            );
+            println!(
+                "  vdd restarted after kill -9 to its sessions adopted: {:.1} s",
+                r.restart_to_adopted.as_secs_f64()
+            );
+            println!(
+                "  host 1's daemon killed to its sessions failed: {:.1} s",
+                r.host_down_to_failed.as_secs_f64()
+            );
+            println!(
+                "  idle_timeout 15 s to the end of a session without a viewer: {:.1} s",
+                r.idle_end.as_secs_f64()
+            );
+            println!(
+                "  whole run (builds included): {:.0} s",
+                r.total.as_secs_f64()
+            );
+            println!("  screenshot: {}", r.screenshot.display());
             Ok(())
         }
         Cmd::E2e { what: E2e::Session } => {
@@ -378,6 +509,9 @@ fn main() -> Result<()> {
             which: Bench::Floods(a),
         } => xtask::bench::floods::run(a),
         Cmd::Bench {
+            which: Bench::Panel(a),
+        } => xtask::bench::panel::run(a),
+        Cmd::Bench {
             which: Bench::Pick(a),
         } => xtask::bench::pick::run(a),
         Cmd::Bench {
@@ -407,6 +541,20 @@ fn main() -> Result<()> {
         }
     }
 }
+
+/// What `cargo xtask e2e deb` runs on this machine (inside the container, the package's
+/// own dependencies).
+const E2E_DEB_TOOLS: &[&str] = &[
+    "systemd-nspawn",
+    "nsenter",
+    "mmdebstrap",
+    "dpkg-deb",
+    "udhcpc",
+    "nbdcopy",
+    "curl",
+    "mkfs.vfat",
+    "syslinux",
+];
 
 fn initramfs(kver: Option<&str>) -> Result<xtask::initramfs::Built> {
     let b = xtask::initramfs::build(kver)?;

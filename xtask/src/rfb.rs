@@ -1,7 +1,8 @@
 //! The client half of RFB 3.8 (RFC 6143): the security handshake, enough to prove a VNC
-//! server takes a given password and refuses others, as the session tests need; and
-//! raw-encoded framebuffer updates (7.5, 7.6.1, 7.7.1, DesktopSize 7.8.2), enough to
-//! see what a guest shows and when, as `cargo xtask bench pick` needs.
+//! server takes a given password and refuses others, and to be a connected viewer, as the
+//! session tests need; and raw-encoded framebuffer updates (7.5, 7.6.1, 7.7.1,
+//! DesktopSize 7.8.2), enough to see what a guest shows and when, as `cargo xtask bench
+//! pick` needs.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,6 +16,21 @@ use des::cipher::{BlockEncrypt, KeyInit};
 /// (type 1): a session's display must never be reachable without its password.
 pub fn vnc_auth(addr: SocketAddr, password: Option<&str>) -> Result<bool> {
     Ok(authenticate(addr, password)?.1)
+}
+
+/// A viewer that stays: authenticates, sends ClientInit (shared) and reads ServerInit;
+/// the server counts it as connected until the stream is dropped.
+pub fn vnc_viewer(addr: SocketAddr, password: &str) -> Result<TcpStream> {
+    let (mut s, ok) = authenticate(addr, Some(password))?;
+    if !ok {
+        bail!("{addr} refused the password");
+    }
+    s.write_all(&[1])?;
+    let mut init = [0u8; 24];
+    s.read_exact(&mut init)?;
+    let mut name = vec![0u8; u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize];
+    s.read_exact(&mut name)?;
+    Ok(s)
 }
 
 /// The handshake up to the security result: the stream, and whether it passed.
@@ -80,6 +96,11 @@ impl Frame {
             n += f(p[2], p[1], p[0]) as usize;
         }
         n as f64 / all.max(1) as f64
+    }
+
+    /// The share of the demo guest's magenta ([`crate::e2e::is_magenta`]).
+    pub fn magenta_share(&self) -> f64 {
+        self.share(|r, g, b| crate::e2e::is_magenta(&[r, g, b]))
     }
 }
 
@@ -196,10 +217,4 @@ pub fn watch(
             other => bail!("{addr} sent message type {other}"),
         }
     }
-}
-
-/// The demo guest's magenta (VGA colour 5, about 170, 0, 170), which fills its screen
-/// behind the banner.
-pub fn demo_magenta(r: u8, g: u8, b: u8) -> bool {
-    r >= 140 && g <= 60 && b >= 140 && r.abs_diff(b) < 40
 }

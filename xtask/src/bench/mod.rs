@@ -6,6 +6,7 @@ pub mod dhcp;
 pub mod floods;
 pub mod http;
 pub mod nbd;
+pub mod panel;
 pub mod pick;
 pub mod tftp;
 

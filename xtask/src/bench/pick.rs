@@ -270,7 +270,7 @@ fn first_frame(s: &Value, t0: Instant) -> Result<f64> {
     let port = s["port"].as_u64().context("no port")? as u16;
     let pw = s["password"].as_str().context("no password")?;
     crate::rfb::watch((SERVER_IP, port).into(), pw, LIMIT, |f| {
-        f.share(crate::rfb::demo_magenta) > 0.8
+        f.magenta_share() > 0.8
     })?;
     Ok(t0.elapsed().as_secs_f64())
 }
