@@ -241,3 +241,40 @@ fn instant(
     }
     Ok((warm, start, screen))
 }
+
+/// What the guests' `warm` and `start` need of `[dispatch]`: room for the warm VMs in
+/// `max_vms`, and the local QEMU backend: the libvirt one (`[[dispatch.host]]`) neither
+/// keeps VMs booted ahead nor saves states.
+pub(super) fn check_instant(
+    guests: &[Guest],
+    dispatch: &super::Dispatch,
+) -> Result<(), ConfigError> {
+    let warm: usize = guests.iter().map(|g| g.warm).sum();
+    if warm > dispatch.max_vms {
+        return Err(invalid(
+            "dispatch.max_vms",
+            dispatch.max_vms,
+            format!("at least the {warm} warm VMs the [[guest]] entries keep (their `warm`), plus room for the seats"),
+        ));
+    }
+    if dispatch.hosts.is_empty() {
+        return Ok(());
+    }
+    for (i, g) in guests.iter().enumerate() {
+        if g.warm > 0 {
+            return Err(invalid(
+                format!("guest[{i}].warm"),
+                g.warm,
+                "warm pools run on vdd's own QEMU only, not on [[dispatch.host]] hypervisor hosts; leave out warm or the hosts",
+            ));
+        }
+        if g.start == Start::Saved {
+            return Err(invalid(
+                format!("guest[{i}].start"),
+                "saved",
+                "saved-state starts run on vdd's own QEMU only, not on [[dispatch.host]] hypervisor hosts; leave out start or the hosts",
+            ));
+        }
+    }
+    Ok(())
+}

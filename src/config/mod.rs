@@ -295,15 +295,8 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
     }
     let guests = guest::guests(w.guest, &cx)?;
     let dispatch = Dispatch::try_from(w.dispatch)?;
-    let warm: usize = guests.iter().map(|g| g.warm).sum();
-    if warm > dispatch.max_vms {
-        return Err(invalid(
-            "dispatch.max_vms",
-            dispatch.max_vms,
-            format!("at least the {warm} warm VMs the [[guest]] entries keep (their `warm`), plus room for the seats"),
-        ));
-    }
     hosts::check_bridges(&dispatch.hosts, &guests)?;
+    guest::check_instant(&guests, &dispatch)?;
     Ok(Config {
         path: path.to_path_buf(),
         server,
