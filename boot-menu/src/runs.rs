@@ -2,13 +2,14 @@
 //! it, then the guest's display (a VNC viewer, or Xorg over XDMCP) until it ends.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use boot_menu::sessions::{Protocol, SessionState};
-use boot_menu::{cmdline, guests, nbd, report, session, sessions};
+use boot_menu::{cmdline, guests, nbd, report, screen, session, sessions};
 use vdd_api::Stage;
 
 use crate::console::{chain, Console};
@@ -96,7 +97,13 @@ pub fn session(
     // USB keyboards and mice enumerate only after their host controller's driver loaded
     // at boot: load the drivers of devices that turned up since then.
     load_modules(con)?;
-    let s = sessions::create(server, &guest.name, HTTP_TIMEOUT)
+    // The monitor's preferred mode, so the guest starts at the size of this screen.
+    let monitor = screen::preferred(Path::new("/sys"));
+    match monitor {
+        Some(m) => con.say(&format!("screen: {}x{}", m.width, m.height)),
+        None => con.say("screen: unknown (no DRM driver for this graphics card)"),
+    }
+    let s = sessions::create(server, &guest.name, monitor, HTTP_TIMEOUT)
         .with_context(|| format!("starting {} on the server", guest.title()))?;
     con.say(&format!(
         "session {} for {}: {} on {} ({})",

@@ -121,7 +121,7 @@ fn storm_in(s: &mut Served, n: usize) -> Result<Report> {
             }
             let ppm = s.dir.join(format!("seat{i}/screen.ppm"));
             q.screendump(&ppm)?;
-            if e2e::magenta_pixels(&std::fs::read(&ppm)?)? >= e2e::GUEST_SCREEN_MAGENTA {
+            if e2e::magenta_share(&std::fs::read(&ppm)?)? >= e2e::GUEST_SCREEN_SHARE {
                 guest[i] = Some(t0.elapsed());
                 eprintln!(
                     "xtask e2e storm: seat {i}: {:<36} at {:>6.1} s",

@@ -250,6 +250,15 @@ impl Backend for Libvirt {
     }
 
     async fn start(&self, spec: VmSpec, password: Option<OneTime>) -> Result<(Vm, Saved), Error> {
+        // No saved states here (the config refuses `start = "saved"` with hosts): a
+        // restore is refused the way a state that does not load is, and the dispatcher
+        // boots the guest instead.
+        if let Some(r) = &spec.restore {
+            return Err(Error::Restore(
+                r.state.clone(),
+                "the libvirt backend keeps no saved states".into(),
+            ));
+        }
         let want = Want {
             label: &spec.guest.label,
             mib: spec.guest.memory_mib,

@@ -8,6 +8,7 @@ pub mod floods;
 pub mod http;
 pub mod nbd;
 pub mod panel;
+pub mod pick;
 pub mod storm;
 pub mod tftp;
 
