@@ -45,7 +45,12 @@ pub struct HostsReport {
 fn config(dir: &std::path::Path, h1: &Hypervisor, h2: &Hypervisor) -> Result<String> {
     // Warm pools and saved states run on vdd's own QEMU only (`vdd check` refuses them
     // with hosts): the lab's guests here boot cold on the hosts.
-    let base: String = lab_config(dir, "console=ttyS0 vdd.autopick=demo")
+    // The X11 guest (when its image was built) would need a LAN bridge on the hosts.
+    let mut base = lab_config(dir, "console=ttyS0 vdd.autopick=demo");
+    if let Some(x11) = base.find("\n[[guest]]\nname = \"x11\"") {
+        base.truncate(x11 + 1);
+    }
+    let base: String = base
         .lines()
         .filter(|l| !l.starts_with("warm = ") && !l.starts_with("start = \"saved\""))
         .map(|l| format!("{l}\n"))
