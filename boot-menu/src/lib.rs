@@ -10,6 +10,5 @@ pub mod modules;
 pub mod nbd;
 pub mod net;
 pub mod report;
-pub mod screen;
 pub mod session;
 pub mod sessions;

@@ -11,9 +11,8 @@ use virt::storage_vol::StorageVol;
 
 use super::domxml::{self, Meta, Screen};
 use super::hosts::Host;
-use super::{Libvirt, Saved, Vm};
+use super::{Libvirt, Saved, Vm, PASSWORD_SECS};
 use crate::config::AccelChoice;
-use crate::dispatch::backend::OneTime;
 use crate::dispatch::qemu::{VmDisplay, VmSpec};
 use crate::dispatch::Error;
 
@@ -63,7 +62,7 @@ impl Libvirt {
         spec: &VmSpec,
         volume: &str,
         kvm: bool,
-        password: Option<OneTime>,
+        password: Option<String>,
     ) -> Result<(Vm, Saved), Error> {
         let host = &self.hosts[i];
         let cfg = host.cfg.clone();
@@ -83,13 +82,8 @@ impl Libvirt {
             VmDisplay::Vnc { port, .. } => Screen::Vnc {
                 listen: cfg.address,
                 port: *port,
-                valid_to: domxml::valid_to(
-                    SystemTime::now(),
-                    password
-                        .as_ref()
-                        .map_or(1, |p| p.valid_for.as_secs().max(1)),
-                ),
-                password: password.map(|p| p.password).unwrap_or_default(),
+                password: password.unwrap_or_default(),
+                valid_to: domxml::valid_to(SystemTime::now(), PASSWORD_SECS),
                 nat: spec.guest.nat,
             },
             VmDisplay::Lan { mac, .. } => Screen::Lan {
