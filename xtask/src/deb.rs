@@ -105,19 +105,10 @@ fn parse_relations(field: &str) -> Vec<String> {
 
 /// `dpkg -c` of a package: its file list, as README.md shows it.
 pub fn contents(deb: &std::path::Path) -> Result<String> {
-    let out = Command::new("dpkg")
-        .arg("-c")
-        .arg(deb)
-        .output()
-        .context("running dpkg -c")?;
-    if !out.status.success() {
-        bail!(
-            "dpkg -c {} failed: {}",
-            deb.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::output(
+        Command::new("dpkg").arg("-c").arg(deb),
+        &format!("dpkg -c {}", deb.display()),
+    )
 }
 
 #[cfg(test)]

@@ -140,20 +140,12 @@ impl Hypervisor {
 
     /// Runs `virsh -c URI ARGS` from the lab's server namespace; its output.
     pub fn virsh(&self, lab: &Lab, args: &[&str]) -> Result<String> {
-        let out = Lab::cmd(&lab.server_ns, "virsh")
-            .args(["-c", &self.uri])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running virsh")?;
-        if !out.status.success() {
-            bail!(
-                "virsh {args:?} on {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::output(
+            Lab::cmd(&lab.server_ns, "virsh")
+                .args(["-c", &self.uri])
+                .args(args),
+            &format!("virsh {args:?} on {}", self.name),
+        )
     }
 
     fn daemon_running(&mut self) -> bool {

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// The server's address on the lab bridge.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -102,18 +102,7 @@ where
     S: AsRef<OsStr>,
 {
     let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let out = Command::new("ip")
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running `ip`")?;
-    if !out.status.success() {
-        bail!(
-            "ip {:?} failed: {}",
-            args,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    crate::output(Command::new("ip").args(&args), &format!("ip {args:?}"))?;
     Ok(())
 }
 

@@ -31,6 +31,23 @@ pub fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs a command with no input to the end and returns its standard output; a non-zero
+/// exit fails with `what` and the command's own standard error, which says why.
+pub fn output(cmd: &mut std::process::Command, what: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Installs the cargo subcommand `cargo SUB` from crates.io (crate `krate`, `version` a
 /// requirement such as "^3", or the newest) unless `cargo SUB --version` already works.
 pub fn ensure_cargo_tool(sub: &str, krate: &str, version: Option<&str>) -> anyhow::Result<()> {
