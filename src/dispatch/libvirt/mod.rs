@@ -439,14 +439,11 @@ impl Backend for Libvirt {
     }
 
     async fn set_password(&self, vm: Control, password: String) -> Result<(), Error> {
-        let host = vm.host.clone();
-        call(
-            &host,
+        on_domain(
+            vm,
             "setting the VNC password",
             Duration::from_secs(15),
-            move |c| {
-                let d = Domain::lookup_by_name(c, &vm.domain)
-                    .map_err(on(&vm.host, "finding the VM"))?;
+            move |d, vm| {
                 let xml = d
                     .get_xml_desc(0)
                     .map_err(on(&vm.host, "reading the VM's XML"))?;
@@ -470,14 +467,11 @@ impl Backend for Libvirt {
     /// display's clients, and its graphics events would miss those connected before a
     /// restart of vdd.
     async fn has_viewer(&self, vm: Control) -> bool {
-        let host = vm.host.clone();
-        call(
-            &host,
+        on_domain(
+            vm,
             "asking for VNC viewers",
             Duration::from_secs(5),
-            move |c| {
-                let d = Domain::lookup_by_name(c, &vm.domain)
-                    .map_err(on(&vm.host, "finding the VM"))?;
+            move |d, vm| {
                 let out = d
                     .qemu_monitor_command(r#"{"execute":"query-vnc"}"#, 0)
                     .map_err(on(&vm.host, "query-vnc"))?;
@@ -601,4 +595,19 @@ impl Dispatcher<Libvirt> {
         let backend = Libvirt::connect(&cfg.get()).await?;
         Dispatcher::with_backend(cfg, lan, backend).await
     }
+}
+
+/// [`call`] on a session's domain, found by its name on its host.
+async fn on_domain<T: Send + 'static>(
+    vm: Control,
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce(&Domain, &Control) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let host = vm.host.clone();
+    call(&host, what, limit, move |c| {
+        let d = Domain::lookup_by_name(c, &vm.domain).map_err(on(&vm.host, "finding the VM"))?;
+        f(&d, &vm)
+    })
+    .await
 }
