@@ -46,6 +46,39 @@ pub(crate) fn apt_sources() -> Result<(PathBuf, String)> {
     bail!("no apt sources on this machine (/etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list)")
 }
 
+/// `--dpkgopt`s that leave docs, man pages and locales out of a root nobody reads them in.
+pub(crate) const NO_DOCS: [&str; 3] = [
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+];
+
+/// Runs mmdebstrap as root: a minbase root of `suite`, without recommends, from the
+/// machine's apt `sources` into `target` (a folder, or a file with `--format=tar`), with
+/// `args` for the rest. A failed run leaves no `target` behind; its output says why.
+pub(crate) fn mmdebstrap(
+    args: &[String],
+    suite: &str,
+    target: &Path,
+    sources: &Path,
+) -> Result<()> {
+    let st = Command::new("mmdebstrap")
+        .args(["--variant=minbase", "--mode=root"])
+        .arg("--aptopt=APT::Install-Recommends \"false\"")
+        .args(args)
+        .arg(suite)
+        .arg(target)
+        .arg(sources)
+        .status()
+        .context("running mmdebstrap")?;
+    if !st.success() {
+        let _ = std::fs::remove_dir_all(target);
+        let _ = std::fs::remove_file(target);
+        bail!("mmdebstrap failed ({st}); its output above says why");
+    }
+    Ok(())
+}
+
 /// sha256 over the recipe's files (name and content), so a change to any rebuilds.
 fn recipe_hash(dir: &Path) -> Result<String> {
     recipe_hash_skipping(dir, &[])
@@ -125,26 +158,13 @@ pub fn thin_client(force: bool) -> Result<PathBuf> {
         packages.len(),
         work.display()
     );
-    let st = Command::new("mmdebstrap")
-        .args(["--variant=minbase", "--mode=root", "--verbose"])
-        .arg(format!("--include={}", packages.join(",")))
-        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
-        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
-        .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
-        .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .arg(format!(
-            "--customize-hook={}/customize.sh \"$1\"",
-            recipe.display()
-        ))
-        .arg(&suite)
-        .arg(&work)
-        .arg(&sources)
-        .status()
-        .context("running mmdebstrap")?;
-    if !st.success() {
-        let _ = std::fs::remove_dir_all(&work);
-        bail!("mmdebstrap failed ({st}); its output above says why");
-    }
+    let mut args = vec![
+        "--verbose".to_string(),
+        format!("--include={}", packages.join(",")),
+        format!("--customize-hook={}/customize.sh \"$1\"", recipe.display()),
+    ];
+    args.extend(NO_DOCS.map(String::from));
+    mmdebstrap(&args, &suite, &work, &sources)?;
     eprintln!(
         "xtask: [2/2] mksquashfs ({:.0} s so far) ...",
         t0.elapsed().as_secs_f64()
@@ -429,29 +449,18 @@ fn guest_x11_build(
         );
         std::fs::create_dir_all(tarball.parent().expect("tarball has a folder"))?;
         let tmp = tarball.with_extension("tar.tmp");
-        let st = Command::new("mmdebstrap")
-            .args(["--variant=minbase", "--mode=root", "--format=tar"])
-            .arg(format!("--include={}", packages.join(",")))
+        let args = [
+            "--format=tar".to_string(),
+            format!("--include={}", packages.join(",")),
             // A file: mmdebstrap copies it into the guest's /etc/dpkg/dpkg.cfg.d/.
-            .arg(format!("--dpkgopt={}", recipe.join("dpkg.cfg").display()))
-            .arg("--aptopt=APT::Install-Recommends \"false\"")
-            .arg(format!(
-                "--setup-hook={0}/setup.sh \"$1\" {0}",
-                recipe.display()
-            ))
-            .arg(format!(
+            format!("--dpkgopt={}", recipe.join("dpkg.cfg").display()),
+            format!("--setup-hook={0}/setup.sh \"$1\" {0}", recipe.display()),
+            format!(
                 "--customize-hook={0}/customize.sh \"$1\" {0}",
                 recipe.display()
-            ))
-            .arg(&suite)
-            .arg(&tmp)
-            .arg(&sources)
-            .status()
-            .context("running mmdebstrap")?;
-        if !st.success() {
-            let _ = std::fs::remove_file(&tmp);
-            bail!("mmdebstrap failed ({st}); its output above says why");
-        }
+            ),
+        ];
+        mmdebstrap(&args, &suite, &tmp, &sources)?;
         std::fs::rename(&tmp, &tarball)?;
         prune_cache(&tarball, "guest-x11-root-");
     }

@@ -55,25 +55,12 @@ pub fn tree(name: &str, packages: &[&str]) -> Result<PathBuf> {
         packages.join(" "),
         work.display()
     );
-    let st = Command::new("mmdebstrap")
-        .args(["--variant=minbase", "--mode=root", "--quiet"])
-        .arg(format!(
-            "--include=systemd,systemd-sysv,{}",
-            packages.join(",")
-        ))
-        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
-        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
-        .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
-        .arg("--aptopt=APT::Install-Recommends \"false\"")
-        .arg(&suite)
-        .arg(&work)
-        .arg(&sources)
-        .status()
-        .context("running mmdebstrap")?;
-    if !st.success() {
-        let _ = std::fs::remove_dir_all(&work);
-        bail!("mmdebstrap failed ({st}); its output above says why");
-    }
+    let mut args = vec![
+        "--quiet".to_string(),
+        format!("--include=systemd,systemd-sysv,{}", packages.join(",")),
+    ];
+    args.extend(crate::image::NO_DOCS.map(String::from));
+    crate::image::mmdebstrap(&args, &suite, &work, &sources)?;
     // Renamed last, so an interrupted build is never taken for a tree.
     std::fs::rename(&work, &dir)?;
     prune_cache(&dir, &format!("{name}-"));
