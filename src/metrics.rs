@@ -43,6 +43,14 @@ pub struct SessionLabels {
     pub state: &'static str,
 }
 
+/// A guest and what happened (a warm pick's `hit` or `miss`; a VM's start: `boot`,
+/// `saved`, `saved_failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuestResult {
+    pub guest: String,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The route's pattern (`/api/v1/sessions/{id}`), never the path itself: ids and
@@ -85,6 +93,10 @@ pub struct Metrics {
     pub vm_slots: Gauge,
     pub guest_memory: Gauge,
     pub guest_memory_budget: Gauge,
+    pub warm_picks: Family<GuestResult, Counter>,
+    pub vm_starts: Family<GuestResult, Counter>,
+    pub warm_vms: Gauge,
+    pub warm_vms_ready: Gauge,
     pub api_requests: Family<RequestLabels, Counter>,
     pub boot_stage: Family<StageLabel, Histogram, fn() -> Histogram>,
     pub boot_reports: Family<ResultLabel, Counter>,
@@ -119,6 +131,10 @@ impl Default for Metrics {
             vm_slots: Gauge::default(),
             guest_memory: Gauge::default(),
             guest_memory_budget: Gauge::default(),
+            warm_picks: Family::default(),
+            vm_starts: Family::default(),
+            warm_vms: Gauge::default(),
+            warm_vms_ready: Gauge::default(),
             api_requests: Family::default(),
             boot_stage: Family::new_with_constructor(stage_buckets),
             boot_reports: Family::default(),
@@ -242,6 +258,26 @@ impl Metrics {
             self.guest_memory_budget.clone(),
         );
         r.register(
+            "vdd_warm_picks",
+            "Picks of a guest with a warm pool, by whether a warm VM was there (hit, miss)",
+            self.warm_picks.clone(),
+        );
+        r.register(
+            "vdd_vm_starts",
+            "VMs started (seats' and warm ones), by how: boot, saved (resumed from the saved state), saved_failed (the state did not load; booted instead)",
+            self.vm_starts.clone(),
+        );
+        r.register(
+            "vdd_warm_vms",
+            "Warm VMs waiting for a pick ([[guest]] warm)",
+            self.warm_vms.clone(),
+        );
+        r.register(
+            "vdd_warm_vms_ready",
+            "Warm VMs whose guest is up",
+            self.warm_vms_ready.clone(),
+        );
+        r.register(
             "vdd_api_requests",
             "API requests answered, by route and status",
             self.api_requests.clone(),
@@ -282,6 +318,12 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         s
     }
+}
+
+/// Brings counter `c` up to `total`, a count kept elsewhere since vdd started (the
+/// dispatcher's): counters only go up, and so does it.
+pub fn catch_up(c: &Counter, total: u64) {
+    c.inc_by(total.saturating_sub(c.get()));
 }
 
 /// OpenMetrics text to the classic Prometheus text format 0.0.4: a counter's family is
@@ -340,8 +382,18 @@ mod tests {
                 status: 200,
             })
             .inc();
+        let hits = m.warm_picks.get_or_create(&GuestResult {
+            guest: "demo".into(),
+            result: "hit",
+        });
+        catch_up(&hits, 3);
+        catch_up(&hits, 3);
         let open = m.openmetrics();
         assert!(open.contains("vdd_tftp_sent_bytes_total 1000\n"), "{open}");
+        assert!(
+            open.contains("vdd_warm_picks_total{guest=\"demo\",result=\"hit\"} 3\n"),
+            "{open}"
+        );
         assert!(
             open.contains("# TYPE vdd_tftp_sent_bytes counter\n"),
             "{open}"

@@ -1,4 +1,5 @@
-//! Reads the LAN interface (index, MAC, first IPv4 address and subnet) from the kernel.
+//! Reads the LAN interface (index, MAC, first IPv4 address and subnet) from the kernel,
+//! and marks the packets that must not queue behind bulk data on it.
 //!
 //! getifaddrs(3) through nix answers all of it in one synchronous call, which `vdd check`
 //! needs before any runtime exists; rtnetlink is kept for what must change links
@@ -47,6 +48,19 @@ pub fn lookup(name: &str) -> std::io::Result<Option<InterfaceInfo>> {
         }
     }
     Ok(Some(info))
+}
+
+/// SO_PRIORITY of the packets a PXE firmware waits on (DHCP, TFTP): TC_PRIO_INTERACTIVE,
+/// which the kernel's default queue of a NIC (pfifo_fast) sends first, from a band of its
+/// own. While a room boots the link is full of HTTP and NBD data, and in one queue with it
+/// DHCP answers were dropped where it overflowed: `cargo xtask bench storm --seats 300
+/// --scale 0.2` left 173 of 300 seats without a lease, 62 with this priority, none once
+/// the answers were also unicast (dhcp/arp.rs). Values up to 6 need no privilege.
+pub const TC_PRIO_INTERACTIVE: u32 = 6;
+
+/// Marks `sock`'s packets [`TC_PRIO_INTERACTIVE`].
+pub fn waited_on(sock: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    socket2::SockRef::from(sock).set_priority(TC_PRIO_INTERACTIVE)
 }
 
 #[cfg(test)]

@@ -8,6 +8,10 @@
 //! connection caps that size a service's semaphore, the VMs' accelerator, the hypervisor
 //! hosts. For those the running value stays, and the reload names each changed key as
 //! waiting for a restart.
+//! A guest's `warm` and `start` change live: the dispatcher's maintenance pass (every 10 s,
+//! `dispatch/warm.rs`) reads the running config, starts or stops warm VMs to the new
+//! count, and saves a state a guest now wants, in the background; seats are not refused
+//! meanwhile (a pick without a warm VM or a saved state boots).
 //! An invalid file changes nothing.
 
 use std::path::PathBuf;
@@ -318,6 +322,22 @@ image = "/srv/old.img"
         // Without full DHCP, router advertisements are off by default: that waits too.
         assert_eq!(o.restart, vec!["dhcp.mode", "boot.ipv6_ra"]);
         assert_eq!(next.dhcp, running().dhcp);
+    }
+
+    #[test]
+    fn warm_pools_and_saved_starts_change_live() {
+        let new = BASE.replace(
+            "image = \"/srv/demo.img\"",
+            "image = \"/srv/demo.img\"\nwarm = 2\nstart = \"saved\"",
+        );
+        let (next, o) = next_config(&running(), &parse(BASE), parse(&new)).unwrap();
+        assert!(o.restart.is_empty(), "{o:?}");
+        assert_eq!(
+            (o.changed, o.guests_changed),
+            (vec!["guests"], vec!["demo".into()])
+        );
+        assert_eq!(next.guests[0].warm, 2);
+        assert_eq!(next.guests[0].start, crate::config::Start::Saved);
     }
 
     #[test]

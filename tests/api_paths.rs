@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use vdd::config::{Config, Mac};
-use vdd::dispatch::{Error, Pending, Protocol, SessionInfo, SessionState, Sessions, Usage, Who};
+use vdd::dispatch::{
+    Error, Pending, Protocol, ScreenSize, SessionInfo, SessionState, Sessions, Usage, Who,
+};
 use vdd::http::api::Api;
 
 #[path = "common/api.rs"]
@@ -46,6 +48,8 @@ fn session(id: &str, seat: Mac, guest: &str) -> SessionInfo {
         state: SessionState::Ready,
         error: None,
         mac: None,
+        start: "boot".into(),
+        screen: None,
         key: None,
     }
 }
@@ -80,6 +84,7 @@ impl Sessions for Fake {
         &'a self,
         seat: Mac,
         guest: &'a str,
+        screen: Option<ScreenSize>,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(async move {
@@ -106,7 +111,10 @@ impl Sessions for Fake {
                 });
             }
             let n = all.len() + 1;
-            let s = session(&format!("s{n}"), seat, guest);
+            let s = SessionInfo {
+                screen,
+                ..session(&format!("s{n}"), seat, guest)
+            };
             let key = format!("key-{n}");
             all.push((s.clone(), key.clone()));
             Ok(SessionInfo {
@@ -270,9 +278,20 @@ async fn who_may_ask_what() {
         "{v}"
     );
 
-    // A session and its key.
-    let (st, s) = post(&a, r#"{"guest":"demo"}"#).await;
+    // A session and its key; the seat's screen reaches the dispatcher, and a bad one is
+    // a 400.
+    let (st, v) = post(&a, r#"{"guest":"demo","screen":"1920x1080"}"#).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, s) = post(
+        &a,
+        r#"{"guest":"demo","screen":{"width":1920,"height":1080}}"#,
+    )
+    .await;
     assert_eq!(st, 201, "{s}");
+    assert_eq!(
+        s["screen"],
+        serde_json::json!({"width": 1920, "height": 1080})
+    );
     let (id, key) = (s["id"].as_str().unwrap(), s["key"].as_str().unwrap());
     let path = format!("/api/v1/sessions/{id}");
     let (st, v) = post(&a, r#"{"guest":"demo"}"#).await;

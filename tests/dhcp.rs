@@ -745,3 +745,140 @@ fn router_solicitations_get_an_empty_advertisement() {
     let out = rdisc6(&c);
     assert!(out.contains("No response"), "{out}");
 }
+
+/// Counts the DHCP replies (UDP to port 68) that reach namespace `ns` while it runs, up
+/// to `secs` seconds; prints the count when it ends.
+const BYSTANDER: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.bind(("0.0.0.0", 68))
+s.settimeout(0.2)
+open(sys.argv[2], "w").close()
+n, end = 0, time.time() + float(sys.argv[1])
+while time.time() < end:
+    try:
+        s.recv(2048)
+        n += 1
+    except socket.timeout:
+        pass
+print(n)
+"#;
+
+/// RFC 2131 4.1: a client that did not ask for broadcast gets its OFFER and ACK unicast
+/// to its own MAC; another seat on the LAN hears none of them. With the broadcast flag
+/// (-B), the same bystander hears them: it was listening.
+#[test]
+fn answers_reach_only_their_client() {
+    if let Some(why) = lab::missing(&["udhcpc", "python3"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("unicast");
+    write_config(&dir.0, FULL);
+    let mut lab = Lab::new("dhcpuc").unwrap();
+    start_vdd(&mut lab, &dir.0, 0);
+    let bystander = lab.add_client(None).unwrap();
+    for (flag, heard) in [(None, false), (Some("-B"), true)] {
+        let ready = dir.0.join(format!("ready-{}", heard));
+        let listen = Lab::cmd(&bystander.ns, "/usr/bin/python3")
+            .args(["-c", BYSTANDER, "8"])
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(20), || ready.exists()).expect("the bystander listens");
+        let c = lab.add_client(None).unwrap();
+        let e = udhcpc_once(&dir.0, &c, flag.as_slice());
+        assert!(in_pool(&e["ip"]), "{e:?}");
+        let out = listen.wait_with_output().unwrap();
+        let n: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(
+            n > 0,
+            heard,
+            "{n} replies to another client reached the bystander (broadcast flag: {flag:?})"
+        );
+    }
+}
+
+/// A PXE ROM stuck in a loop: DISCOVERs from its own MAC (broadcast flag set, so the
+/// answers reach this socket) as fast as python sends them for `secs` seconds; prints how
+/// many it sent and how many OFFERs came back.
+const STUCK_ROM: &str = r#"
+import socket, struct, sys, time
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+secs = float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+# No address and no route, as a ROM's: the broadcast leaves by eth0's name.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+s.bind(("0.0.0.0", 68))
+s.setblocking(False)
+h = bytearray(236)
+h[0], h[1], h[2] = 1, 1, 6
+h[10] = 0x80
+h[28:34] = mac
+sent = got = 0
+end = time.time() + secs
+while time.time() < end:
+    h[4:8] = struct.pack(">I", 0x51000000 + sent)
+    s.sendto(bytes(h) + b"\x63\x82\x53\x63\x35\x01\x01\xff", ("255.255.255.255", 67))
+    sent += 1
+    try:
+        while True:
+            s.recv(2048)
+            got += 1
+    except BlockingIOError:
+        pass
+    if sent % 50 == 0:
+        time.sleep(0.001)
+time.sleep(0.5)
+try:
+    while True:
+        s.recv(2048)
+        got += 1
+except BlockingIOError:
+    pass
+print(sent, got)
+"#;
+
+/// A stuck ROM's flood of DISCOVERs from one MAC gets a few OFFERs a second, not one
+/// each; another seat booting meanwhile gets its lease as usual.
+#[test]
+fn a_stuck_rom_gets_a_few_answers_a_second() {
+    if let Some(why) = lab::missing(&["udhcpc", "python3"]) {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = Dir::new("stuck");
+    write_config(&dir.0, FULL);
+    let mut lab = Lab::new("dhcpstk").unwrap();
+    start_vdd(&mut lab, &dir.0, 0);
+    let rom = lab.add_client(None).unwrap();
+    let secs = 4;
+    let flood = Lab::cmd(&rom.ns, "/usr/bin/python3")
+        .args(["-c", STUCK_ROM, &rom.mac, &secs.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seat = lab.add_client(None).unwrap();
+    let e = udhcpc_once(&dir.0, &seat, &[]);
+    assert!(in_pool(&e["ip"]), "{e:?}");
+    let out = flood.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let (sent, got) = (v[0], v[1]);
+    assert!(sent > 200, "the flood sent only {sent}");
+    // 8 a second, over the flood's seconds and the half second after (window edges).
+    assert!(
+        got >= 1 && got <= 8 * (secs + 2),
+        "{got} OFFERs for {sent} DISCOVERs from one MAC"
+    );
+}

@@ -38,6 +38,11 @@ fn skip() -> Option<String> {
 }
 
 fn config(dir: &Path, ports: (u16, u16), max_vms: usize) -> Arc<Config> {
+    config_with(dir, ports, max_vms, "")
+}
+
+/// [`config`] with more `[dispatch]` lines.
+fn config_with(dir: &Path, ports: (u16, u16), max_vms: usize, dispatch: &str) -> Arc<Config> {
     let img = xtask::image::guest_demo(false).expect("building the demo guest");
     let text = format!(
         r#"
@@ -60,6 +65,7 @@ memory = "128M"
 max_vms = {max_vms}
 vnc_ports = "{lo}-{hi}"
 shutdown_timeout = "3s"
+{dispatch}
 "#,
         state = dir.display(),
         img = img.display(),
@@ -324,6 +330,55 @@ async fn sessions_boot_the_guest_behind_a_vnc_password() {
         image_sum,
         "the base image was written"
     );
+}
+
+/// A slow seat (an old PC mounting its root and starting X for minutes): the password of
+/// its pick has expired when its viewer is up, and the one it asks for right then opens
+/// the display, however old the session; each is one-time (the next replaces it) and
+/// expires unused. `password_lifetime` is 3 s here, so that nothing waits a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_asked_for_late_opens_a_session_created_long_before() {
+    if let Some(why) = skip() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = VmDir::new("dispatch-late");
+    let base = free_pair(5960, 5999);
+    let lifetime = Duration::from_secs(3);
+    let cfg = config_with(&dir, (base, base + 1), 1, "password_lifetime = \"3s\"");
+    let d = Dispatcher::new(cfg).await.unwrap();
+    let s = d.create(seat(3), "demo", fresh_seat(3)).await.unwrap();
+    let key = s.key.clone().unwrap();
+    let mine = Who::Seat {
+        mac: seat(3),
+        key: Some(&key),
+    };
+    let at_pick = s.password.clone().unwrap();
+
+    // The seat takes longer than the lifetime to get to its viewer.
+    tokio::time::sleep(lifetime + Duration::from_secs(1)).await;
+    assert!(
+        !vnc_auth(s.port, Some(&at_pick)).unwrap(),
+        "the pick's password still opens the display after its lifetime"
+    );
+    let fresh = d.password(&s.id, mine).await.unwrap().password.unwrap();
+    assert!(
+        vnc_auth(s.port, Some(&fresh)).unwrap(),
+        "the password asked for right before the viewer was refused"
+    );
+
+    // One-time: the next one replaces it; unused, that one expires in its turn.
+    let next = d.password(&s.id, mine).await.unwrap().password.unwrap();
+    assert!(
+        !vnc_auth(s.port, Some(&fresh)).unwrap(),
+        "a replaced password still opens the display"
+    );
+    tokio::time::sleep(lifetime + Duration::from_secs(1)).await;
+    assert!(
+        !vnc_auth(s.port, Some(&next)).unwrap(),
+        "an unused password opens the display after its lifetime"
+    );
+    d.end(&s.id, mine).await.unwrap();
 }
 
 /// A VM that dies ends its session (the watchdog sees it within seconds, logs it, and

@@ -881,3 +881,77 @@ fn a_client_that_takes_no_replies_is_closed() {
     assert!(t0.elapsed() >= vdd::nbd::session::WRITE_TIMEOUT - Duration::from_secs(5));
     drop(deaf);
 }
+
+/// Many requests in one burst, more than a connection serves at once (64), of every size
+/// the driver treats apart (inline from the page cache, sendfile, refused, a refused
+/// WRITE whose payload must be skipped), sent while the replies are read: every reply
+/// comes, once, with its own data.
+#[test]
+fn a_burst_of_mixed_requests_is_answered_in_full() {
+    let s = Server::start("burst");
+    let image = std::fs::read(&s.image).unwrap();
+    let (mut c, _) = Raw::go(s.addr, "ro");
+    let sizes = [512u32, 4096, 4096, 65536, 256 << 10, 1 << 20, 3000];
+    // cookie -> (expected error, offset, length)
+    let mut want = std::collections::HashMap::new();
+    let mut wire = Vec::new();
+    for i in 0..600u64 {
+        let len = sizes[i as usize % sizes.len()];
+        let off = (i * 7919 * 512) % (IMAGE_SIZE as u64 - u64::from(len));
+        let (kind, err, payload) = match i % 50 {
+            17 => (codec::CMD_READ, codec::EINVAL, 0),
+            33 => (codec::CMD_WRITE, codec::EPERM, 4096),
+            _ => (codec::CMD_READ, 0, 0),
+        };
+        let off = if err == codec::EINVAL {
+            IMAGE_SIZE as u64
+        } else {
+            off
+        };
+        let r = Request {
+            flags: 0,
+            kind,
+            cookie: i,
+            offset: off,
+            len: if kind == codec::CMD_WRITE {
+                payload
+            } else {
+                len
+            },
+        };
+        wire.extend_from_slice(&r.encode());
+        wire.extend(std::iter::repeat_n(0xa5u8, payload as usize));
+        want.insert(
+            i,
+            (
+                err,
+                off as usize,
+                if kind == codec::CMD_READ { len } else { 0 },
+            ),
+        );
+    }
+    let mut w = c.0.try_clone().unwrap();
+    let sender = std::thread::spawn(move || w.write_all(&wire).unwrap());
+    for _ in 0..600 {
+        let mut h = [0u8; 16];
+        c.0.read_exact(&mut h).unwrap();
+        assert_eq!(h[..4], codec::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let (e, off, len) = want.remove(&cookie).expect("a reply to each request, once");
+        assert_eq!(err, e, "cookie {cookie}");
+        if err == 0 {
+            let mut d = vec![0u8; len as usize];
+            c.0.read_exact(&mut d).unwrap();
+            assert!(
+                d == image[off..off + len as usize],
+                "cookie {cookie}: wrong data"
+            );
+        }
+    }
+    sender.join().unwrap();
+    assert!(want.is_empty());
+    // The connection is still in step.
+    c.request(codec::CMD_READ, 9999, 4096, 512, &[]);
+    assert_eq!(c.reply(512), (0, 9999, image[4096..4608].to_vec()));
+}

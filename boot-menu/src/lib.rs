@@ -10,5 +10,6 @@ pub mod modules;
 pub mod nbd;
 pub mod net;
 pub mod report;
+pub mod screen;
 pub mod session;
 pub mod sessions;

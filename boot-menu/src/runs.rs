@@ -2,13 +2,14 @@
 //! it, then the guest's display (a VNC viewer, or Xorg over XDMCP) until it ends.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use boot_menu::sessions::{Protocol, SessionState};
-use boot_menu::{cmdline, guests, nbd, report, session, sessions};
+use boot_menu::{cmdline, guests, nbd, report, screen, session, sessions};
 use vdd_api::Stage;
 
 use crate::console::{chain, Console};
@@ -96,7 +97,13 @@ pub fn session(
     // USB keyboards and mice enumerate only after their host controller's driver loaded
     // at boot: load the drivers of devices that turned up since then.
     load_modules(con)?;
-    let s = sessions::create(server, &guest.name, HTTP_TIMEOUT)
+    // The monitor's preferred mode, so the guest starts at the size of this screen.
+    let monitor = screen::preferred(Path::new("/sys"));
+    match monitor {
+        Some(m) => con.say(&format!("screen: {}x{}", m.width, m.height)),
+        None => con.say("screen: unknown (no DRM driver for this graphics card)"),
+    }
+    let s = sessions::create(server, &guest.name, monitor, HTTP_TIMEOUT)
         .with_context(|| format!("starting {} on the server", guest.title()))?;
     con.say(&format!(
         "session {} for {}: {} on {} ({})",
@@ -148,6 +155,60 @@ pub fn session(
 /// How often a seat asks for a fresh password when the display refuses one.
 const VIEWER_TRIES: u32 = 3;
 
+/// What [`hand_password`] did.
+enum Handed {
+    /// The viewer never asked (X or the script ended first).
+    NotAsked,
+    /// The viewer got a fresh password.
+    Given,
+    /// The server gave none: why.
+    Failed(String),
+}
+
+/// Waits, until `stop`, for the viewer's shell to open the password pipe (X is up then),
+/// and only then asks the server for a fresh one-time password and writes it into the
+/// pipe: its lifetime starts right before the viewer connects, however long this seat
+/// took to mount its root and start X. A pipe, so the password is never in a file.
+fn hand_password(
+    server: SocketAddr,
+    id: String,
+    fifo: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Handed> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A non-blocking open for writing fails with ENXIO while no one reads the pipe.
+        let mut pipe = loop {
+            if stop.load(Ordering::Relaxed) {
+                return Handed::NotAsked;
+            }
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(&fifo)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENXIO as i32) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Handed::Failed(format!("opening {}: {e}", fifo.display())),
+            }
+        };
+        // Dropping the pipe unwritten ends the viewer's wait with no password.
+        match sessions::password(server, &id, HTTP_TIMEOUT) {
+            Ok(fresh) => match fresh.password.filter(|p| !p.is_empty()) {
+                None => Handed::Failed("the server's answer has no password".into()),
+                Some(p) => match pipe.write_all(p.as_bytes()) {
+                    Ok(()) => Handed::Given,
+                    Err(e) => Handed::Failed(format!("writing the password pipe: {e}")),
+                },
+            },
+            Err(e) => Handed::Failed(chain(&e)),
+        }
+    })
+}
+
 /// TigerVNC full screen until the viewer exits; F8 -> "Exit viewer" keeps the session.
 fn vnc_session(
     con: &mut Console,
@@ -156,12 +217,8 @@ fn vnc_session(
     s: &sessions::Session,
 ) -> Result<()> {
     let mut attempt = 1;
+    let fifo = root.dir.join(sessions::PASSWORD_FIFO);
     let (viewer, ran) = loop {
-        // Asked for now, not at the pick: the password is valid for a minute from here,
-        // however long this seat took to mount its root and start X.
-        let fresh = sessions::password(server, &s.id, HTTP_TIMEOUT)
-            .with_context(|| format!("a one-time password for session {}", s.id))?;
-        let password = fresh.password.unwrap_or_default();
         con.say(&format!(
             "viewer: connecting to {} (F8 then \"Exit viewer\" leaves the guest running)",
             s.target()
@@ -171,19 +228,33 @@ fn vnc_session(
         let target = s.host.map(|h| SocketAddr::from((h, s.port)));
         let watch =
             report::watch_display(root.dir.clone(), target, None, s.id.clone(), stop.clone());
-        // The password goes in the environment, never on a command line (ps shows those).
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(
+            &fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .with_context(|| format!("making the password pipe {}", fifo.display()))?;
+        let handed = hand_password(server, s.id.clone(), fifo.clone(), stop.clone());
         let ran = run_in_root(
             con,
             root,
             "viewer",
             &sessions::vnc_script(s),
-            &[("VNC_PASSWORD", password.as_str()), ("HOME", "/root")],
+            &[("HOME", "/root")],
             SESSION_LIMIT,
             None,
         );
         stop.store(true, Ordering::Relaxed);
         let _ = watch.join();
-        let ran = ran?;
+        let handed = handed.join().unwrap_or(Handed::NotAsked);
+        let _ = std::fs::remove_file(&fifo);
+        let mut ran = ran?;
+        if let Handed::Failed(why) = &handed {
+            con.say(&format!(
+                "viewer: no one-time password from the server: {why}"
+            ));
+            ran.refused = true;
+        }
         let viewer = std::fs::read_to_string(root.dir.join("tmp/vdd-viewer-exit"))
             .ok()
             .and_then(|t| t.trim().parse::<i32>().ok());

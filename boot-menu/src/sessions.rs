@@ -76,6 +76,16 @@ pub struct Session {
     /// Only in the answer that created the session.
     #[serde(default)]
     pub key: Option<String>,
+    /// The guest's screen size: in the answer to `.../password`, what it shows now.
+    #[serde(default)]
+    pub screen: Option<Size>,
+}
+
+/// A screen size in pixels, as the server writes it.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub struct Size {
+    pub width: u32,
+    pub height: u32,
 }
 
 impl Session {
@@ -102,12 +112,21 @@ pub fn get(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session, E
 }
 
 /// The seat's session of `guest`: a new VM, or its running one with a fresh password.
-pub fn create(server: SocketAddr, guest: &str, timeout: Duration) -> Result<Session, Error> {
-    let body = match key_for_guest(guest) {
-        Some(key) => serde_json::json!({ "guest": guest, "key": key }),
-        None => serde_json::json!({ "guest": guest }),
+/// `screen`: this seat's monitor, so that a new guest starts at its size.
+pub fn create(
+    server: SocketAddr,
+    guest: &str,
+    screen: Option<crate::screen::Screen>,
+    timeout: Duration,
+) -> Result<Session, Error> {
+    let mut body = serde_json::json!({ "guest": guest });
+    if let Some(key) = key_for_guest(guest) {
+        body["key"] = key.into();
     }
-    .to_string();
+    if let Some(s) = screen {
+        body["screen"] = serde_json::json!({"width": s.width, "height": s.height});
+    }
+    let body = body.to_string();
     let r = request(
         server,
         "POST",
@@ -176,22 +195,67 @@ pub fn reset(server: SocketAddr, id: &str, timeout: Duration) -> Result<Session,
     Ok(s)
 }
 
+/// The pipe in the thin-client root through which the viewer gets its one-time password
+/// (see [`vnc_script`]).
+pub const PASSWORD_FIFO: &str = "tmp/vdd-vnc-password";
+
 /// The command line of the VNC session in the thin-client root: an X server on the
 /// console with TigerVNC's viewer full screen, nothing else (no window manager). The
 /// viewer's exit code is kept in /tmp/vdd-viewer-exit: 0 means the user left with F8 ->
 /// "Exit viewer" (the session keeps running), anything else that the connection ended.
+///
+/// The password is read from the pipe [`PASSWORD_FIFO`] once X is up, into the viewer's
+/// environment (never its command line): boot-menu asks the server for it only when the
+/// pipe is opened, so however long the seat took to start X, the password's lifetime
+/// starts right before the viewer connects. No password (the server did not give one):
+/// no viewer, rather than TigerVNC's dialog asking for one.
+///
+/// A guest whose screen is not the monitor's size is scaled to fit first ([`FIT`]).
 pub fn vnc_script(s: &Session) -> String {
     let host = s
         .host
         .map_or_else(|| "0.0.0.0".to_string(), |h| h.to_string());
+    let (fit, run_fit) = match s.screen {
+        Some(g) => (
+            format!("{FIT}EOF\n"),
+            format!("sh /tmp/vdd-fit {}x{}; ", g.width, g.height),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
-        "{INPUT}rm -f /tmp/vdd-viewer-exit; \
-         xinit /bin/sh -c 'xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8 \
+        "{KMS}{INPUT}rm -f /tmp/vdd-viewer-exit; {fit}\
+         xinit /bin/sh -c '{run_fit}p=$(cat /{PASSWORD_FIFO}); [ -n \"$p\" ] || exit 0; \
+         VNC_PASSWORD=$p xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8 \
          -AlertOnFatalError=0 -ReconnectOnError=0 {host}::{port}; echo $? > /tmp/vdd-viewer-exit' \
          -- /usr/bin/Xorg :0 vt1 -nolisten tcp -noreset -keeptty 2>&1 | tail -n 20; {INPUT_END}",
         port = s.port
     )
 }
+
+/// Writes /tmp/vdd-fit, run in the X session before the viewer with the guest's size
+/// (`WxH`): TigerVNC does not scale, so when the guest's screen is not the monitor's,
+/// the X screen becomes the monitor's aspect around the guest's size (RandR
+/// `--scale-from`, which the X server scales to the monitor), and the full-screen viewer
+/// shows the guest in its middle: the guest fills the screen one way, keeping its aspect.
+/// Only with a KMS driver (RandR 1.2); elsewhere the guest stays unscaled in the middle.
+const FIT: &str = r#"cat > /tmp/vdd-fit <<'EOF'
+g=$1; gw=${g%x*}; gh=${g#*x}
+out=$(xrandr --current | awk '/ connected/ {print $1; exit}')
+cur=$(xrandr --current | awk '/^Screen 0/ {gsub(",", ""); print $8 "x" $10; exit}')
+mw=${cur%x*}; mh=${cur#*x}
+[ -n "$out" ] && [ -n "$mw" ] && [ "$g" != "$cur" ] || exit 0
+f=$(awk -v gw="$gw" -v gh="$gh" -v mw="$mw" -v mh="$mh" 'BEGIN { s = gw / mw; if (gh / mh > s) s = gh / mh; printf "%dx%d", int(s * mw + 0.5), int(s * mh + 0.5) }')
+echo "fit: the guest's $g on the monitor's $cur (X screen $f, scaled)"
+xrandr --output "$out" --scale-from "$f" || echo "fit: no scaling here; the guest stays unscaled"
+"#;
+
+/// With a KMS driver (`/dev/dri/card0`, so Xorg picks modesetting): no glamor. Glamor
+/// renders through OpenGL, which on a thin client without a 3D driver is Mesa's software
+/// renderer: minutes to start under QEMU, and nothing gained for a full-screen viewer
+/// or a remote X desktop. (Written into the root's tmpfs layer, before X starts.)
+const KMS: &str = "if [ -e /dev/dri/card0 ]; then mkdir -p /etc/X11/xorg.conf.d; \
+printf 'Section \"Device\"\\n  Identifier \"kms\"\\n  Driver \"modesetting\"\\n  Option \"AccelMethod\" \"none\"\\nEndSection\\n' \
+> /etc/X11/xorg.conf.d/20-vdd-kms.conf; fi; ";
 
 /// Starts udevd in the root before the X server: Xorg finds keyboards and mice through
 /// udev's database (ID_INPUT_KEYBOARD and friends), which only a running udevd fills. It
@@ -221,7 +285,7 @@ const INPUT_END: &str = "kill $udevd 2>/dev/null; true";
 /// menu comes back. Xorg's stderr is chatty; the last lines are enough on a failure.
 pub fn x11_script(host: Ipv4Addr) -> String {
     format!(
-        "{INPUT}/usr/bin/Xorg :0 vt1 -query {host} -listen tcp -once -keeptty 2>&1 | tail -n 20; \
+        "{KMS}{INPUT}/usr/bin/Xorg :0 vt1 -query {host} -listen tcp -once -keeptty 2>&1 | tail -n 20; \
          {INPUT_END}"
     )
 }
@@ -246,9 +310,22 @@ mod tests {
         assert!(vnc_script(&s)
             .contains("xtigervncviewer -FullScreen -SecurityTypes VncAuth -MenuKey F8"));
         assert!(vnc_script(&s).contains("10.77.0.1::5910"));
+        // The password comes through the pipe into the viewer's environment, once X is up.
+        assert!(vnc_script(&s).contains("p=$(cat /tmp/vdd-vnc-password)"));
+        assert!(vnc_script(&s).contains("VNC_PASSWORD=$p xtigervncviewer"));
         assert!(
             !vnc_script(&s).contains("AbCd2345"),
             "the password must not be on a command line"
+        );
+        assert!(!vnc_script(&s).contains("vdd-fit"), "no size, no fit");
+        let sized: Session = serde_json::from_str(
+            r#"{"id":"0a1b","guest":"demo","protocol":"vnc","host":"10.77.0.1","port":5910,"screen":{"width":720,"height":400}}"#,
+        )
+        .unwrap();
+        let v = vnc_script(&sized);
+        assert!(
+            v.contains("sh /tmp/vdd-fit 720x400; p=$(cat /tmp/vdd-vnc-password)"),
+            "{v}"
         );
         assert_eq!(
             s.state,
@@ -261,6 +338,49 @@ mod tests {
             "viewer: Mon Dec  1 18:23:37 2026 CConn:       Authentication failure: Authentication failed"
         ));
         assert!(!refused("viewer: CConn: End of stream"));
+    }
+
+    /// The fit script against a stand-in `xrandr` that prints what Xorg's modesetting
+    /// driver prints and logs how it was called.
+    #[test]
+    fn fit_scales_a_smaller_guest_keeping_its_aspect() {
+        let dir = std::env::temp_dir().join(format!("bm-fit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let xrandr = dir.join("xrandr");
+        std::fs::write(
+            &xrandr,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = --current ] && {{ echo 'Screen 0: minimum 320 x 200, current 1920 x 1080, maximum 16384 x 16384'; \
+                 echo 'Virtual-1 connected primary 1920x1080+0+0 0mm x 0mm'; exit 0; }}\necho \"$@\" >> {}/calls\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&xrandr, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run = |size: &str| {
+            let script = FIT.replace("/tmp/vdd-fit", &dir.join("fit").display().to_string());
+            let st = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("{script}EOF\nsh {}/fit {size}", dir.display()))
+                .env("PATH", format!("{}:/usr/bin:/bin", dir.display()))
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::read_to_string(dir.join("calls")).unwrap_or_default()
+        };
+        // VGA text (720x400, 9:5) on 16:9: the X screen is 720x405, scaled 2.67 times.
+        assert_eq!(run("720x400"), "--output Virtual-1 --scale-from 720x405\n");
+        std::fs::remove_file(dir.join("calls")).unwrap();
+        // 4:3 on 16:9: bars left and right.
+        assert_eq!(
+            run("1024x768"),
+            "--output Virtual-1 --scale-from 1365x768\n"
+        );
+        std::fs::remove_file(dir.join("calls")).unwrap();
+        // The monitor's own size: nothing to do.
+        assert_eq!(run("1920x1080"), "");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

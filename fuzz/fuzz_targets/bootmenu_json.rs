@@ -24,6 +24,8 @@ fn check_session(s: &Session) {
         state: sessions::SessionState::Ready,
         error: None,
         key: None,
+        // Numbers only: the fit script it adds is the template's own.
+        screen: s.screen,
     });
     assert_eq!(script.matches('\'').count(), template.matches('\'').count());
     assert_eq!(script.matches(';').count(), template.matches(';').count());

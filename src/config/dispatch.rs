@@ -19,6 +19,7 @@ pub(super) struct WireDispatch {
     qemu: Option<String>,
     shutdown_timeout: Option<String>,
     x11_timeout: Option<String>,
+    password_lifetime: Option<String>,
     placement: Option<String>,
     #[serde(default)]
     host: Vec<super::hosts::WireHost>,
@@ -53,6 +54,9 @@ pub struct Dispatch {
     /// How long an X11 guest's display manager may take to answer XDMCP after its VM
     /// starts (`dispatch.x11_timeout`).
     pub x11_timeout: Duration,
+    /// How long a VNC guest's one-time password opens its display, from the moment it is
+    /// handed to the seat (`dispatch.password_lifetime`).
+    pub password_lifetime: Duration,
     /// `[[dispatch.host]]`: with any, VMs run on these hosts over libvirt.
     pub hosts: Vec<super::hosts::HvHost>,
     pub placement: super::hosts::Placement,
@@ -132,6 +136,21 @@ impl TryFrom<WireDispatch> for Dispatch {
                         "dispatch.x11_timeout",
                         wd.x11_timeout.as_deref().unwrap_or_default(),
                         "between \"1s\" and \"1h\"; \"3m\" gives a slow guest time to boot",
+                    ));
+                }
+                d
+            },
+            password_lifetime: {
+                let d = parse_duration(
+                    "dispatch.password_lifetime",
+                    wd.password_lifetime.as_deref(),
+                    60,
+                )?;
+                if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
+                    return Err(invalid(
+                        "dispatch.password_lifetime",
+                        wd.password_lifetime.as_deref().unwrap_or_default(),
+                        "between \"1s\" and \"10m\"; the seat asks for it right before its viewer connects, so \"1m\" is plenty",
                     ));
                 }
                 d

@@ -19,6 +19,9 @@ pub(super) struct WireGuest {
     description: Option<String>,
     persist: Option<bool>,
     nat: Option<bool>,
+    warm: Option<usize>,
+    start: Option<String>,
+    screen: Option<String>,
 }
 
 /// How a guest's desktop reaches the thin client.
@@ -58,6 +61,22 @@ pub struct Guest {
     /// default), QEMU's `restrict=on` isolates it: QEMU's user network forwards the guest's
     /// 10.0.2.2 to the server's loopback, so a NAT guest reaches every service there.
     pub nat: bool,
+    /// VMs of this guest kept booted for the next picks (`warm`, see `dispatch/warm.rs`).
+    pub warm: usize,
+    /// How a session's VM starts (`start`).
+    pub start: Start,
+    /// The screen size (width, height) warm VMs and saved states are made for until a
+    /// seat reports its own (`screen`).
+    pub screen: Option<(u32, u32)>,
+}
+
+/// How a guest's sessions start (`[[guest]] start`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A cold boot of the guest.
+    Boot,
+    /// From the RAM and device state vdd saved once the guest was up (`dispatch/saved.rs`).
+    Saved,
 }
 
 /// The menu, in the order of the file: names unique.
@@ -136,6 +155,7 @@ impl TryFrom<(WireGuest, usize, &Cx<'_>)> for Guest {
         if !(1..=256).contains(&cpus) {
             return Err(invalid(key("cpus"), cpus, "between 1 and 256"));
         }
+        let (warm, start, screen) = instant(&g, display, &key)?;
         Ok(Guest {
             label: g.label.unwrap_or_else(|| g.name.clone()),
             name: g.name,
@@ -146,6 +166,115 @@ impl TryFrom<(WireGuest, usize, &Cx<'_>)> for Guest {
             description: g.description.unwrap_or_default(),
             persist: g.persist.unwrap_or(false),
             nat: g.nat.unwrap_or(false),
+            warm,
+            start,
+            screen,
         })
     }
+}
+
+/// A guest's `warm`, `start` and `screen`.
+type Instant = (usize, Start, Option<(u32, u32)>);
+
+/// `warm`, `start` and `screen` (instant desktops), and what they cannot go with.
+fn instant(
+    g: &WireGuest,
+    display: Display,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Instant, ConfigError> {
+    let screen = match &g.screen {
+        None => None,
+        Some(s) => {
+            let size = s
+                .split_once('x')
+                .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+                .filter(|&(w, h)| (640..=2560).contains(&w) && (480..=1600).contains(&h));
+            if size.is_none() || display == Display::X11 {
+                return Err(invalid(
+                    key("screen"),
+                    s,
+                    "WIDTHxHEIGHT between 640x480 and 2560x1600, such as \"1920x1080\" (VNC guests only: an X11 guest draws on the seat's own X server)",
+                ));
+            }
+            size
+        }
+    };
+    let warm = g.warm.unwrap_or(0);
+    if warm > 64 {
+        return Err(invalid(
+            key("warm"),
+            warm,
+            "between 0 and 64 VMs kept booted",
+        ));
+    }
+    let persist = g.persist.unwrap_or(false);
+    if warm > 0 && persist {
+        return Err(invalid(
+            key("warm"),
+            warm,
+            "a warm VM runs on a fresh disk, and a persist = true guest runs on the seat's kept one; leave out warm or persist",
+        ));
+    }
+    let start =
+        match g.start.as_deref().unwrap_or("boot") {
+            "boot" => Start::Boot,
+            "saved" => Start::Saved,
+            other => return Err(invalid(
+                key("start"),
+                other,
+                "\"boot\" (a cold boot) or \"saved\" (from the state saved once the guest was up)",
+            )),
+        };
+    if start == Start::Saved && display == Display::X11 {
+        return Err(invalid(
+            key("start"),
+            "saved",
+            "an X11 guest's MAC and DHCP address are in its saved RAM, so every session restored from it would have the same ones on the LAN; use warm = N for X11 guests",
+        ));
+    }
+    if start == Start::Saved && persist {
+        return Err(invalid(
+            key("start"),
+            "saved",
+            "the saved RAM belongs to the saved disk, not to the seat's kept one (persist = true); leave out start or persist",
+        ));
+    }
+    Ok((warm, start, screen))
+}
+
+/// What the guests' `warm` and `start` need of `[dispatch]`: room for the warm VMs in
+/// `max_vms`, and the local QEMU backend: the libvirt one (`[[dispatch.host]]`) neither
+/// keeps VMs booted ahead nor saves states.
+pub(super) fn check_instant(
+    guests: &[Guest],
+    dispatch: &super::Dispatch,
+) -> Result<(), ConfigError> {
+    let warm: usize = guests.iter().map(|g| g.warm).sum();
+    if warm > dispatch.max_vms {
+        return Err(invalid(
+            "dispatch.max_vms",
+            dispatch.max_vms,
+            format!("at least the {warm} warm VMs the [[guest]] entries keep (their `warm`), plus room for the seats"),
+        ));
+    }
+    if dispatch.hosts.is_empty() {
+        return Ok(());
+    }
+    for (i, g) in guests.iter().enumerate() {
+        if g.warm > 0 {
+            return Err(invalid(
+                format!("guest[{i}].warm"),
+                g.warm,
+                "warm pools run on vdd's own QEMU only, not on [[dispatch.host]] hypervisor hosts; leave out warm or the hosts",
+            ));
+        }
+        if g.start == Start::Saved {
+            return Err(invalid(
+                format!("guest[{i}].start"),
+                "saved",
+                "saved-state starts run on vdd's own QEMU only, not on [[dispatch.host]] hypervisor hosts; leave out start or the hosts",
+            ));
+        }
+    }
+    Ok(())
 }

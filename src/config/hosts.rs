@@ -235,4 +235,22 @@ address = "10.77.0.11"
         let c = parse(&format!("{BASE}{x11}{HOST}bridge = \"br0\"\n")).unwrap();
         assert_eq!(c.dispatch.hosts[0].bridge.as_deref(), Some("br0"));
     }
+
+    #[test]
+    fn warm_and_saved_need_the_local_backend() {
+        for (extra, want) in [
+            (
+                "warm = 1\n",
+                "guest[0].warm = \"1\": warm pools run on vdd's own QEMU only",
+            ),
+            (
+                "start = \"saved\"\n",
+                "guest[0].start = \"saved\": saved-state starts run on vdd's own QEMU only",
+            ),
+        ] {
+            let e = parse(&format!("{BASE}{extra}{HOST}")).unwrap_err();
+            assert!(e.starts_with(want), "{extra}: {e}");
+            parse(&format!("{BASE}{extra}")).unwrap();
+        }
+    }
 }

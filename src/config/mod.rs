@@ -40,7 +40,7 @@ use serde::Deserialize;
 pub use boot::Boot;
 pub use dhcp::{Dhcp, DhcpMode, Host};
 pub use dispatch::{AccelChoice, Dispatch};
-pub use guest::{Display, Guest};
+pub use guest::{Display, Guest, Start};
 pub use hosts::{HvHost, Placement};
 pub use http::Http;
 pub use live::Live;
@@ -296,6 +296,7 @@ fn validate(w: WireConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
     let guests = guest::guests(w.guest, &cx)?;
     let dispatch = Dispatch::try_from(w.dispatch)?;
     hosts::check_bridges(&dispatch.hosts, &guests)?;
+    guest::check_instant(&guests, &dispatch)?;
     Ok(Config {
         path: path.to_path_buf(),
         server,

@@ -245,6 +245,48 @@ fn exports() {
 }
 
 #[test]
+fn warm_and_saved_starts() {
+    let g = |extra: &str| {
+        format!("{GOOD}\n[[guest]]\nname = \"demo\"\nimage = \"/srv/demo.img\"\n{extra}")
+    };
+    let c = parse(&g("")).unwrap();
+    assert_eq!((c.guests[0].warm, c.guests[0].start), (0, Start::Boot));
+    let c = parse(&g("warm = 2\nstart = \"saved\"\nscreen = \"1920x1080\"\n")).unwrap();
+    assert_eq!((c.guests[0].warm, c.guests[0].start), (2, Start::Saved));
+    assert_eq!(c.guests[0].screen, Some((1920, 1080)));
+    for (extra, key, why) in [
+        ("start = \"resume\"", "guest[0].start", "\"boot\""),
+        ("warm = 65", "guest[0].warm", "between 0 and 64"),
+        ("warm = 1\npersist = true", "guest[0].warm", "fresh disk"),
+        (
+            "start = \"saved\"\npersist = true",
+            "guest[0].start",
+            "kept one",
+        ),
+        (
+            "display = \"x11\"\nstart = \"saved\"",
+            "guest[0].start",
+            "same ones on the LAN",
+        ),
+        (
+            "warm = 3\n[dispatch]\nmax_vms = 2",
+            "dispatch.max_vms",
+            "3 warm VMs",
+        ),
+        ("screen = \"4000x3000\"", "guest[0].screen", "2560x1600"),
+        ("screen = \"big\"", "guest[0].screen", "WIDTHxHEIGHT"),
+        (
+            "display = \"x11\"\nscreen = \"1024x768\"",
+            "guest[0].screen",
+            "VNC guests only",
+        ),
+    ] {
+        let e = err(&g(extra));
+        assert!(e.starts_with(key) && e.contains(why), "{extra}: {e}");
+    }
+}
+
+#[test]
 fn guests() {
     let s = format!(
         "{GOOD}\n[[guest]]\nname = \"debian\"\nlabel = \"Debian 12 desktop\"\ndisplay = \"vnc\"\nimage = \"/srv/vdd/guests/debian.qcow2\"\nmemory = \"2G\"\ncpus = 2\n[[guest]]\nname = \"demo\"\nimage = \"images/out/demo.img\"\n"
@@ -328,6 +370,22 @@ fn x11_keys() {
         let e = err(&format!("{GOOD}{x11}\n[dispatch]\nx11_timeout = \"{t}\"\n"));
         assert!(
             e.starts_with(&format!("dispatch.x11_timeout = {t:?}")),
+            "{e}"
+        );
+    }
+    // The one-time VNC password's lifetime, from when the seat is handed it.
+    assert_eq!(
+        parse(GOOD).unwrap().dispatch.password_lifetime,
+        Duration::from_secs(60)
+    );
+    let c = parse(&format!("{GOOD}\n[dispatch]\npassword_lifetime = \"5s\"\n")).unwrap();
+    assert_eq!(c.dispatch.password_lifetime, Duration::from_secs(5));
+    for t in ["0s", "1h", "soon"] {
+        let e = err(&format!(
+            "{GOOD}\n[dispatch]\npassword_lifetime = \"{t}\"\n"
+        ));
+        assert!(
+            e.starts_with(&format!("dispatch.password_lifetime = {t:?}")),
             "{e}"
         );
     }

@@ -8,6 +8,7 @@
 //! batch piles up, so the sync rate of the disk bounds batches per second, not leases.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ fn udp_socket(interface: &str, port: u16) -> Result<Socket, Error> {
         let _ = s.set_recv_buffer_size(8 << 20);
     }
     let _ = s.set_send_buffer_size(8 << 20);
+    // Answers go ahead of the bulk data that fills the link while a room boots.
+    let _ = crate::netif::waited_on(&s);
     s.set_nonblocking(true).map_err(bind_err)?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
         .map_err(bind_err)?;
@@ -158,6 +161,12 @@ impl Driver {
         let limiter = WarnLimit::new(1, Duration::from_secs(1));
         let mut new_clients =
             NewClients::new(live.get().dhcp.new_clients_per_minute, Instant::now());
+        let mut per_mac = PerMac::new(Instant::now());
+        let mut unicast = Unicast {
+            fd: main.as_raw_fd(),
+            interface: live.get().server.interface.clone(),
+            works: true,
+        };
         let result = loop {
             let cfg = live.get();
             new_clients.set_rate(cfg.dhcp.new_clients_per_minute);
@@ -198,6 +207,12 @@ impl Driver {
                 }
             };
             hub.dhcp_received(&p);
+            if !per_mac.allow(p.mac, Instant::now()) {
+                if let Some(dropped) = limiter.allow() {
+                    warn!(mac = %p.mac, dropped, per_second = PER_MAC_PER_SECOND, "a client sends more DHCP messages a second than any boot needs (a PXE ROM stuck in a loop?); the rest of this second's are left unanswered");
+                }
+                continue;
+            }
             if port == Port::Dhcp
                 && is_new_client(&p, &cfg, &table)
                 && !new_clients.take(Instant::now())
@@ -229,7 +244,13 @@ impl Driver {
             }
             let reply = reply.map(|(m, to)| {
                 let bytes = codec::encode_with_relay_info(&m, p.relay_info.as_deref());
-                (bytes, address(to, peer))
+                let to = match to {
+                    Dest::Hardware(yiaddr) if unicast.prepare(yiaddr, &p.mac) => {
+                        SocketAddrV4::new(yiaddr, CLIENT_PORT).into()
+                    }
+                    other => address(other, peer),
+                };
+                (bytes, to)
             });
             let durable = changes.iter().any(Change::durable);
             match (&tx, durable) {
@@ -312,11 +333,42 @@ fn transient(e: &std::io::Error) -> bool {
         || e.raw_os_error() == Some(nix::libc::ENETUNREACH)
 }
 
-/// Where a [`Dest`] is on the wire. `Dest::Hardware` (unicast to an address the client
-/// does not have yet) would need an ARP entry written first (SIOCSARP, as ISC dhcpd does)
-/// or a raw socket; we broadcast instead. RFC 2131 4.1 allows it (a server that cannot
-/// unicast before the client has its address broadcasts), every client listens for it,
-/// and on a LAN of thin clients the extra broadcast costs nothing.
+/// Unicast to a client without an address (`Dest::Hardware`), through an ARP entry
+/// written first (see arp.rs). Where the kernel refuses that (no CAP_NET_ADMIN), replies
+/// are broadcast, which RFC 2131 4.1 allows a server that cannot unicast.
+struct Unicast {
+    fd: std::os::fd::RawFd,
+    interface: String,
+    /// False once the kernel refused an entry for want of privilege.
+    works: bool,
+}
+
+impl Unicast {
+    /// Whether a reply to `ip` can now go to `mac` alone.
+    fn prepare(&mut self, ip: Ipv4Addr, mac: &crate::config::Mac) -> bool {
+        if !self.works {
+            return false;
+        }
+        match super::arp::set(self.fd, &self.interface, ip, mac) {
+            Ok(()) => true,
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EPERM | nix::libc::EACCES | nix::libc::EOPNOTSUPP)
+                ) {
+                    self.works = false;
+                    warn!(interface = %self.interface, "cannot write ARP entries ({e}); DHCP replies to clients without an address are broadcast");
+                } else {
+                    debug!(%mac, %ip, "no ARP entry ({e}); this reply is broadcast");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Where a [`Dest`] is on the wire, but for a `Dest::Hardware` that [`Unicast`] could
+/// not prepare: that one is broadcast.
 fn address(to: Dest, peer: SocketAddr) -> SocketAddr {
     let bcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT).into();
     match to {
@@ -373,6 +425,49 @@ fn is_new_client(p: &codec::Packet, cfg: &Config, table: &LeaseTable) -> bool {
         && cfg.dhcp.pool.is_some()
         && cfg.host(&p.mac).is_none()
         && table.of_mac(&p.mac).is_none()
+}
+
+/// Messages one MAC may have answered per second. A booting client sends a DISCOVER and
+/// a REQUEST, and retries after a second or more; a PXE ROM stuck in a loop sends
+/// thousands, and each answer costs a decision, an encode and a send (and an OFFER holds
+/// an address) while every other seat of a booting room waits in the same queue.
+const PER_MAC_PER_SECOND: u32 = 8;
+
+/// The per-MAC budget: [`PER_MAC_PER_SECOND`] messages in each one-second window of a MAC.
+struct PerMac {
+    seen: std::collections::HashMap<crate::config::Mac, (Instant, u32)>,
+    pruned: Instant,
+}
+
+/// MACs tracked at most: a flood of made-up MACs (each of which sends few messages, and
+/// meets `new_clients_per_minute` instead) cannot grow the table past this.
+const PER_MAC_TRACKED: usize = 1 << 16;
+
+impl PerMac {
+    fn new(now: Instant) -> PerMac {
+        PerMac {
+            seen: Default::default(),
+            pruned: now,
+        }
+    }
+
+    fn allow(&mut self, mac: crate::config::Mac, now: Instant) -> bool {
+        let window = Duration::from_secs(1);
+        if now.saturating_duration_since(self.pruned) >= window {
+            self.seen
+                .retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
+            self.pruned = now;
+        }
+        if self.seen.len() >= PER_MAC_TRACKED && !self.seen.contains_key(&mac) {
+            return true;
+        }
+        let (start, n) = self.seen.entry(mac).or_insert((now, 0));
+        if now.saturating_duration_since(*start) >= window {
+            (*start, *n) = (now, 0);
+        }
+        *n += 1;
+        *n <= PER_MAC_PER_SECOND
+    }
 }
 
 /// The token bucket of [`Config`]'s `dhcp.new_clients_per_minute`: that many new clients
@@ -434,9 +529,14 @@ fn writer(mut j: Journal, sock: std::net::UdpSocket, rx: mpsc::Receiver<Job>) {
         }
         changes.clear();
         changes.extend(batch.iter().flat_map(|b| b.changes.iter().copied()));
+        let t0 = Instant::now();
         match j.commit(&changes) {
             Ok(()) => {
-                debug!(leases = changes.len(), "journal batch synced");
+                debug!(
+                    leases = changes.len(),
+                    ms = t0.elapsed().as_millis() as u64,
+                    "journal batch synced"
+                );
                 for job in batch.drain(..) {
                     if let Some((bytes, to)) = job.reply {
                         send_blocking(&sock, &bytes, to);
@@ -487,6 +587,43 @@ fn send_blocking(sock: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// DHCP answers are sent from the first band of the kernel's default queue, not from
+    /// the one the link's bulk data fills.
+    #[test]
+    fn answers_go_ahead_of_bulk_data() {
+        // SO_BINDTODEVICE needs CAP_NET_RAW: root only.
+        let s = match udp_socket("lo", 0) {
+            Ok(s) => s,
+            Err(e) if !xtask::lab::is_root() => {
+                eprintln!("skipping: {e} (not root)");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(s.priority().unwrap(), crate::netif::TC_PRIO_INTERACTIVE);
+    }
+
+    #[test]
+    fn one_mac_gets_a_few_answers_a_second() {
+        let t = Instant::now();
+        let mut g = PerMac::new(t);
+        let (a, b) = (crate::config::Mac([2; 6]), crate::config::Mac([3; 6]));
+        let n = (0..100).filter(|_| g.allow(a, t)).count();
+        assert_eq!(n, PER_MAC_PER_SECOND as usize);
+        // Another MAC is not held back by the first.
+        assert!(g.allow(b, t + Duration::from_millis(10)));
+        // The next second, the stuck one is answered again, as few times.
+        let later = t + Duration::from_millis(1100);
+        assert_eq!(
+            (0..100).filter(|_| g.allow(a, later)).count(),
+            PER_MAC_PER_SECOND as usize
+        );
+        // Quiet MACs leave the table.
+        let much_later = t + Duration::from_secs(5);
+        assert!(g.allow(b, much_later));
+        assert_eq!(g.seen.len(), 1);
+    }
 
     #[test]
     fn new_clients_come_in_bursts_then_at_the_configured_rate() {

@@ -5,6 +5,7 @@
 //! `dhcproto`), [`policy`] (pure decisions), [`leases`] (the table and its journal) and
 //! [`driver`] (sockets, the group-commit writer, logging).
 
+pub mod arp;
 pub mod codec;
 pub mod driver;
 pub mod leases;

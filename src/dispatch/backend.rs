@@ -16,6 +16,12 @@
 //! [`Backend::hosts`] (their health in the admin's summary). The check that a
 //! guest's base image exists moved from the dispatcher into the QEMU backend's `start`:
 //! on hosts, the image is the host's, not vdd's.
+//!
+//! Warm pools (`warm.rs`) and saved states (`saved.rs`) are the dispatcher's; a backend
+//! only starts a VM from a saved state ([`VmSpec::restore`]), saves one
+//! ([`Backend::save_state`]), and says what a guest does ([`Backend::activity`]). Only
+//! the QEMU backend does these; the libvirt one keeps the defaults (no saved states, no
+//! screen size), and the config refuses `warm` and `start = "saved"` with its hosts.
 
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -26,8 +32,19 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::qemu::VmSpec;
+use super::saved::Activity;
+use super::screen::ScreenSize;
 use super::Error;
 use crate::config::Mac;
+
+/// A display password and how long it opens the display from the moment it is set
+/// (`dispatch.password_lifetime`): its lifetime starts when the seat is handed it, right
+/// before its viewer connects, not when the session was created. No `Debug`: it is a secret.
+#[derive(Clone)]
+pub struct OneTime {
+    pub password: String,
+    pub valid_for: Duration,
+}
 
 pub trait Backend: Send + Sync + 'static {
     /// A running VM, as the dispatcher holds it.
@@ -40,11 +57,13 @@ pub trait Backend: Send + Sync + 'static {
     /// For log lines: what runs the VMs ("qemu, tcg").
     fn describe(&self) -> String;
 
-    /// Starts the VM of `spec`; a VNC guest's display takes `password`.
+    /// Starts the VM of `spec`; a VNC guest's display takes `password`. With
+    /// `spec.restore`, the VM resumes from that saved state instead of booting, and a
+    /// state that does not load is [`Error::Restore`] (the dispatcher then boots it cold).
     fn start(
         &self,
         spec: VmSpec,
-        password: Option<String>,
+        password: Option<OneTime>,
     ) -> impl Future<Output = Result<(Self::Vm, Self::Saved), Error>> + Send;
 
     /// The VM of session `session` (folder `dir`) that a previous run left, if it still
@@ -64,7 +83,7 @@ pub trait Backend: Send + Sync + 'static {
     fn set_password(
         &self,
         vm: Self::Control,
-        password: String,
+        password: OneTime,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Whether a viewer is connected to the VM's display now.
@@ -82,6 +101,41 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Undoes an X11 guest's LAN side once its VM is gone.
     fn release_lan(&self, tap: &str, mac: Mac) -> Result<(), Error>;
+
+    /// What a saved state depends on besides the guest's own settings: a state saved by
+    /// one hypervisor (or build of it) restores only on the same one.
+    fn state_tag(&self) -> String {
+        self.describe()
+    }
+
+    /// Saves the RAM and device state of the running `vm` to the new file `state`: the VM
+    /// is paused first and its disk flushed, so its disk as it is now and `state` belong
+    /// together. The VM stays paused; the caller stops it. Returns the file's size. A
+    /// backend without saved states says so (config refuses `start = "saved"` there).
+    fn save_state(
+        &self,
+        _vm: &mut Self::Vm,
+        _state: &Path,
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        async {
+            Err(Error::ToolFailed {
+                tool: "save_state".into(),
+                said: "this backend saves no states".into(),
+            })
+        }
+    }
+
+    /// What the guest does now, to tell when it is up (see `saved::settled`): a digest of
+    /// its screen and the CPU time its VM has used. `None` when the VM cannot be asked.
+    fn activity(&self, _vm: Self::Control) -> impl Future<Output = Option<Activity>> + Send {
+        async { None }
+    }
+
+    /// The size of the guest's screen now (`None` when it cannot be asked): the seat's
+    /// viewer scales a guest that did not take the seat's size to fit.
+    fn screen_size(&self, _vm: Self::Control) -> impl Future<Output = Option<ScreenSize>> + Send {
+        async { None }
+    }
 
     /// A picture of the VM's screen, for the admin's panel (QEMU: QMP `screendump`,
     /// libvirt: `virDomainScreenshot`). A backend without one says so.

@@ -20,8 +20,10 @@
 //! backend), `libvirt/` and `placement.rs` (the libvirt backend over hypervisor hosts),
 //! `ledger.rs` (admission: VM slots, memory, VNC ports), `record.rs` (the record
 //! on disk), `adopt.rs` (taking over after a crash), `monitor.rs` (the watch over running
-//! VMs), `x11.rs` (an X11 guest's way to ready). An X11 guest's DHCP reservation is made
-//! here; its NIC (for QEMU: a tap in the bridge, behind the tap filter) by the backend.
+//! VMs), `x11.rs` (an X11 guest's way to ready), `warm.rs` (warm pools), `saved.rs`
+//! (saved-state starts; `qemu_state.rs` is the QEMU side), `screen.rs` (the seat's
+//! screen size). An X11 guest's DHCP reservation is made here; its NIC (for QEMU: a tap
+//! in the bridge, behind the tap filter) by the backend.
 
 mod adopt;
 pub mod backend;
@@ -31,14 +33,19 @@ mod monitor;
 mod observe;
 pub mod placement;
 pub mod qemu;
+mod qemu_state;
 mod record;
+pub mod saved;
+pub mod screen;
 mod sessions;
 mod start;
+mod warm;
 mod x11;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -50,8 +57,9 @@ use crate::config::{AccelChoice, Config, Display, Live, Mac};
 use crate::{dhcp, lan, tapfilter, xdmcp};
 pub use backend::{Backend, Screen, VmUsage};
 use qemu::{Accel, Qemu, VmDisplay, VmSpec};
-use record::{new_key, write_record, Record, X11Rec};
-pub use sessions::{Pending, Sessions, Usage};
+use record::{new_key, write_record, How, Record, X11Rec};
+pub use screen::ScreenSize;
+pub use sessions::{Counts, Pending, Sessions, Usage};
 /// The session states and protocols, shared with the thin client (the `vdd-api` crate).
 pub use vdd_api::{Protocol, SessionState};
 
@@ -119,6 +127,9 @@ pub enum Error {
     TapFilter(#[source] tapfilter::Error),
     #[error("reserving the X11 guest's address")]
     Reserve(#[source] dhcp::ReserveError),
+    /// A saved state did not load (`saved.rs`); the dispatcher boots the guest instead.
+    #[error("the saved state {0} did not load: {1}")]
+    Restore(PathBuf, String),
     /// A hypervisor host refused a libvirt call.
     #[error("hypervisor host {host}: {what}")]
     Host {
@@ -162,6 +173,12 @@ pub struct SessionInfo {
     /// The MAC of an X11 guest's NIC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// How its VM started: "boot" (a cold boot), "saved" (resumed from the guest's saved
+    /// state) or "warm" (a VM of the warm pool, booted before the pick).
+    pub start: String,
+    /// The guest's screen size, when the seat reported its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub screen: Option<ScreenSize>,
     /// The session's key: only in the answer that created the session (or reset it).
     /// A seat must show it (`X-Vdd-Session-Key`) for everything else it does with the
     /// session: a seat is only a MAC in the neighbour table, and any LAN host can clone
@@ -230,13 +247,32 @@ struct State<B: Backend> {
     /// Ports and memory promised to VMs still starting, so concurrent creates never
     /// share a port or overrun the budget while the lock is not held.
     pending_ports: Vec<u16>,
-    /// VMs starting (of any display), so `max_vms` holds while the lock is not held.
+    /// Seats' VMs starting (of any display), so `max_vms` holds while the lock is not held.
     pending_vms: usize,
     pending_mib: u64,
+    /// VMs starting ahead of the seats (warm, or to be saved): seats' admission does not
+    /// wait for them, they give way when they come up over the limits.
+    bg_pending_vms: usize,
+    bg_pending_mib: u64,
     pending_seats: Vec<(Mac, String)>,
+    /// Per guest, the screen its seats asked for last: its warm VMs and saved state are
+    /// made for it.
+    screens: BTreeMap<String, ScreenSize>,
+    /// Per guest, how its VMs started (warm hits and misses, saved or cold).
+    counts: BTreeMap<String, Counts>,
+    saved: saved::Store,
+    /// Per guest, when a warm VM last failed to start: refills wait [`saved::BACKOFF`].
+    warm_failed: BTreeMap<String, Instant>,
     /// Set when vdd stops: VMs still starting are stopped as soon as they are up.
     closing: bool,
     failed: BTreeMap<String, Failed>,
+}
+
+impl<B: Backend> State<B> {
+    /// VMs starting now: seats', warm ones and ones booted to be saved.
+    fn starting(&self) -> usize {
+        self.pending_vms + self.bg_pending_vms
+    }
 }
 
 impl<B: Backend> Default for State<B> {
@@ -246,7 +282,13 @@ impl<B: Backend> Default for State<B> {
             pending_ports: Vec::new(),
             pending_vms: 0,
             pending_mib: 0,
+            bg_pending_vms: 0,
+            bg_pending_mib: 0,
             pending_seats: Vec::new(),
+            screens: BTreeMap::new(),
+            counts: BTreeMap::new(),
+            saved: saved::Store::default(),
+            warm_failed: BTreeMap::new(),
             closing: false,
             failed: BTreeMap::new(),
         }
@@ -269,6 +311,8 @@ pub struct Dispatcher<B: Backend = Qemu> {
     lan: Option<LanSide>,
     /// Itself, for the XDMCP probes that outlive the request that started them.
     me: Weak<Dispatcher<B>>,
+    /// A maintenance pass (saved states, warm pools) runs (`warm.rs`).
+    maintaining: AtomicBool,
 }
 
 fn now_unix() -> u64 {
@@ -367,8 +411,11 @@ impl<B: Backend> Dispatcher<B> {
             cfg,
             lan,
             me: me.clone(),
+            maintaining: AtomicBool::new(false),
         });
         me.adopt().await;
+        me.load_saved().await;
+        me.gc_saved().await;
         if me.lan.is_some() {
             let adopted: Vec<(String, Mac)> = {
                 let st = me.state.lock().await;
@@ -385,6 +432,14 @@ impl<B: Backend> Dispatcher<B> {
     /// The config now (a reload may have replaced it since the last call).
     fn cfg(&self) -> Arc<Config> {
         self.cfg.get()
+    }
+
+    /// A new display password, valid for `dispatch.password_lifetime` from when it is set.
+    fn one_time(&self) -> backend::OneTime {
+        backend::OneTime {
+            password: new_password(),
+            valid_for: self.cfg().dispatch.password_lifetime,
+        }
     }
 
     /// MiB of guest memory all VMs together may use (`dispatch.memory_budget`).
@@ -432,6 +487,8 @@ impl<B: Backend> Dispatcher<B> {
             state: s.state,
             error: None,
             mac,
+            start: rec.how.as_str().to_string(),
+            screen: rec.screen,
             key: None,
         }
     }
@@ -439,6 +496,7 @@ impl<B: Backend> Dispatcher<B> {
     /// Whether `mac` is the NIC of one of our guests (an X11 guest on the LAN).
     pub async fn is_guest_mac(&self, mac: Mac) -> bool {
         let st = self.state.lock().await;
+        // Warm VMs too: an X11 one is on the LAN before any seat picks it.
         st.sessions
             .values()
             .any(|s| s.rec.x11.as_ref().is_some_and(|x| x.mac == mac))
@@ -449,7 +507,7 @@ impl<B: Backend> Dispatcher<B> {
         let mut st = self.state.lock().await;
         st.sessions
             .values_mut()
-            .filter(|s| seat.is_none_or(|m| s.rec.seat == m))
+            .filter(|s| !s.rec.warm && seat.is_none_or(|m| s.rec.seat == m))
             .map(|s| {
                 // A seat that looks at its sessions is present.
                 if seat.is_some() {
@@ -464,7 +522,7 @@ impl<B: Backend> Dispatcher<B> {
     /// asks is present (an X11 session has no VNC viewer to show it).
     pub async fn get(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
         let mut st = self.state.lock().await;
-        if let Some(s) = st.sessions.get_mut(id) {
+        if let Some(s) = st.sessions.get_mut(id).filter(|s| !s.rec.warm) {
             who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
             if who.seat().is_some() {
                 s.last_seen = Instant::now();
@@ -487,7 +545,7 @@ impl<B: Backend> Dispatcher<B> {
     pub async fn password(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
         let (control, info) = {
             let mut st = self.state.lock().await;
-            let Some(s) = st.sessions.get_mut(id) else {
+            let Some(s) = st.sessions.get_mut(id).filter(|s| !s.rec.warm) else {
                 if let Some(f) = st.failed.get(id) {
                     who.check(id, &f.info.seat, &f.key)?;
                 }
@@ -502,11 +560,18 @@ impl<B: Backend> Dispatcher<B> {
             }
             (self.backend.control(&s.vm), self.info(s, None))
         };
-        let password = new_password();
-        self.backend.set_password(control, password.clone()).await?;
-        info!(session = %id, mac = %info.seat, guest = %info.guest, "new one-time VNC password handed out");
+        let password = self.one_time();
+        let valid_for = password.valid_for;
+        self.backend
+            .set_password(control.clone(), password.clone())
+            .await?;
+        // What the guest shows now, which its viewer is about to scale to fit if the
+        // guest did not take the seat's size.
+        let screen = self.backend.screen_size(control).await.or(info.screen);
+        info!(session = %id, mac = %info.seat, guest = %info.guest, valid_s = valid_for.as_secs(), screen = ?screen, "new one-time VNC password handed out");
         Ok(SessionInfo {
-            password: Some(password),
+            password: Some(password.password),
+            screen,
             ..info
         })
     }
@@ -524,38 +589,42 @@ impl<B: Backend> Dispatcher<B> {
             let s = st
                 .sessions
                 .get(id)
+                .filter(|s| !s.rec.warm)
                 .ok_or_else(|| Error::NotFound(id.to_string()))?;
             who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
             st.sessions.remove(id).expect("just found")
         };
         self.finish(s, "ended").await;
+        self.kick();
         Ok(())
     }
 
-    /// Throws the session's overlay away and starts its guest afresh (a clean desktop).
-    /// The new session keeps the old one's key: its seat reaches it as before, also
-    /// when the admin reset it.
+    /// Throws the session's overlay away and starts its guest afresh (a clean desktop), at
+    /// the same screen size. The new session keeps the old one's key: its seat reaches it
+    /// as before, also when the admin reset it. The old VM is stopped at once, not shut
+    /// down: its disk is thrown away anyway.
     pub async fn reset(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
-        let (seat_mac, guest, overlay, key, saved) = {
-            let st = self.state.lock().await;
+        let mut s = {
+            let mut st = self.state.lock().await;
             let s = st
                 .sessions
                 .get(id)
+                .filter(|s| !s.rec.warm)
                 .ok_or_else(|| Error::NotFound(id.to_string()))?;
             who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
-            (
-                s.rec.seat,
-                s.rec.guest.clone(),
-                s.rec.overlay.clone(),
-                s.rec.key.clone(),
-                s.rec.vm.clone(),
-            )
+            st.sessions.remove(id).expect("just found")
         };
-        self.end(id, who).await?;
+        if let Some(p) = s.probe.take() {
+            p.abort();
+        }
+        self.backend.stop(&mut s.vm, Duration::ZERO).await;
+        self.cleanup(&s.rec);
+        info!(session = %id, mac = %s.rec.seat, guest = %s.rec.guest, "session reset: its VM stopped, its disk thrown away");
         // A kept overlay is thrown away too: reset means a clean desktop.
-        self.backend.remove_overlay(&saved, &overlay);
-        let key = (!key.is_empty()).then_some(key);
-        self.create_keyed(seat_mac, &guest, who, key).await
+        let _ = std::fs::remove_file(&s.rec.overlay);
+        let key = (!s.rec.key.is_empty()).then(|| s.rec.key.clone());
+        self.create_keyed(s.rec.seat, &s.rec.guest, who, key, s.rec.screen)
+            .await
     }
 
     async fn finish(&self, mut s: Session<B>, why: &str) {

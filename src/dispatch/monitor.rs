@@ -1,7 +1,8 @@
 //! The dispatcher's watch over its VMs, every 2 s until shutdown: a VM that exits ends its
 //! session; a VM whose host stopped answering fails its session with the reason; a seat not seen for `dispatch.idle_timeout` (no API call, no VNC viewer) gets
 //! its VMs stopped; X11 guests' DHCP bindings are renewed by vdd itself; failed sessions
-//! are forgotten after [`FAILED_KEPT`]. On shutdown every VM is stopped.
+//! are forgotten after [`FAILED_KEPT`]; saved states and warm pools are kept up
+//! (`warm.rs`). On shutdown every VM is stopped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,13 +37,17 @@ impl<B: Backend> Dispatcher<B> {
                         lost.push((id.clone(), why));
                     } else if self.backend.exited(&mut s.vm) {
                         dead.push(id.clone());
-                    } else if n % 5 == 0 {
+                    } else if n % 5 == 0 && !s.rec.warm {
                         probe.push((id.clone(), self.backend.control(&s.vm)));
                     }
                 }
                 for id in &dead {
                     if let Some(mut s) = st.sessions.remove(id) {
-                        error!(session = %id, mac = %s.rec.seat, guest = %s.rec.guest, "VM exited on its own; session ended");
+                        if s.rec.warm {
+                            warn!(session = %id, guest = %s.rec.guest, "warm VM exited on its own");
+                        } else {
+                            error!(session = %id, mac = %s.rec.seat, guest = %s.rec.guest, "VM exited on its own; session ended");
+                        }
                         if let Some(p) = s.probe.take() {
                             p.abort();
                         }
@@ -92,6 +97,11 @@ impl<B: Backend> Dispatcher<B> {
                     }
                 }
             }
+            // Saved states and warm pools: made at start, and again whenever the guest's
+            // image or settings or the seats' screen changed (checked every 10 s).
+            if n == 1 || n % 5 == 0 || !dead.is_empty() {
+                self.kick();
+            }
             // Every 10 s: a connected VNC viewer means the seat is there.
             for (id, control) in probe {
                 let viewing = self.backend.has_viewer(control).await;
@@ -118,7 +128,7 @@ impl<B: Backend> Dispatcher<B> {
         // the running ones are collected: none may be left behind.
         self.state.lock().await.closing = true;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while self.state.lock().await.pending_vms > 0 && tokio::time::Instant::now() < deadline {
+        while self.state.lock().await.starting() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let all: Vec<Session<B>> = {

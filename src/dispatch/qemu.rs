@@ -17,6 +17,8 @@ use serde_json::json;
 use tokio::process::Command;
 use tracing::{info, warn};
 
+use super::backend::OneTime;
+use super::screen::ScreenSize;
 use super::Error;
 use crate::config::{Guest, Mac};
 use crate::{lan, tapfilter};
@@ -57,8 +59,7 @@ pub struct Saved {
 
 impl super::backend::Backend for Qemu {
     type Vm = Vm;
-    /// The QMP socket.
-    type Control = PathBuf;
+    type Control = Control;
     type Saved = Saved;
 
     fn describe(&self) -> String {
@@ -69,7 +70,7 @@ impl super::backend::Backend for Qemu {
     /// filter (`tapfilter.rs`) before it exists, so no frame of the guest ever passes
     /// unchecked. QEMU inherits the tap's only other descriptor; vdd's goes right after
     /// the spawn, so the tap lives exactly as long as the VM.
-    async fn start(&self, spec: VmSpec, password: Option<String>) -> Result<(Vm, Saved), Error> {
+    async fn start(&self, spec: VmSpec, password: Option<OneTime>) -> Result<(Vm, Saved), Error> {
         if !spec.guest.image.exists() {
             return Err(Error::MissingImage {
                 guest: spec.guest.name.clone(),
@@ -96,7 +97,7 @@ impl super::backend::Backend for Qemu {
         let tap_fd = tap
             .as_ref()
             .map(|(t, _)| std::os::fd::AsRawFd::as_raw_fd(&t.fd));
-        let started = start(self, &spec, tap_fd, password.as_deref()).await;
+        let started = start(self, &spec, tap_fd, password.as_ref()).await;
         if let (Err(_), Some((t, mac))) = (&started, &tap) {
             let _ = tapfilter::forget(&t.name, *mac);
         }
@@ -149,17 +150,20 @@ impl super::backend::Backend for Qemu {
         stop(vm, grace).await
     }
 
-    fn control(&self, vm: &Vm) -> PathBuf {
-        vm.qmp.clone()
+    fn control(&self, vm: &Vm) -> Control {
+        Control {
+            qmp: vm.qmp.clone(),
+            pid: vm.pid,
+        }
     }
 
-    async fn set_password(&self, qmp: PathBuf, password: String) -> Result<(), Error> {
-        let mut q = Qmp::connect(&qmp, Duration::from_secs(5)).await?;
+    async fn set_password(&self, c: Control, password: OneTime) -> Result<(), Error> {
+        let mut q = Qmp::connect(&c.qmp, Duration::from_secs(5)).await?;
         set_password(&mut q, &password).await
     }
 
-    async fn has_viewer(&self, qmp: PathBuf) -> bool {
-        match Qmp::connect(&qmp, Duration::from_secs(2)).await {
+    async fn has_viewer(&self, c: Control) -> bool {
+        match Qmp::connect(&c.qmp, Duration::from_secs(2)).await {
             Ok(mut q) => q
                 .execute("query-vnc", None)
                 .await
@@ -177,9 +181,27 @@ impl super::backend::Backend for Qemu {
         }
     }
 
+    fn state_tag(&self) -> String {
+        super::qemu_state::tag(&self.binary, self.accel.as_str())
+    }
+
+    async fn save_state(&self, vm: &mut Vm, state: &Path) -> Result<u64, Error> {
+        let dir = vm.qmp.parent().unwrap_or(Path::new("/")).to_path_buf();
+        super::qemu_state::save(&vm.qmp, &dir, state).await
+    }
+
+    async fn activity(&self, c: Control) -> Option<super::saved::Activity> {
+        super::qemu_state::activity(&c.qmp, c.pid).await
+    }
+
+    async fn screen_size(&self, c: Control) -> Option<ScreenSize> {
+        super::qemu_state::screen_size(&c.qmp).await
+    }
+
     /// QMP `screendump` into the session's folder (PPM, QEMU's native format; PNG
     /// needs QEMU 7.1), read back and removed.
-    async fn screenshot(&self, qmp: PathBuf) -> Result<super::backend::Screen, Error> {
+    async fn screenshot(&self, c: Control) -> Result<super::backend::Screen, Error> {
+        let qmp = c.qmp;
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let file = qmp.with_file_name(format!("screen-{n}.ppm"));
@@ -245,6 +267,20 @@ pub struct VmSpec {
     /// The qcow2 overlay to run on (created here if missing).
     pub overlay: PathBuf,
     pub display: VmDisplay,
+    /// A VNC guest's screen size (QEMU's VGA with that EDID and mode); `None`: QEMU's
+    /// default VGA.
+    pub screen: Option<ScreenSize>,
+    /// Resume from this saved state instead of booting; the overlay then sits on its
+    /// frozen disk instead of the guest's base image.
+    pub restore: Option<Restore>,
+}
+
+/// A saved state to start from: the guest's disk as it was saved (a read-only qcow2 on
+/// the base image) and its RAM and device state.
+#[derive(Clone, Debug)]
+pub struct Restore {
+    pub disk: PathBuf,
+    pub state: PathBuf,
 }
 
 /// How the guest is seen and reached.
@@ -257,6 +293,13 @@ pub enum VmDisplay {
         mac: crate::config::Mac,
         bridge: String,
     },
+}
+
+/// What talks to a running VM: its QMP socket, and its pid for its CPU time.
+#[derive(Clone, Debug)]
+pub struct Control {
+    pub qmp: PathBuf,
+    pub pid: u32,
 }
 
 /// A running VM.
@@ -338,11 +381,22 @@ pub async fn start(
     qemu: &Qemu,
     spec: &VmSpec,
     tap_fd: Option<std::os::fd::RawFd>,
-    password: Option<&str>,
+    password: Option<&OneTime>,
 ) -> Result<Vm, Error> {
     if !spec.overlay.exists() {
-        create_overlay(&spec.guest.image, &spec.overlay).await?;
+        let base = spec.restore.as_ref().map_or(&spec.guest.image, |r| &r.disk);
+        create_overlay(base, &spec.overlay).await?;
     }
+    // The saved state is read by QEMU from a descriptor it inherits, as the tap is: no
+    // path on its command line, no shell.
+    let state = match &spec.restore {
+        Some(r) => Some(
+            std::fs::File::open(&r.state)
+                .map_err(|e| Error::Restore(r.state.clone(), e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut inherit: Vec<std::os::fd::RawFd> = tap_fd.into_iter().collect();
     let qmp = spec.dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp);
     let log = {
@@ -390,9 +444,9 @@ pub async fn start(
             // Nothing reaches in. Out: nothing, unless the guest is `nat = true`; QEMU's
             // user network would otherwise forward 10.0.2.2 to the server's loopback.
             let restrict = if spec.guest.nat { "off" } else { "on" };
-            cmd.args(["-nic", &format!("user,model=e1000,restrict={restrict}")])
-                .args(["-vga", "std"])
-                .arg("-vnc")
+            cmd.args(["-nic", &format!("user,model=e1000,restrict={restrict}")]);
+            vga(&mut cmd, spec.screen);
+            cmd.arg("-vnc")
                 .arg(format!("{addr}:{},password=on", port - 5900));
         }
         &VmDisplay::Lan { mac, .. } => {
@@ -402,17 +456,26 @@ pub async fn start(
                 .arg("-device")
                 .arg(format!("virtio-net-pci,netdev=lan,mac={mac}"))
                 .args(["-vga", "std", "-display", "none"]);
-            // SAFETY: only fcntl(2), which is async-signal-safe, runs between fork and
-            // exec. It clears close-on-exec on the tap for this child alone; every other
-            // process vdd starts (even concurrently) never sees the descriptor.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if nix::libc::fcntl(tap_fd, nix::libc::F_SETFD, 0) < 0 {
+        }
+    }
+    if let Some(f) = &state {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+        cmd.arg("-incoming").arg(format!("fd:{fd}"));
+        inherit.push(fd);
+    }
+    if !inherit.is_empty() {
+        // SAFETY: only fcntl(2), which is async-signal-safe, runs between fork and
+        // exec. It clears close-on-exec on the tap and the state file for this child
+        // alone; every other process vdd starts (even concurrently) never sees them.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &inherit {
+                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
     }
     cmd.arg("-qmp")
@@ -431,6 +494,8 @@ pub async fn start(
         tool: qemu.binary.clone(),
         source,
     })?;
+    // QEMU has its own copy now.
+    drop(state);
     let pid = child.id().unwrap_or(0);
     let mut vm = Vm {
         pid,
@@ -456,6 +521,12 @@ pub async fn start(
         stop(&mut vm, Duration::from_secs(1)).await;
         return Err(Error::QmpNeverUp);
     };
+    if let Some(r) = &spec.restore {
+        if let Err(e) = super::qemu_state::wait_restored(&mut q, &mut vm, &spec.dir).await {
+            stop(&mut vm, Duration::ZERO).await;
+            return Err(Error::Restore(r.state.clone(), e));
+        }
+    }
     if let Some(password) = password {
         if let Err(e) = set_password(&mut q, password).await {
             stop(&mut vm, Duration::from_secs(1)).await;
@@ -465,17 +536,34 @@ pub async fn start(
     Ok(vm)
 }
 
-/// Sets the VNC password. It must be used within a minute; a viewer already connected
-/// stays connected (RFB authenticates once, at connect).
-pub async fn set_password(q: &mut Qmp, password: &str) -> Result<(), Error> {
+/// The VNC guest's graphics card: QEMU's standard VGA, with an EDID that makes `screen`
+/// its monitor's preferred mode and that mode in its VBE list (`xres`, `yres`), so a
+/// guest with a KMS driver (Linux's bochs-drm) starts its console and desktop at it.
+fn vga(cmd: &mut Command, screen: Option<ScreenSize>) {
+    match screen {
+        None => {
+            cmd.args(["-vga", "std"]);
+        }
+        Some(s) => {
+            cmd.args(["-vga", "none", "-device"])
+                .arg(format!("VGA,edid=on,xres={},yres={}", s.width, s.height));
+        }
+    }
+}
+
+/// Sets the VNC password. It must be used within its lifetime from now; a viewer already
+/// connected stays connected (RFB authenticates once, at connect).
+pub async fn set_password(q: &mut Qmp, password: &OneTime) -> Result<(), Error> {
     q.execute(
         "set_password",
-        Some(json!({"protocol": "vnc", "password": password})),
+        Some(json!({"protocol": "vnc", "password": password.password})),
     )
     .await?;
+    // QEMU's "+N": N seconds from now (at least one: "+0" would be expired at once).
+    let secs = password.valid_for.as_secs().max(1);
     q.execute(
         "expire_password",
-        Some(json!({"protocol": "vnc", "time": "+60"})),
+        Some(json!({"protocol": "vnc", "time": format!("+{secs}")})),
     )
     .await?;
     Ok(())
@@ -525,6 +613,8 @@ pub fn port_free(addr: std::net::Ipv4Addr, port: u16) -> bool {
 }
 
 /// Shuts the VM down: ACPI power button, then `quit`, then SIGKILL, each after `grace`.
+/// A zero `grace` is for a VM whose disk is thrown away (a reset, a warm VM giving way, a
+/// saved VM): `quit` at once, SIGKILL a second later.
 pub async fn stop(vm: &mut Vm, grace: Duration) {
     let gone = |vm: &mut Vm| match vm.child.as_mut() {
         Some(c) => matches!(c.try_wait(), Ok(Some(_))),
@@ -536,22 +626,31 @@ pub async fn stop(vm: &mut Vm, grace: Duration) {
             if gone(vm) {
                 return true;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         gone(vm)
     }
-    for cmd in ["system_powerdown", "quit"] {
+    let (steps, wait): (&[&str], Duration) = if grace.is_zero() {
+        (&["quit"], Duration::from_secs(1))
+    } else {
+        (&["system_powerdown", "quit"], grace)
+    };
+    for cmd in steps {
         if gone(vm) {
             return;
         }
         if let Ok(mut q) = Qmp::connect(&vm.qmp, Duration::from_secs(2)).await {
             let _ = q.execute(cmd, None).await;
         }
-        if wait_gone(vm, grace, gone).await {
+        if wait_gone(vm, wait, gone).await {
             return;
         }
     }
-    warn!(pid = vm.pid, "VM ignored powerdown and quit; killing it");
+    warn!(
+        pid = vm.pid,
+        "VM ignored {}; killing it",
+        steps.join(" and ")
+    );
     if vm.pid > 0 {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(vm.pid as i32),

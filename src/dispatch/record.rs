@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{random, Error};
+use super::{random, Error, ScreenSize};
 use crate::config::Mac;
 
 /// A session key: 128 random bits, hex.
@@ -36,6 +36,43 @@ pub(super) struct Record<S> {
     /// The LAN side of an X11 guest; absent for VNC guests (and in records of older vdds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) x11: Option<X11Rec>,
+    /// A warm VM: booted ahead of the picks, nobody's yet (`warm.rs`; `seat` is zero).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) warm: bool,
+    /// The [`fingerprint`](super::saved::fingerprint) digest of what the VM was started
+    /// for: a warm VM of another one is out of date.
+    #[serde(default)]
+    pub(super) fingerprint: String,
+    /// The guest's screen size, when the seat reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) screen: Option<ScreenSize>,
+    /// The saved state (its folder) the VM resumed from: its overlay sits on that
+    /// state's frozen disk, so the state is kept while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) saved: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) how: How,
+}
+
+/// How a session's VM started.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum How {
+    #[default]
+    Boot,
+    Saved,
+    /// Handed out of the warm pool.
+    Warm,
+}
+
+impl How {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            How::Boot => "boot",
+            How::Saved => "saved",
+            How::Warm => "warm",
+        }
+    }
 }
 
 /// An X11 guest's NIC, kept so a restarted vdd restores its DHCP binding and knows its tap.
@@ -104,11 +141,22 @@ mod tests {
             memory_mib: 256,
             key: "00".into(),
             x11: None,
+            warm: false,
+            fingerprint: String::new(),
+            screen: None,
+            saved: None,
+            how: How::Boot,
         };
         let j = serde_json::to_string(&rec).unwrap();
         assert!(j.contains("\"seat\":\"52:54:00:00:00:01\""), "{j}");
         assert!(j.contains("\"pid\":42"), "{j}");
+        assert!(!j.contains("warm"), "{j}");
         let back: Record<super::super::qemu::Saved> = serde_json::from_str(&j).unwrap();
         assert_eq!((back.seat, back.vm.pid), (rec.seat, 42));
+        // A record of an older vdd: a cold-booted session, no warm VM.
+        let old = j.replace(",\"fingerprint\":\"\",\"how\":\"boot\"", "");
+        assert!(!old.contains("how"), "{old}");
+        let back: Record<super::super::qemu::Saved> = serde_json::from_str(&old).unwrap();
+        assert_eq!((back.warm, back.how), (false, How::Boot));
     }
 }

@@ -4,7 +4,8 @@
 use serde::Serialize;
 
 use super::backend::{Screen, VmUsage};
-use super::{Backend, Dispatcher, Error, SessionInfo, Who};
+use super::saved::SavedInfo;
+use super::{Backend, Dispatcher, Error, ScreenSize, SessionInfo, Who};
 use crate::config::Mac;
 
 /// A boxed future of the [`Sessions`] interface.
@@ -18,11 +19,12 @@ pub trait Sessions: Send + Sync {
     fn is_guest_mac(&self, mac: Mac) -> Pending<'_, bool>;
     /// Running sessions (without passwords or keys), of one seat or all.
     fn list(&self, seat: Option<Mac>) -> Pending<'_, Vec<SessionInfo>>;
-    /// [`Dispatcher::create`].
+    /// [`Dispatcher::create_at`]: `screen` is the seat's monitor, if it said.
     fn create<'a>(
         &'a self,
         seat: Mac,
         guest: &'a str,
+        screen: Option<ScreenSize>,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>>;
     fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>>;
@@ -57,9 +59,30 @@ pub struct Usage {
     pub memory_mib: u64,
     pub memory_budget_mib: u64,
     pub max_vms: usize,
+    /// Of `vms`, warm VMs waiting for a pick (counted in `memory_mib` too), and of those
+    /// the ones whose guest is up (its screen settled, or its display manager answered).
+    pub warm: usize,
+    pub warm_up: usize,
+    /// Per guest, how its sessions' VMs started.
+    pub starts: std::collections::BTreeMap<String, Counts>,
+    /// The saved states, with what each costs on disk.
+    pub saved: Vec<SavedInfo>,
     /// The hypervisor hosts (`[[dispatch.host]]`), when the VMs run on them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<super::backend::HostStatus>,
+}
+
+/// How one guest's VMs started since vdd did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    /// Picks that found a warm VM, and picks of a guest with `warm` that did not.
+    pub warm_hits: u64,
+    pub warm_misses: u64,
+    /// VMs (seats' and warm ones) resumed from a saved state, and booted.
+    pub saved_starts: u64,
+    pub boots: u64,
+    /// Saved states that were missing or did not load (a cold boot instead).
+    pub saved_fallbacks: u64,
 }
 
 impl<B: Backend> Sessions for Dispatcher<B> {
@@ -73,9 +96,10 @@ impl<B: Backend> Sessions for Dispatcher<B> {
         &'a self,
         seat: Mac,
         guest: &'a str,
+        screen: Option<ScreenSize>,
         who: Who<'a>,
     ) -> Pending<'a, Result<SessionInfo, Error>> {
-        Box::pin(Dispatcher::<B>::create(self, seat, guest, who))
+        Box::pin(Dispatcher::<B>::create_at(self, seat, guest, who, screen))
     }
     fn get<'a>(&'a self, id: &'a str, who: Who<'a>) -> Pending<'a, Result<SessionInfo, Error>> {
         Box::pin(Dispatcher::<B>::get(self, id, who))
@@ -105,17 +129,31 @@ impl<B: Backend> Sessions for Dispatcher<B> {
     fn usage(&self) -> Pending<'_, Usage> {
         Box::pin(async move {
             let st = self.state.lock().await;
-            let mut seats: Vec<Mac> = st.sessions.values().map(|s| s.rec.seat).collect();
+            let mut seats: Vec<Mac> = st
+                .sessions
+                .values()
+                .filter(|s| !s.rec.warm)
+                .map(|s| s.rec.seat)
+                .collect();
             seats.sort_by_key(|m| m.0);
             seats.dedup();
             Usage {
                 vms: st.sessions.len(),
-                starting: st.pending_vms,
+                starting: st.pending_vms + st.bg_pending_vms,
                 seats: seats.len(),
                 memory_mib: st.sessions.values().map(|s| s.rec.memory_mib).sum::<u64>()
-                    + st.pending_mib,
+                    + st.pending_mib
+                    + st.bg_pending_mib,
                 memory_budget_mib: self.budget_mib(),
                 max_vms: self.cfg().dispatch.max_vms,
+                warm: st.sessions.values().filter(|s| s.rec.warm).count(),
+                warm_up: st
+                    .sessions
+                    .values()
+                    .filter(|s| s.rec.warm && s.state == super::SessionState::Ready)
+                    .count(),
+                starts: st.counts.clone(),
+                saved: super::saved::infos(&st.saved),
                 hosts: self.backend.hosts(),
             }
         })

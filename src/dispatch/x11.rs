@@ -44,6 +44,14 @@ impl<B: Backend> Dispatcher<B> {
                 };
                 info!(session = %id, mac = %seat, %guest, guest_mac = ?guest_mac, %ip, guest_host = %host, secs = since.elapsed().as_secs_f32(), "X11 guest ready: its display manager answered XDMCP");
             }
+            Err(e) if s.rec.warm => {
+                // A warm VM nobody waits for: the pool tries again later.
+                let s = st.sessions.remove(&id).expect("just found");
+                st.warm_failed.insert(guest.clone(), Instant::now());
+                drop(st);
+                warn!(session = %id, %guest, guest_mac = ?guest_mac, %ip, "warm X11 VM never answered XDMCP: {e}; stopping it");
+                self.finish(s, "failed").await;
+            }
             Err(e) => {
                 let s = st.sessions.remove(&id).expect("just found");
                 let mut info = self.info(&s, None);

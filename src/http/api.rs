@@ -109,6 +109,8 @@ struct CreateBody {
     seat: Option<String>,
     /// The key of the seat's running session of this guest, to reattach to it.
     key: Option<String>,
+    /// The seat's monitor (its preferred mode): a new VNC guest starts at that size.
+    screen: Option<dispatch::ScreenSize>,
 }
 
 /// The header a seat shows a session's key in.
@@ -403,7 +405,8 @@ impl Api {
         // and aborting connections) must not drop a half-started VM on the floor; the
         // dispatcher sees the start through and stops the VM if nobody wants it.
         let create = {
-            let (d, guest, key) = (d.clone(), req.guest.clone(), req.key.clone());
+            let (d, guest, key, screen) =
+                (d.clone(), req.guest.clone(), req.key.clone(), req.screen);
             let admin = caller == Caller::Admin;
             tokio::spawn(async move {
                 let who = if admin {
@@ -414,7 +417,7 @@ impl Api {
                         key: key.as_deref(),
                     }
                 };
-                d.create(seat, &guest, who).await
+                d.create(seat, &guest, screen, who).await
             })
         };
         let created = match create.await {
@@ -626,6 +629,7 @@ fn dispatch_error(e: dispatch::Error) -> Reply {
         | E::Lan(_)
         | E::TapFilter(_)
         | E::Reserve(_)
+        | E::Restore(..)
         | E::Host { .. } => 500,
     };
     // With its causes: the admin (and the seat's screen) must see the errno.

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod export;
 pub mod policy;
 pub mod session;
+pub mod transmit;
 
 use crate::warnlimit::WarnLimit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

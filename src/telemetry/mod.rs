@@ -331,6 +331,23 @@ impl Hub {
             m.guest_memory.set((u.memory_mib << 20) as i64);
             m.guest_memory_budget
                 .set((u.memory_budget_mib << 20) as i64);
+            m.warm_vms.set(u.warm as i64);
+            m.warm_vms_ready.set(u.warm_up as i64);
+            for (guest, c) in &u.starts {
+                let n = |result| crate::metrics::GuestResult {
+                    guest: guest.clone(),
+                    result,
+                };
+                for (family, result, total) in [
+                    (&m.warm_picks, "hit", c.warm_hits),
+                    (&m.warm_picks, "miss", c.warm_misses),
+                    (&m.vm_starts, "boot", c.boots),
+                    (&m.vm_starts, "saved", c.saved_starts),
+                    (&m.vm_starts, "saved_failed", c.saved_fallbacks),
+                ] {
+                    crate::metrics::catch_up(&family.get_or_create(&n(result)), total);
+                }
+            }
             // Counted afresh: a guest without sessions now has no series, not its last.
             m.sessions.clear();
             let mut all = d.list(None).await;

@@ -427,6 +427,8 @@ pub fn transfer(
             return;
         }
     };
+    // Lockstep blocks wait on every round trip: ahead of the link's bulk data.
+    let _ = crate::netif::waited_on(&sock);
     // An unconnected UDP socket hears of ICMP errors only with IP_RECVERR (ip(7)).
     if let Err(e) =
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Ipv4RecvErr, &true)

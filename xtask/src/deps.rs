@@ -36,7 +36,7 @@ impl Purpose {
             Purpose::Test => &[
                 "lab", "build", "qemu", "images", "peers", "package", "xdm", "panel", "libvirt",
             ],
-            Purpose::Bench => &["lab", "build", "qemu", "images", "peers"],
+            Purpose::Bench => &["lab", "build", "qemu", "images", "peers", "x11-check"],
             Purpose::GuestX11 => &["lab", "build", "qemu", "images", "peers", "x11-check"],
         }
     }

@@ -24,7 +24,7 @@ const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 50);
 /// The root colour xdm's Xsetup paints behind the greeter (images/guest-x11/README.md).
 pub const GREETER_ROOT_RGB: [u8; 3] = [0x1e, 0x5a, 0xa0];
 /// xdm's login box background (`xlogin*background: grey`, X's grey is 190,190,190).
-const GREETER_BOX_RGB: [u8; 3] = [190, 190, 190];
+pub const GREETER_BOX_RGB: [u8; 3] = [190, 190, 190];
 
 /// XDMCP opcodes (spec section 9) used here.
 const OP_QUERY: u16 = 2;
@@ -359,7 +359,7 @@ fn to_png(ppm: &Path, png: &Path) -> Result<()> {
 
 /// A display number no X server on this machine holds (their lock files are in /tmp,
 /// shared by every namespace).
-fn free_display() -> Result<u32> {
+pub fn free_display() -> Result<u32> {
     (40..100)
         .find(|n| {
             !Path::new(&format!("/tmp/.X{n}-lock")).exists()
@@ -370,9 +370,15 @@ fn free_display() -> Result<u32> {
 
 /// `xwd -root` of the display (from inside the namespace: Xvfb's abstract socket is
 /// per network namespace), converted to PPM by netpbm.
-fn screenshot_ppm(ns: &str, display: u32, ppm: &Path) -> Result<()> {
+pub fn screenshot_ppm(ns: &str, display: u32, ppm: &Path) -> Result<()> {
+    xwd_ppm(ns, &format!(":{display}"), ppm)
+}
+
+/// [`screenshot_ppm`] of any X display name (`127.0.0.1:0` reaches the one in `ns` over
+/// TCP, whatever X server `:0` the machine's /tmp may hold).
+pub fn xwd_ppm(ns: &str, display: &str, ppm: &Path) -> Result<()> {
     let xwd = Lab::cmd(ns, "xwd")
-        .args(["-display", &format!(":{display}"), "-root", "-silent"])
+        .args(["-display", display, "-root", "-silent"])
         .stderr(Stdio::null())
         .output()?;
     if !xwd.status.success() || xwd.stdout.is_empty() {

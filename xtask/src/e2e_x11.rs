@@ -51,6 +51,8 @@ pub fn greeter_on_screen(ppm: &[u8]) -> Result<(f64, bool)> {
 
 /// What `cargo xtask e2e x11` measured.
 pub struct X11Report {
+    /// How vdd started the session's VM: "warm", "boot".
+    pub start: String,
     pub stages: Vec<(String, Duration)>,
     /// From the pick on the thin client to the greeter on its screen.
     pub pick_to_greeter: Duration,
@@ -116,15 +118,19 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
         .as_str()
         .context("no guest address")?
         .to_string();
+    // The session's tap (vdd's `lan::tap_name`: the prefix and the id's first 11
+    // characters); the warm pool's VMs have taps of their own.
+    let tap = format!("vdt-{}", &id[..id.len().min(11)]);
     let on_bridge = crate::lab::vdd_taps(&ns)?;
-    if on_bridge.len() != 1 {
-        bail!("want one guest tap on the bridge, found {on_bridge:?}");
+    if !on_bridge.contains(&tap) {
+        bail!("want the session's tap {tap} on the bridge, found {on_bridge:?}");
     }
     eprintln!(
-        "xtask e2e: session {id}: guest at {guest_ip}, tap {} on {}",
-        on_bridge[0],
+        "xtask e2e: session {id} ({} start): guest at {guest_ip}, tap {tap} on {}",
+        first["start"].as_str().unwrap_or("?"),
         crate::lab::BRIDGE
     );
+    let start = first["start"].as_str().unwrap_or("?").to_string();
 
     let (greeter_at, screenshot) = wait_for_greeter(&q, &s.dir)?;
 
@@ -167,11 +173,12 @@ fn x11_in(s: &mut crate::e2e::Served) -> Result<X11Report> {
         bail!("sessions left after the logout ({code}): {list}");
     }
     let left = crate::lab::vdd_taps(&ns)?;
-    if !left.is_empty() {
-        bail!("taps left on the bridge after the session ended: {left:?}");
+    if left.contains(&tap) {
+        bail!("the session's tap {tap} is still on the bridge after it ended: {left:?}");
     }
     drop(q);
     Ok(X11Report {
+        start,
         stages: times,
         pick_to_greeter: greeter_at.saturating_sub(picked),
         pick_to_ready: ready.saturating_sub(picked),

@@ -265,6 +265,30 @@ pub fn guest_demo(force: bool) -> Result<PathBuf> {
     }
     std::fs::copy(&busybox, tree.join("bin/busybox"))?;
     std::fs::copy(recipe.join("init"), tree.join("init"))?;
+    // The KMS driver of QEMU's VGA (and what it needs), so the guest's console takes the
+    // screen size its EDID offers (the seat's), numbered in load order for the init.
+    let kver = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("the kernel's file name has no version")?
+        .to_string();
+    std::fs::create_dir_all(tree.join("lib/modules"))?;
+    let wanted: Vec<String> = std::fs::read_to_string(recipe.join("modules"))?
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    for (i, m) in crate::initramfs::modules_in_load_order(&kver, &wanted)?
+        .iter()
+        .enumerate()
+    {
+        let name = m.file_name().context("a module's file name")?;
+        std::fs::copy(
+            m,
+            tree.join(format!("lib/modules/{i:02}-{}", name.to_string_lossy())),
+        )?;
+    }
     // cpio newc from the file list, then gzip: what the kernel unpacks as initramfs.
     let initrd = work.join("initrd.img");
     run(Command::new("sh").current_dir(&tree).arg("-c").arg(format!(

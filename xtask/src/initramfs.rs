@@ -166,6 +166,39 @@ fn closure(
     (set, missing)
 }
 
+/// The files of `wanted` and of what they depend on in kernel `kver`, dependencies
+/// first: the order `insmod` needs (for an init without modprobe, the demo guest's).
+pub fn modules_in_load_order(kver: &str, wanted: &[String]) -> Result<Vec<PathBuf>> {
+    let mdir = PathBuf::from(format!("/lib/modules/{kver}"));
+    let text = std::fs::read_to_string(mdir.join("modules.dep"))
+        .with_context(|| format!("reading {}/modules.dep", mdir.display()))?;
+    let dep = parse_dep(&text);
+    let (set, missing) = closure(&dep, wanted);
+    if !missing.is_empty() {
+        bail!("modules not in {kver}: {}", missing.join(", "));
+    }
+    // Depth-first, each module after everything it depends on.
+    fn visit(
+        m: &str,
+        dep: &BTreeMap<String, (String, Vec<String>)>,
+        done: &mut BTreeSet<String>,
+        out: &mut Vec<String>,
+    ) {
+        if !done.insert(m.to_string()) {
+            return;
+        }
+        for d in &dep[m].1 {
+            visit(d, dep, done, out);
+        }
+        out.push(m.to_string());
+    }
+    let (mut done, mut order) = (BTreeSet::new(), Vec::new());
+    for m in &set {
+        visit(m, &dep, &mut done, &mut order);
+    }
+    Ok(order.iter().map(|m| mdir.join(&dep[m].0)).collect())
+}
+
 /// Newest kernel that has both /boot/vmlinuz-VER and /lib/modules/VER.
 fn pick_kernel(kver: Option<&str>) -> Result<String> {
     if let Some(k) = kver {

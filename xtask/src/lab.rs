@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// The server's address on the lab bridge.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -103,6 +103,46 @@ where
 {
     let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
     crate::output(Command::new("ip").args(&args), &format!("ip {args:?}"))?;
+    Ok(())
+}
+
+/// Runs `ip [-n NS] -batch -` with `script` (one command a line) on its stdin.
+pub fn ip_batch(ns: Option<&str>, script: &str) -> Result<()> {
+    let mut c = Command::new("ip");
+    if let Some(ns) = ns {
+        c.args(["-n", ns]);
+    }
+    batch(c, script)
+}
+
+/// `ip -force -batch -`: every line is tried, failures or not.
+fn ip_batch_forced(script: &str) -> Result<()> {
+    let mut c = Command::new("ip");
+    c.arg("-force");
+    batch(c, script)
+}
+
+fn batch(mut c: Command, script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = c
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running `ip -batch`")?;
+    child
+        .stdin
+        .take()
+        .context("ip's stdin")?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ip -batch failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     Ok(())
 }
 
@@ -215,6 +255,69 @@ impl Lab {
         ip(["-n", &ns, "link", "set", "eth0", "up"])?;
         let mac = link_mac(&ns, "eth0")?;
         Ok(ClientNs { ns, mac })
+    }
+
+    /// Adds `n` client namespaces like [`Lab::add_client`], with the MACs `mac(i)`, in a
+    /// few `ip -batch` runs: a storm of 300 seats would otherwise take thousands of `ip`
+    /// processes. Their loopback stays down (nothing of a seat listens on it).
+    pub fn add_clients(
+        &mut self,
+        n: usize,
+        mac: impl Fn(usize) -> String,
+    ) -> Result<Vec<ClientNs>> {
+        let first = self.clients.len();
+        let seats: Vec<ClientNs> = (first..first + n)
+            .map(|i| ClientNs {
+                ns: format!("{}-c{i}", self.name),
+                mac: mac(i - first),
+            })
+            .collect();
+        for c in &seats {
+            let etc = Path::new(NETNS_ETC).join(&c.ns);
+            std::fs::create_dir_all(&etc)?;
+            std::fs::write(etc.join("resolv.conf"), "")?;
+        }
+        // Registered before they exist, so Drop removes whatever part was made.
+        self.clients.extend(seats.iter().map(|c| c.ns.clone()));
+        let adds: String = seats
+            .iter()
+            .map(|c| format!("netns add {}\n", c.ns))
+            .collect();
+        ip_batch(None, &adds)?;
+        let mut links = String::new();
+        for (i, c) in (first..).zip(&seats) {
+            links.push_str(&format!(
+                "link add vc{i} type veth peer name eth0 address {} netns {}\nlink set vc{i} master {BRIDGE} up\n",
+                c.mac, c.ns
+            ));
+        }
+        ip_batch(Some(&self.server_ns), &links)?;
+        let ups: String = seats
+            .iter()
+            .map(|c| format!("netns exec {} ip link set eth0 up\n", c.ns))
+            .collect();
+        ip_batch(None, &ups)?;
+        Ok(seats)
+    }
+
+    /// Adds a namespace for a server host: its `eth0` at `cidr` (e.g. "10.77.0.1/16") on
+    /// the bridge. Returns the namespace and the bridge-side end of its veth (`vhN`), on
+    /// which a benchmark can shape the host's traffic towards the clients.
+    pub fn add_host(&mut self, cidr: &str) -> Result<(String, String)> {
+        let idx = self.clients.len();
+        let ns = format!("{}-h{idx}", self.name);
+        add_ns(&ns)?;
+        self.clients.push(ns.clone());
+        let peer = format!("vh{idx}");
+        let s = self.server_ns.clone();
+        ip([
+            "-n", &s, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(["-n", &s, "link", "set", &peer, "master", BRIDGE, "up"])?;
+        ip(["-n", &ns, "addr", "add", cidr, "dev", "eth0"])?;
+        ip(["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(["-n", &ns, "link", "set", "eth0", "up"])?;
+        Ok((ns, peer))
     }
 
     /// Adds a tap device on the bridge for a QEMU thin client started inside the server
@@ -332,11 +435,16 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in self.clients.iter().chain(std::iter::once(&self.server_ns)) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
+        // One `ip` for all (a storm has hundreds); -force goes on past a namespace that
+        // was never made.
+        let all: Vec<&String> = self
+            .clients
+            .iter()
+            .chain(std::iter::once(&self.server_ns))
+            .collect();
+        let dels: String = all.iter().map(|ns| format!("netns del {ns}\n")).collect();
+        let _ = ip_batch_forced(&dels);
+        for ns in all {
             let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(ns));
         }
     }

@@ -10,6 +10,7 @@ pub mod e2e_guest_x11;
 pub mod e2e_hosts;
 pub mod e2e_initramfs;
 pub mod e2e_panel;
+pub mod e2e_storm;
 pub mod e2e_x11;
 pub mod fuzz;
 pub mod hv;

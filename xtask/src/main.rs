@@ -29,7 +29,8 @@ enum Cmd {
         force: bool,
     },
     /// The README's test command: fmt, clippy, every test of the workspace, and the QEMU
-    /// end-to-end boots (e2e boot through both firmware paths, e2e session).
+    /// end-to-end boots (e2e boot through both firmware paths, e2e session, e2e panel,
+    /// e2e storm with 4 seats, e2e x11).
     Test,
     /// Build images/out/vmlinuz and images/out/initramfs.img (static boot-menu as /init).
     Initramfs {
@@ -90,7 +91,8 @@ enum Bench {
         #[arg(long)]
         no_peer: bool,
     },
-    /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential, random 4 KiB QD16, 16 clients).
+    /// NBD: vdd vs nbdkit, qemu-nbd, nbd-server (sequential; random 4 KiB on one connection
+    /// at QD1 and QD32; 16 clients).
     Nbd(xtask::bench::nbd::Args),
     /// TFTP: vdd vs dnsmasq, tftpd-hpa and atftpd; 1 and N clients, lockstep and windowsize.
     Tftp(xtask::bench::tftp::Args),
@@ -111,6 +113,12 @@ enum Bench {
         #[arg(long, value_delimiter = ',')]
         rates: Option<Vec<u32>>,
     },
+    /// A room of thin clients switched on at once (DHCP, kernel + initrd, menu, NBD root
+    /// reads), against vdd and the LTSP stack (dnsmasq + nbd-server) over a shaped link.
+    Storm(xtask::bench::storm::Args),
+    /// Pick to the guest's first frame on a VNC client (cold boot, warm pool, saved
+    /// state; reset) and to the X11 guest's greeter, through the real API in a lab.
+    Pick(xtask::bench::pick::Args),
     /// Thin-client boot: QEMU stage medians, and DHCP lease latency vs busybox udhcpc.
     Bootmenu {
         /// QEMU boots to time (0 skips; at most 10).
@@ -138,6 +146,14 @@ enum E2e {
     /// stages arriving, the guest's thumbnail, reset and end from the panel, the refusals;
     /// screenshots in target/e2e/panel-*.png; /metrics through promtool.
     Panel,
+    /// Power on N QEMU thin clients together: each PXE-boots through its iPXE ROM, picks
+    /// the demo guest, and shows it on its own screen; distinct addresses, sessions, VNC
+    /// ports and passwords.
+    Storm {
+        /// Thin clients (each with its guest VM: about 1 GiB of memory per seat).
+        #[arg(long, default_value_t = 4)]
+        seats: usize,
+    },
     /// PXE-boot a QEMU thin client from vdd in a lab network to the check command in its
     /// NBD root, through the iPXE ROM and through OVMF's own UEFI PXE (TFTP chain).
     Boot {
@@ -240,7 +256,8 @@ fn main() -> Result<()> {
             }
             let r = once_more("e2e session", xtask::e2e::session)?;
             println!(
-                "e2e session: passed; guest on the thin client's screen {:.1} s after the pick; screenshot {}",
+                "e2e session: passed; guest ({} start) on the thin client's screen {:.1} s after the pick; screenshot {}",
+                r.start,
                 r.pick_to_frame.as_secs_f64(),
                 r.screenshot.display()
             );
@@ -263,7 +280,8 @@ fn main() -> Result<()> {
             );
             let r = once_more("e2e x11", xtask::e2e_x11::x11)?;
             println!(
-                "e2e x11: passed; the guest's greeter on the thin client's screen {:.1} s after the pick; screenshot {}",
+                "e2e x11: passed; the guest's greeter ({} start) on the thin client's screen {:.1} s after the pick; screenshot {}",
+                r.start,
                 r.pick_to_greeter.as_secs_f64(),
                 r.screenshot.display()
             );
@@ -316,6 +334,7 @@ fn main() -> Result<()> {
             for (name, at) in &r.stages {
                 println!("  {:>7.1} s  {name}", at.as_secs_f64());
             }
+            println!("  the session's VM: {} start", r.start);
             println!(
                 "  pick to the guest's display manager answering XDMCP: {:.1} s",
                 r.pick_to_ready.as_secs_f64()
@@ -387,6 +406,13 @@ fn main() -> Result<()> {
             println!("  screenshot: {}", r.screenshot.display());
             Ok(())
         }
+        Cmd::E2e {
+            what: E2e::Storm { seats },
+        } => {
+            let r = xtask::e2e_storm::run(seats)?;
+            print_storm(&r);
+            Ok(())
+        }
         Cmd::E2e { what: E2e::Session } => {
             let r = xtask::e2e::session()?;
             println!("e2e session: passed; times since QEMU start:");
@@ -394,12 +420,14 @@ fn main() -> Result<()> {
                 println!("  {:>7.1} s  {name}", at.as_secs_f64());
             }
             println!(
-                "  pick to the guest's first frame on the thin client: {:.1} s",
-                r.pick_to_frame.as_secs_f64()
+                "  pick to the guest covering the thin client's screen: {:.1} s ({} start)",
+                r.pick_to_frame.as_secs_f64(),
+                r.start
             );
             println!(
-                "  VM start (POST to VNC password set, second session): {:.2} s",
-                r.vm_start.as_secs_f64()
+                "  VM start (POST to VNC password set, second session): {:.2} s ({} start)",
+                r.vm_start.as_secs_f64(),
+                r.second_start
             );
             println!(
                 "  memory of an idle session's VM (RSS): {:.0} MiB",
@@ -504,6 +532,12 @@ fn main() -> Result<()> {
             which: Bench::Panel(a),
         } => xtask::bench::panel::run(a),
         Cmd::Bench {
+            which: Bench::Storm(a),
+        } => xtask::bench::storm::run(a),
+        Cmd::Bench {
+            which: Bench::Pick(a),
+        } => xtask::bench::pick::run(a),
+        Cmd::Bench {
             which:
                 Bench::Dhcp {
                     quick,
@@ -561,6 +595,31 @@ fn initramfs(kver: Option<&str>) -> Result<xtask::initramfs::Built> {
         mib(b.boot_menu_bytes)
     );
     Ok(b)
+}
+
+/// The closing note of `e2e storm`.
+fn print_storm(r: &xtask::e2e_storm::Report) {
+    let last = |v: &[std::time::Duration]| v.iter().max().copied().unwrap_or_default();
+    println!(
+        "e2e storm: passed; {} thin clients powered on together, each PXE-booted, picked the demo guest and shows it ({})",
+        r.seats,
+        r.addresses.join(", ")
+    );
+    println!(
+        "  last seat's menu at {:.1} s, last seat's guest at {:.1} s after power-on (first: {:.1} s, {:.1} s)",
+        last(&r.menu).as_secs_f64(),
+        last(&r.guest).as_secs_f64(),
+        r.menu.iter().min().copied().unwrap_or_default().as_secs_f64(),
+        r.guest.iter().min().copied().unwrap_or_default().as_secs_f64()
+    );
+    println!(
+        "  screenshots: {}",
+        r.screenshots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 }
 
 /// A binary of the release build, in the workspace's target folder.

@@ -68,7 +68,9 @@ impl Qemu {
             }
             None => Command::new("qemu-system-x86_64"),
         };
-        cmd.args(["-accel", accel(), "-M", "pc", "-no-reboot", "-vga", "std"])
+        // The thin client's monitor: a 1920x1080 LCD, as its EDID tells boot-menu and X.
+        cmd.args(["-accel", accel(), "-M", "pc", "-no-reboot", "-vga", "none"])
+            .args(["-device", "VGA,edid=on,xres=1920,yres=1080"])
             .args(["-display", o.display.as_deref().unwrap_or("none")])
             .args(["-m", &o.memory_mib.max(256).to_string()])
             .arg("-serial")
@@ -142,6 +144,11 @@ impl Qemu {
     /// Time since QEMU started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// True while QEMU has not exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits until QEMU exits (the interactive demo: the user quits with Ctrl-A X).

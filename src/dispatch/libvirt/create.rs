@@ -11,8 +11,9 @@ use virt::storage_vol::StorageVol;
 
 use super::domxml::{self, Meta, Screen};
 use super::hosts::Host;
-use super::{Libvirt, Saved, Vm, PASSWORD_SECS};
+use super::{Libvirt, Saved, Vm};
 use crate::config::AccelChoice;
+use crate::dispatch::backend::OneTime;
 use crate::dispatch::qemu::{VmDisplay, VmSpec};
 use crate::dispatch::Error;
 
@@ -62,7 +63,7 @@ impl Libvirt {
         spec: &VmSpec,
         volume: &str,
         kvm: bool,
-        password: Option<String>,
+        password: Option<OneTime>,
     ) -> Result<(Vm, Saved), Error> {
         let host = &self.hosts[i];
         let cfg = host.cfg.clone();
@@ -82,8 +83,13 @@ impl Libvirt {
             VmDisplay::Vnc { port, .. } => Screen::Vnc {
                 listen: cfg.address,
                 port: *port,
-                password: password.unwrap_or_default(),
-                valid_to: domxml::valid_to(SystemTime::now(), PASSWORD_SECS),
+                valid_to: domxml::valid_to(
+                    SystemTime::now(),
+                    password
+                        .as_ref()
+                        .map_or(1, |p| p.valid_for.as_secs().max(1)),
+                ),
+                password: password.map(|p| p.password).unwrap_or_default(),
                 nat: spec.guest.nat,
             },
             VmDisplay::Lan { mac, .. } => Screen::Lan {

@@ -27,16 +27,13 @@ mod create;
 mod domxml;
 mod hosts;
 
-use super::backend::HostStatus;
+use super::backend::{HostStatus, OneTime};
 use super::placement::{self, HostView, Want};
 use super::qemu::{VmDisplay, VmSpec};
 use super::{Backend, Dispatcher, Error, LanSide};
 use crate::config::{AccelChoice, Config, Mac, Placement};
 use create::{call, on};
 use hosts::{Host, DOWN_AFTER};
-
-/// How long a VNC password stays valid, as with the QEMU backend.
-const PASSWORD_SECS: u64 = 60;
 
 /// The libvirt backend over `[[dispatch.host]]`.
 pub struct Libvirt {
@@ -252,7 +249,16 @@ impl Backend for Libvirt {
         format!("libvirt on {}", names.join(", "))
     }
 
-    async fn start(&self, spec: VmSpec, password: Option<String>) -> Result<(Vm, Saved), Error> {
+    async fn start(&self, spec: VmSpec, password: Option<OneTime>) -> Result<(Vm, Saved), Error> {
+        // No saved states here (the config refuses `start = "saved"` with hosts): a
+        // restore is refused the way a state that does not load is, and the dispatcher
+        // boots the guest instead.
+        if let Some(r) = &spec.restore {
+            return Err(Error::Restore(
+                r.state.clone(),
+                "the libvirt backend keeps no saved states".into(),
+            ));
+        }
         let want = Want {
             label: &spec.guest.label,
             mib: spec.guest.memory_mib,
@@ -438,7 +444,7 @@ impl Backend for Libvirt {
         }
     }
 
-    async fn set_password(&self, vm: Control, password: String) -> Result<(), Error> {
+    async fn set_password(&self, vm: Control, password: OneTime) -> Result<(), Error> {
         on_domain(
             vm,
             "setting the VNC password",
@@ -452,8 +458,9 @@ impl Backend for Libvirt {
                         tool: format!("libvirt on {}", vm.host.cfg.name),
                         said: "the VM has no VNC display".into(),
                     })?;
-                let valid_to = domxml::valid_to(SystemTime::now(), PASSWORD_SECS);
-                let g = domxml::vnc_password(listen, port, &password, &valid_to);
+                let valid_to =
+                    domxml::valid_to(SystemTime::now(), password.valid_for.as_secs().max(1));
+                let g = domxml::vnc_password(listen, port, &password.password, &valid_to);
                 d.update_device_flags(&g, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
                     .map_err(on(&vm.host, "setting the VNC password"))?;
                 Ok(())

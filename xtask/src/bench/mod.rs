@@ -2,11 +2,14 @@
 //! servers, inside lab namespaces only.
 
 pub mod bootmenu;
+pub mod cpu;
 pub mod dhcp;
 pub mod floods;
 pub mod http;
 pub mod nbd;
 pub mod panel;
+pub mod pick;
+pub mod storm;
 pub mod tftp;
 
 use std::path::{Path, PathBuf};

@@ -1,10 +1,10 @@
 //! `cargo xtask bench nbd`: vdd's NBD service against nbdkit, qemu-nbd and nbd-server in
 //! one run, on one image on loopback (127.0.0.1, ports chosen free, never 10809).
 //!
-//! Three figures per server: sequential read (`nbdcopy URI null:`, which uses multi-conn
+//! Four figures per server: sequential read (`nbdcopy URI null:`, which uses multi-conn
 //! with one connection per core up to 4, 64 requests of 256 KiB in flight on each),
-//! random 4 KiB reads at queue depth 16 (fio's nbd engine), and the same with 16 clients
-//! at once. Every server must first deliver the image with the right sha256; the page
+//! random 4 KiB reads on one connection at queue depth 1 and 32 (fio's nbd engine), and
+//! 16 clients at depth 16 at once. Every server must first deliver the image with the right sha256; the page
 //! cache is warmed again before each server's turn; the order of servers rotates per
 //! round. Beside the rates, CPU seconds per GB of the sequential copy, of the server
 //! (/proc/PID/stat) and of nbdcopy (rusage), which a busy shared machine disturbs far
@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::cpu::{children_cpu, loadavg};
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Image size in MiB.
@@ -30,9 +32,13 @@ pub struct Args {
     /// Seconds per fio run.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Only these servers (comma-separated: vdd,nbdkit,qemu-nbd,nbd-server).
+    /// Only these servers (comma-separated: vdd,vdd-before,nbdkit,qemu-nbd,nbd-server).
     #[arg(long)]
     pub only: Option<String>,
+    /// Another vdd binary (a build of an earlier commit), measured in the same rounds as
+    /// `vdd-before`: before and after a change, on the same machine at the same time.
+    #[arg(long)]
+    pub before: Option<PathBuf>,
 }
 
 /// A child process killed and reaped on Drop.
@@ -135,32 +141,31 @@ fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc> {
     Ok(Proc { child })
 }
 
-fn start_vdd(dir: &Path, image: &Path) -> Result<Target> {
-    let bin = super::vdd_release(None)?;
+fn start_vdd(dir: &Path, image: &Path, name: &'static str, bin: &Path) -> Result<Target> {
     let port = free_port()?;
-    let cfg = dir.join("vdd.toml");
+    let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(
         &cfg,
         format!(
             "[server]\ninterface = \"lo\"\naddress = \"127.0.0.1\"\nstate_dir = \"{state}\"\n\
              [dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n\
              [nbd]\nport = {port}\nmax_per_address = 512\n[[nbd.export]]\nname = \"bench\"\npath = \"{img}\"\n",
-            state = dir.join("state").display(),
+            state = dir.join(format!("{name}-state")).display(),
             img = image.display()
         ),
     )?;
     let p = spawn(
-        "vdd",
+        name,
         Command::new(bin)
             .env("RUST_LOG", "warn")
             .arg("serve")
             .arg("--config")
             .arg(&cfg),
-        &dir.join("vdd.log"),
+        &dir.join(format!("{name}.log")),
     )?;
     wait_port(port)?;
     Ok(Target {
-        name: "vdd",
+        name,
         uri: format!("nbd://127.0.0.1:{port}/bench"),
         pid: Some(p.child.id()),
         _guard: Box::new(p),
@@ -316,15 +321,6 @@ fn cpu_secs(pid: u32, tick: f64) -> Option<f64> {
     Some(t?.iter().sum::<f64>() / tick)
 }
 
-/// CPU seconds of every child this process has reaped so far (nbdcopy via `timeout`).
-fn children_cpu_secs() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
-        let (a, b) = (u.user_time(), u.system_time());
-        (a.tv_sec() + b.tv_sec()) as f64 + (a.tv_usec() + b.tv_usec()) as f64 / 1e6
-    })
-}
-
 fn clock_tick() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -332,12 +328,6 @@ fn clock_tick() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// Seconds for one `nbdcopy URI null:`.
@@ -353,8 +343,9 @@ fn seq_once(uri: &str) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Total read IOPS of fio's nbd engine: `jobs` connections, 4 KiB random reads, QD 16.
-fn fio_iops(uri: &str, jobs: u32, seconds: u64) -> Result<f64> {
+/// Total read IOPS of fio's nbd engine: `jobs` connections, 4 KiB random reads, `depth`
+/// requests in flight on each.
+fn fio_iops(uri: &str, jobs: u32, depth: u32, seconds: u64) -> Result<f64> {
     let out = Command::new("timeout")
         .arg((seconds + 60).to_string())
         .args([
@@ -365,7 +356,8 @@ fn fio_iops(uri: &str, jobs: u32, seconds: u64) -> Result<f64> {
             "--bs=4k",
         ])
         .arg(format!("--uri={uri}"))
-        .args(["--iodepth=16", "--group_reporting", "--time_based"])
+        .arg(format!("--iodepth={depth}"))
+        .args(["--group_reporting", "--time_based"])
         .arg(format!("--numjobs={jobs}"))
         .arg(format!("--runtime={seconds}"))
         .args(["--output-format=terse", "--terse-version=3"])
@@ -399,8 +391,35 @@ struct Row {
     seq_mbs: f64,
     seq_cpu: Option<f64>,
     seq_client_cpu: f64,
-    rand_iops: f64,
+    qd1_iops: f64,
+    qd32_iops: f64,
     multi_iops: f64,
+    /// Server CPU microseconds per 4 KiB read at QD 1 and QD 32.
+    qd1_cpu: Option<f64>,
+    qd32_cpu: Option<f64>,
+}
+
+/// One server's samples over the rounds.
+#[derive(Default)]
+struct Samples {
+    seq: Vec<f64>,
+    seq_cpu: Vec<f64>,
+    seq_client: Vec<f64>,
+    qd1: Vec<f64>,
+    qd32: Vec<f64>,
+    multi: Vec<f64>,
+    qd1_cpu: Vec<f64>,
+    qd32_cpu: Vec<f64>,
+}
+
+/// fio at one depth on one connection: IOPS, and the server's CPU microseconds per read.
+fn rand_run(t: &Target, depth: u32, seconds: u64, tick: f64) -> Result<(f64, Option<f64>)> {
+    let cpu0 = t.pid.and_then(|p| cpu_secs(p, tick));
+    let iops = fio_iops(&t.uri, 1, depth, seconds)?;
+    let cpu = cpu0
+        .zip(t.pid.and_then(|p| cpu_secs(p, tick)))
+        .map(|(a, b)| (b - a) * 1e6 / (iops * seconds as f64));
+    Ok((iops, cpu))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -423,13 +442,23 @@ pub fn run(args: Args) -> Result<()> {
         Some(o) => o.split(',').any(|x| x.trim() == n),
     };
 
-    type Starter = fn(&Path, &Path) -> Result<Target>;
-    let starters: [(&str, &str, Starter); 4] = [
-        ("vdd", "cargo", start_vdd),
-        ("nbdkit", "nbdkit", start_nbdkit),
-        ("qemu-nbd", "qemu-nbd", start_qemu_nbd),
-        ("nbd-server", "nbd-server", start_nbd_server),
-    ];
+    type Starter = Box<dyn Fn(&Path, &Path) -> Result<Target>>;
+    let vdd = super::vdd_release(None)?;
+    let mut starters: Vec<(&str, &str, Starter)> = vec![(
+        "vdd",
+        "cargo",
+        Box::new(move |d: &Path, i: &Path| start_vdd(d, i, "vdd", &vdd)),
+    )];
+    if let Some(before) = args.before.clone() {
+        starters.push((
+            "vdd-before",
+            "cargo",
+            Box::new(move |d: &Path, i: &Path| start_vdd(d, i, "vdd-before", &before)),
+        ));
+    }
+    starters.push(("nbdkit", "nbdkit", Box::new(start_nbdkit)));
+    starters.push(("qemu-nbd", "qemu-nbd", Box::new(start_qemu_nbd)));
+    starters.push(("nbd-server", "nbd-server", Box::new(start_nbd_server)));
     // All servers start first and stay up (an idle server costs nothing); then each
     // round measures every server once, so a busy phase of this shared machine hits all
     // of them alike instead of whichever one happened to run then. Medians over rounds.
@@ -489,7 +518,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let load_before = loadavg();
-    let mut samples: Vec<[Vec<f64>; 5]> = targets.iter().map(|_| Default::default()).collect();
+    let mut samples: Vec<Samples> = targets.iter().map(|_| Samples::default()).collect();
     let tick = clock_tick();
     for round in 0..args.runs.max(1) {
         // Each round starts with a different server, so none is always measured first
@@ -499,38 +528,49 @@ pub fn run(args: Args) -> Result<()> {
             let (t, s) = (&targets[i], &mut samples[i]);
             warm(&image)?;
             let cpu0 = t.pid.and_then(|p| cpu_secs(p, tick));
-            let client0 = children_cpu_secs();
+            let client0 = children_cpu();
             let seq = size as f64 / 1e6 / seq_once(&t.uri)?;
-            let client = (children_cpu_secs() - client0) / (size as f64 / 1e9);
+            let client = (children_cpu() - client0) / (size as f64 / 1e9);
             // A forking server reaps its connection's child a moment after it ends.
             std::thread::sleep(Duration::from_millis(100));
             let cpu = cpu0
                 .zip(t.pid.and_then(|p| cpu_secs(p, tick)))
                 .map(|(a, b)| (b - a) / (size as f64 / 1e9));
-            let rand = fio_iops(&t.uri, 1, args.seconds)?;
-            let multi = fio_iops(&t.uri, 16, args.seconds)?;
+            let (qd1, qd1_cpu) = rand_run(t, 1, args.seconds, tick)?;
+            let (qd32, qd32_cpu) = rand_run(t, 32, args.seconds, tick)?;
+            let multi = fio_iops(&t.uri, 16, 16, args.seconds)?;
+            let us = |c: Option<f64>| c.map_or("?".into(), |c| format!("{c:.1}"));
             eprintln!(
-                "bench nbd: round {round} {:<10} seq {seq:>7.0} MB/s (CPU s/GB: server {}, nbdcopy {client:.3})  rand {rand:>8.0} IOPS  16 clients {multi:>8.0} IOPS",
+                "bench nbd: round {round} {:<10} seq {seq:>7.0} MB/s (CPU s/GB: server {}, nbdcopy {client:.3})  QD1 {qd1:>7.0} IOPS ({} us CPU each)  QD32 {qd32:>7.0} IOPS ({} us)  16 clients {multi:>8.0} IOPS",
                 t.name,
                 cpu.map_or("?".into(), |c| format!("{c:.3}")),
+                us(qd1_cpu),
+                us(qd32_cpu),
             );
-            s[0].push(seq);
-            s[1].push(rand);
-            s[2].push(multi);
-            s[3].extend(cpu);
-            s[4].push(client);
+            s.seq.push(seq);
+            s.seq_cpu.extend(cpu);
+            s.seq_client.push(client);
+            s.qd1.push(qd1);
+            s.qd32.push(qd32);
+            s.multi.push(multi);
+            s.qd1_cpu.extend(qd1_cpu);
+            s.qd32_cpu.extend(qd32_cpu);
         }
     }
+    let opt = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
     let rows: Vec<Row> = targets
         .iter()
         .zip(samples)
-        .map(|(t, [a, b, c, d, e])| Row {
+        .map(|(t, s)| Row {
             name: t.name,
-            seq_mbs: median(a),
-            seq_cpu: (!d.is_empty()).then(|| median(d)),
-            seq_client_cpu: median(e),
-            rand_iops: median(b),
-            multi_iops: median(c),
+            seq_mbs: median(s.seq),
+            seq_cpu: opt(s.seq_cpu),
+            seq_client_cpu: median(s.seq_client),
+            qd1_iops: median(s.qd1),
+            qd32_iops: median(s.qd32),
+            multi_iops: median(s.multi),
+            qd1_cpu: opt(s.qd1_cpu),
+            qd32_cpu: opt(s.qd32_cpu),
         })
         .collect();
     drop(targets);
@@ -538,32 +578,41 @@ pub fn run(args: Args) -> Result<()> {
 
     let base = rows.iter().find(|r| r.name == "nbdkit");
     println!(
-        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null: (CPU/GB = CPU seconds per GB of it, of the server process and of nbdcopy: on loopback TCP work lands on either side, so read them together), rand = fio nbd 4 KiB QD16 for {} s, 16cl = the same with 16 connections; every server's data checked by sha256; load average {} before, {} after",
+        "\nNBD read benchmark: {} MiB image in the page cache, loopback; medians of {} interleaved rounds; seq = nbdcopy to null: (CPU/GB = CPU seconds per GB of it, of the server process and of nbdcopy: on loopback TCP work lands on either side, so read them together); QD1, QD32 = fio nbd 4 KiB random reads on one connection with 1 and 32 in flight for {} s each (us = the server's CPU microseconds per read, steadier than IOPS on a shared machine); 16cl = 16 connections at QD16; every server's data checked by sha256; load average {} before, {} after",
         args.size_mib, args.runs, args.seconds, load_before, loadavg()
     );
     println!(
-        "{:<11} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9} {:>11} {:>12}",
+        "{:<11} {:>8} {:>8} {:>8} {:>9} {:>5} {:>9} {:>5} {:>9} {:>8} {:>8} {:>8} {:>10}",
         "server",
         "seq MB/s",
-        "rand IOPS",
-        "16cl IOPS",
         "seq/kit",
-        "rand/kit",
+        "QD1 IOPS",
+        "QD1/kit",
+        "us",
+        "QD32 IOPS",
+        "us",
+        "QD32/kit",
+        "16cl",
         "16cl/kit",
-        "srv CPU/GB",
-        "nbdcopy CPU"
+        "CPU/GB",
+        "nbdcopy"
     );
     for r in &rows {
         let ratio =
             |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", a / b));
+        let us = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.1}"));
         println!(
-            "{:<11} {:>9.0} {:>10.0} {:>12.0} {:>9} {:>9} {:>9} {:>11} {:>12.3}",
+            "{:<11} {:>8.0} {:>8} {:>8.0} {:>9} {:>5} {:>9.0} {:>5} {:>9} {:>8.0} {:>8} {:>8} {:>10.3}",
             r.name,
             r.seq_mbs,
-            r.rand_iops,
-            r.multi_iops,
             ratio(r.seq_mbs, base.map(|b| b.seq_mbs)),
-            ratio(r.rand_iops, base.map(|b| b.rand_iops)),
+            r.qd1_iops,
+            ratio(r.qd1_iops, base.map(|b| b.qd1_iops)),
+            us(r.qd1_cpu),
+            r.qd32_iops,
+            us(r.qd32_cpu),
+            ratio(r.qd32_iops, base.map(|b| b.qd32_iops)),
+            r.multi_iops,
             ratio(r.multi_iops, base.map(|b| b.multi_iops)),
             r.seq_cpu.map_or("-".into(), |c| format!("{c:.3}")),
             r.seq_client_cpu,
