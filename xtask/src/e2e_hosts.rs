@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::e2e::{admin_api, build_vdd, follow_stages, lab_config, remove_work, start_vdd};
+use crate::e2e::{admin_api, build_vdd, follow_stages, lab_config, remove_work, start_vdd, Starts};
 use crate::e2e::{boot_stages, wait_for_guest_share, BootPath, Stage, CLIENT_MAC};
 use crate::hv::Hypervisor;
 use crate::lab::Lab;
@@ -46,15 +46,10 @@ fn config(dir: &std::path::Path, h1: &Hypervisor, h2: &Hypervisor) -> Result<Str
     // Warm pools and saved states run on vdd's own QEMU only (`vdd check` refuses them
     // with hosts): the lab's guests here boot cold on the hosts.
     // The X11 guest (when its image was built) would need a LAN bridge on the hosts.
-    let mut base = lab_config(dir, "console=ttyS0 vdd.autopick=demo");
+    let mut base = lab_config(dir, "console=ttyS0 vdd.autopick=demo", Starts::Cold);
     if let Some(x11) = base.find("\n[[guest]]\nname = \"x11\"") {
         base.truncate(x11 + 1);
     }
-    let base: String = base
-        .lines()
-        .filter(|l| !l.starts_with("warm = ") && !l.starts_with("start = \"saved\""))
-        .map(|l| format!("{l}\n"))
-        .collect();
     let at = "shutdown_timeout = \"3s\"\n";
     if !base.contains(at) {
         bail!("the lab config has no {at:?} to extend");

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::browser::{self, exists, js, js_async, until, Driver};
 use crate::e2e::{
-    admin_api, in_netns, serve, thin_client, BootPath, Served, ADMIN_TOKEN, CLIENT_MAC,
+    admin_api, in_netns, serve, thin_client, BootPath, Served, Starts, ADMIN_TOKEN, CLIENT_MAC,
 };
 use crate::image::repo_root;
 use crate::lab::SERVER_IP;
@@ -75,7 +75,7 @@ pub fn run() -> Result<PanelReport> {
     crate::initramfs::build(None)?;
     crate::image::thin_client(false)?;
     crate::image::guest_demo(false)?;
-    let mut s = serve("e2epnl", "console=ttyS0 vdd.autopick=demo")?;
+    let mut s = serve("e2epnl", "console=ttyS0 vdd.autopick=demo", Starts::Cold)?;
     let r = run_in(&mut s);
     s.finish(r)
 }

@@ -47,7 +47,11 @@ pub fn run(seats: usize) -> Result<Report> {
     crate::initramfs::build(None)?;
     crate::image::thin_client(false)?;
     crate::image::guest_demo(false)?;
-    let mut s = e2e::serve("e2estm", "console=ttyS0 vdd.autopick=demo")?;
+    let mut s = e2e::serve(
+        "e2estm",
+        "console=ttyS0 vdd.autopick=demo",
+        e2e::Starts::Cold,
+    )?;
     let result = storm_in(&mut s, seats);
     s.finish(result)
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::e2e::{admin_api, boot_stages, follow_stages, serve, thin_client, BootPath, Stage};
+use crate::e2e::{
+    admin_api, boot_stages, follow_stages, serve, thin_client, BootPath, Stage, Starts,
+};
 use crate::image::repo_root;
 use crate::qemu::Qemu;
 
@@ -71,7 +73,7 @@ pub fn x11() -> Result<X11Report> {
     crate::initramfs::build(None)?;
     crate::image::thin_client(false)?;
     crate::image::guest_x11(false)?;
-    let mut s = serve("e2ex", "console=ttyS0 vdd.autopick=x11")?;
+    let mut s = serve("e2ex", "console=ttyS0 vdd.autopick=x11", Starts::X11)?;
     let result = x11_in(&mut s);
     s.finish(result)
 }

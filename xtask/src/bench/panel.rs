@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use fantoccini::Locator;
 
 use crate::browser::{exists, until, Driver};
-use crate::e2e::{admin_api, in_netns, serve_with, ADMIN_TOKEN};
+use crate::e2e::{admin_api, in_netns, serve_with, Starts, ADMIN_TOKEN};
 use crate::lab::SERVER_IP;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -88,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     crate::image::guest_demo(false)?;
     let vdd = super::vdd_release(a.vdd.clone())?;
-    let mut s = serve_with("bpanel", "console=ttyS0", &vdd)?;
+    let mut s = serve_with("bpanel", "console=ttyS0", Starts::Cold, &vdd)?;
     let r = run_in(&mut s, &a);
     s.finish(r)
 }

@@ -180,7 +180,11 @@ pub fn record() -> Result<PathBuf> {
     };
     // Read by `e2e::serve` for vdd's environment.
     std::env::set_var("RUST_LOG", "info,vdd::nbd::trace=debug");
-    let mut s = e2e::serve("strec", "console=ttyS0 vdd.autopick=demo")?;
+    let mut s = e2e::serve(
+        "strec",
+        "console=ttyS0 vdd.autopick=demo",
+        e2e::Starts::Cold,
+    )?;
     let result = (|| -> Result<Vec<(u64, u32, u32)>> {
         let mut q = e2e::thin_client(&mut s, e2e::BootPath::Ipxe)?;
         let mut stages = e2e::boot_stages(e2e::BootPath::Ipxe);
