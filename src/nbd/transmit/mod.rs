@@ -12,10 +12,17 @@
 //! connection): see README, "Benchmarks". Here every request that arrived in one read
 //! of the socket is answered into one buffer, which leaves in one write: a queue of 32
 //! requests costs one read and one write, not 64 task hand-offs.
+//!
+//! This file holds the connection's state and its loop: reading the socket and parsing
+//! requests. Running each request is in `serve.rs`, the queue of replies and its writing
+//! in `out.rs`, the reply headers in `reply.rs`.
+
+mod out;
+mod reply;
+mod serve;
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +35,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::codec::{self, Request};
-use super::export::{Backend, Base};
+use super::export::Backend;
 use super::policy::{self, Command, ExportInfo};
 use super::session::{SessionError, Shared};
+
+use out::{Done, Out};
+use reply::read_head;
 
 /// Requests of one connection being served at once (read, at the pool, or with their
 /// replies not yet written). Deep enough for nbdcopy (64) and the kernel client, small
@@ -86,41 +96,6 @@ impl Stats {
         self.written.fetch_add(n, Ordering::Relaxed);
         self.hub.nbd_bytes(false, n);
     }
-}
-
-/// What waits to be written, in order.
-enum Out {
-    /// Replies, whole, one after another.
-    Bytes(Batch),
-    /// A READ reply whose data goes from the page cache with sendfile(2).
-    File {
-        head: [u8; 32],
-        head_len: usize,
-        head_at: usize,
-        base: Arc<Base>,
-        off: u64,
-        left: usize,
-    },
-}
-
-/// Replies in one buffer, and what they hold until they are written.
-struct Batch {
-    buf: Vec<u8>,
-    at: usize,
-    /// Requests answered in `buf`.
-    requests: usize,
-    /// READ data bytes in `buf` (the connection's `bytes_read`).
-    data: u64,
-    kib: usize,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-/// A request finished on the blocking pool: its reply, ready to send.
-struct Done {
-    reply: Vec<u8>,
-    data: u64,
-    kib: usize,
-    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// A WRITE whose payload is still arriving.
@@ -290,17 +265,6 @@ impl Transmit {
         }
     }
 
-    /// Bytes of replies queued and not yet written (files not counted).
-    fn queued(&self) -> usize {
-        self.out
-            .iter()
-            .map(|o| match o {
-                Out::Bytes(b) => b.buf.len() - b.at,
-                Out::File { .. } => 0,
-            })
-            .sum()
-    }
-
     /// Whether another request (and its payload) may be read now.
     fn room(&self) -> bool {
         self.in_flight < IN_FLIGHT && self.kib < CONN_BYTES_KIB
@@ -410,335 +374,6 @@ impl Transmit {
             }
         }
     }
-
-    /// Serves one request that passed the in-flight cap; `permit` is its share of the
-    /// shared byte budget when its payload needs a buffer.
-    fn serve(&mut self, req: Request, permit: Option<OwnedSemaphorePermit>) {
-        let k = if permit.is_some() { kib(req.len) } else { 0 };
-        self.kib += k;
-        let cmd = match policy::check(&req, &self.info, self.structured) {
-            Ok(c) => c,
-            Err(errno) => {
-                debug!(export = %self.info.name, kind = req.kind, offset = req.offset, len = req.len, errno, "request refused");
-                if req.kind == codec::CMD_WRITE {
-                    // The payload is on the wire whatever we think of the request.
-                    self.skip = u64::from(req.len);
-                }
-                let (h, n) = error_head(
-                    self.structured && req.kind == codec::CMD_READ,
-                    req.cookie,
-                    errno,
-                );
-                self.push_reply(&h[..n], 0, k, permit);
-                return;
-            }
-        };
-        match cmd {
-            Command::Disconnect => unreachable!("handled before"),
-            Command::Read { offset, len } => self.read(req, offset, len, k, permit),
-            Command::Write { offset, len, fua } => {
-                self.payload = Some(Payload {
-                    req,
-                    offset,
-                    fua,
-                    data: vec![0; len as usize],
-                    got: 0,
-                    kib: k,
-                    permit,
-                });
-            }
-            Command::Flush => self.at_pool(req, 0, None, |b| b.flush()),
-            Command::Trim { offset, len, fua } => {
-                self.at_pool(req, 0, None, move |b| b.trim(offset, u64::from(len), fua))
-            }
-            Command::WriteZeroes { offset, len, fua } => self.at_pool(req, 0, None, move |b| {
-                b.write_zeroes(offset, u64::from(len), fua)
-            }),
-            Command::Cache { offset, len } => {
-                self.backend.cache(offset, u64::from(len));
-                let (h, n) = ok_head(self.structured, false, &req);
-                self.push_reply(&h[..n], 0, 0, None);
-            }
-        }
-    }
-
-    fn read(
-        &mut self,
-        req: Request,
-        offset: u64,
-        len: u32,
-        k: usize,
-        permit: Option<OwnedSemaphorePermit>,
-    ) {
-        if len == 0 {
-            let (h, n) = ok_head(self.structured, true, &req);
-            self.push_reply(&h[..n], 0, k, permit);
-            return;
-        }
-        let (h, hl) = read_head(self.structured, &req, len);
-        if len <= INLINE_READ_MAX {
-            // Straight into the outgoing batch, behind its header.
-            let was_empty = self.out.is_empty();
-            let batch = batch(&mut self.out, &mut self.spare, hl + len as usize);
-            let at = batch.buf.len();
-            batch.buf.resize(at + hl + len as usize, 0);
-            match self.backend.read(&mut batch.buf[at + hl..], offset, true) {
-                Ok(true) => {
-                    batch.buf[at..at + hl].copy_from_slice(&h[..hl]);
-                    batch.requests += 1;
-                    batch.data += u64::from(len);
-                    batch.kib += k;
-                    merge(&mut batch.permit, permit);
-                    self.started(was_empty);
-                    return;
-                }
-                Ok(false) => batch.buf.truncate(at),
-                Err(e) => {
-                    batch.buf.truncate(at);
-                    let (h, n) = error_head(self.structured, req.cookie, errno_of(&e));
-                    self.push_reply(&h[..n], 0, k, permit);
-                    return;
-                }
-            }
-            // An empty batch made for this read stays queued; writing it costs nothing.
-        }
-        // Not all in the page cache (or large): a blocking read on the pool, into a
-        // buffer with room for the header in front.
-        let (b, tx, st) = (self.backend.clone(), self.done_tx.clone(), self.structured);
-        self.at_pool += 1;
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; hl + len as usize];
-            let (reply, data) = match b.read(&mut buf[hl..], offset, false) {
-                Ok(_) => {
-                    buf[..hl].copy_from_slice(&h[..hl]);
-                    (buf, u64::from(len))
-                }
-                Err(e) => {
-                    let (h, n) = error_head(st, req.cookie, errno_of(&e));
-                    (h[..n].to_vec(), 0)
-                }
-            };
-            let _ = tx.send(Done {
-                reply,
-                data,
-                kib: k,
-                permit,
-            });
-        });
-    }
-
-    fn write_payload(&mut self, p: Payload) {
-        self.stats.written(p.data.len() as u64);
-        let Payload {
-            req,
-            offset,
-            fua,
-            data,
-            kib,
-            permit,
-            ..
-        } = p;
-        self.at_pool(req, kib, permit, move |b| b.write(&data, offset, fua));
-    }
-
-    /// Runs a non-read operation on the blocking pool; its reply comes back as [`Done`].
-    fn at_pool(
-        &mut self,
-        req: Request,
-        k: usize,
-        permit: Option<OwnedSemaphorePermit>,
-        op: impl FnOnce(&Backend) -> io::Result<()> + Send + 'static,
-    ) {
-        let (b, tx, st) = (self.backend.clone(), self.done_tx.clone(), self.structured);
-        self.at_pool += 1;
-        tokio::task::spawn_blocking(move || {
-            let (h, n) = match op(&b) {
-                Ok(()) => ok_head(st, false, &req),
-                Err(e) => error_head(false, req.cookie, errno_of(&e)),
-            };
-            let _ = tx.send(Done {
-                reply: h[..n].to_vec(),
-                data: 0,
-                kib: k,
-                permit,
-            });
-        });
-    }
-
-    /// A reply from the pool joins the queue.
-    fn finished(&mut self, d: Done) {
-        self.at_pool -= 1;
-        if d.reply.len() <= 4096 {
-            self.push_reply(&d.reply, d.data, d.kib, d.permit);
-            return;
-        }
-        let was_empty = self.out.is_empty();
-        self.out.push_back(Out::Bytes(Batch {
-            buf: d.reply,
-            at: 0,
-            requests: 1,
-            data: d.data,
-            kib: d.kib,
-            permit: d.permit,
-        }));
-        self.started(was_empty);
-    }
-
-    /// A whole small reply into the outgoing batch.
-    fn push_reply(
-        &mut self,
-        bytes: &[u8],
-        data: u64,
-        k: usize,
-        permit: Option<OwnedSemaphorePermit>,
-    ) {
-        let was_empty = self.out.is_empty();
-        let batch = batch(&mut self.out, &mut self.spare, bytes.len());
-        batch.buf.extend_from_slice(bytes);
-        batch.requests += 1;
-        batch.data += data;
-        batch.kib += k;
-        merge(&mut batch.permit, permit);
-        self.started(was_empty);
-    }
-
-    /// The write timer runs from when the queue stopped being empty.
-    fn started(&mut self, was_empty: bool) {
-        if was_empty {
-            self.progress = Instant::now();
-        }
-    }
-
-    /// Writes what the socket takes now; returns when it would block or the queue is
-    /// empty.
-    fn write_some(&mut self) -> io::Result<()> {
-        let sock = self.wr.as_ref();
-        let fd = sock.as_raw_fd();
-        while let Some(front) = self.out.front_mut() {
-            let finished = match front {
-                Out::Bytes(b) => {
-                    if b.at < b.buf.len() {
-                        match sock.try_write(&b.buf[b.at..]) {
-                            Ok(n) => {
-                                b.at += n;
-                                self.progress = Instant::now();
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    b.at == b.buf.len()
-                }
-                Out::File {
-                    head,
-                    head_len,
-                    head_at,
-                    base,
-                    off,
-                    left,
-                } => {
-                    if *head_at < *head_len {
-                        // MSG_MORE: the header leaves in one segment with the data instead
-                        // of waking the client for it alone.
-                        let part = &head[*head_at..*head_len];
-                        let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
-                            // SAFETY: `part` is valid for its length during the call.
-                            let n = unsafe {
-                                nix::libc::send(
-                                    fd,
-                                    part.as_ptr().cast(),
-                                    part.len(),
-                                    nix::libc::MSG_MORE | nix::libc::MSG_NOSIGNAL,
-                                )
-                            };
-                            if n < 0 {
-                                Err(io::Error::last_os_error())
-                            } else {
-                                Ok(n as usize)
-                            }
-                        });
-                        match r {
-                            Ok(n) => {
-                                *head_at += n;
-                                self.progress = Instant::now();
-                                continue;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    match sock.try_io(tokio::io::Interest::WRITABLE, || {
-                        base.sendfile_to(fd, *off, *left)
-                    }) {
-                        Ok(0) => {
-                            // The file shrank under us: the client was promised `left`
-                            // more bytes, and the stream must stay in step: zeroes.
-                            let zeros = vec![0u8; *left];
-                            *front = Out::Bytes(Batch {
-                                buf: zeros,
-                                at: 0,
-                                requests: 1,
-                                data: 0,
-                                kib: 0,
-                                permit: None,
-                            });
-                            continue;
-                        }
-                        Ok(n) => {
-                            *off += n as u64;
-                            *left -= n;
-                            self.stats.read(n as u64);
-                            self.progress = Instant::now();
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
-                    }
-                    *left == 0
-                }
-            };
-            if finished {
-                match self.out.pop_front().expect("front exists") {
-                    Out::Bytes(b) => {
-                        self.in_flight -= b.requests;
-                        self.kib -= b.kib;
-                        self.stats.read(b.data);
-                        if b.buf.capacity() <= BATCH {
-                            self.spare = b.buf;
-                        }
-                    }
-                    Out::File { .. } => self.in_flight -= 1,
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The batch at the end of the queue, with room for `n` more bytes (a new one, in the
-/// spare buffer, when the last is full or is a file).
-fn batch<'a>(out: &'a mut VecDeque<Out>, spare: &mut Vec<u8>, n: usize) -> &'a mut Batch {
-    let fits =
-        matches!(out.back(), Some(Out::Bytes(b)) if b.buf.len() + n <= BATCH.max(b.buf.capacity()));
-    if !fits {
-        let mut buf = std::mem::take(spare);
-        buf.clear();
-        buf.reserve(n.max(64 << 10));
-        out.push_back(Out::Bytes(Batch {
-            buf,
-            at: 0,
-            requests: 0,
-            data: 0,
-            kib: 0,
-            permit: None,
-        }));
-    }
-    match out.back_mut() {
-        Some(Out::Bytes(b)) => b,
-        _ => unreachable!("a batch was just queued"),
-    }
 }
 
 /// Reads from the socket: into a WRITE payload being received, past a refused one, or
@@ -779,73 +414,4 @@ async fn read_into(
 
 fn kib(len: u32) -> usize {
     len.div_ceil(1024) as usize
-}
-
-fn merge(into: &mut Option<OwnedSemaphorePermit>, p: Option<OwnedSemaphorePermit>) {
-    match (into.as_mut(), p) {
-        (Some(a), Some(b)) => a.merge(b),
-        (None, Some(b)) => *into = Some(b),
-        _ => {}
-    }
-}
-
-fn head(parts: &[&[u8]]) -> ([u8; 32], usize) {
-    let mut h = [0u8; 32];
-    let mut n = 0;
-    for p in parts {
-        h[n..n + p.len()].copy_from_slice(p);
-        n += p.len();
-    }
-    (h, n)
-}
-
-/// The header in front of `len` bytes of READ data.
-fn read_head(structured: bool, req: &Request, len: u32) -> ([u8; 32], usize) {
-    if structured {
-        head(&[
-            &codec::structured_header(
-                req.cookie,
-                codec::REPLY_FLAG_DONE,
-                codec::REPLY_TYPE_OFFSET_DATA,
-                8 + len,
-            ),
-            &req.offset.to_be_bytes(),
-        ])
-    } else {
-        head(&[&codec::simple_reply(req.cookie, 0)])
-    }
-}
-
-/// The reply of a request that succeeded without data (a READ of 0 bytes included).
-fn ok_head(structured: bool, is_read: bool, req: &Request) -> ([u8; 32], usize) {
-    if structured && is_read {
-        head(&[&codec::structured_header(
-            req.cookie,
-            codec::REPLY_FLAG_DONE,
-            codec::REPLY_TYPE_NONE,
-            0,
-        )])
-    } else {
-        head(&[&codec::simple_reply(req.cookie, 0)])
-    }
-}
-
-fn error_head(structured_read: bool, cookie: u64, errno: u32) -> ([u8; 32], usize) {
-    if structured_read {
-        head(&[&codec::structured_error(cookie, errno)])
-    } else {
-        head(&[&codec::simple_reply(cookie, errno)])
-    }
-}
-
-/// The NBD error for a failed file operation: the spec allows only a few values.
-fn errno_of(e: &io::Error) -> u32 {
-    match e.raw_os_error() {
-        Some(nix::libc::EPERM) => codec::EPERM,
-        Some(nix::libc::ENOSPC | nix::libc::EDQUOT | nix::libc::EFBIG) => codec::ENOSPC,
-        Some(nix::libc::ENOMEM) => codec::ENOMEM,
-        Some(nix::libc::EINVAL) => codec::EINVAL,
-        Some(nix::libc::EOPNOTSUPP) => codec::ENOTSUP,
-        _ => codec::EIO,
-    }
 }
