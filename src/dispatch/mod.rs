@@ -33,6 +33,8 @@ mod monitor;
 mod observe;
 pub mod placement;
 pub mod qemu;
+mod qemu_launch;
+mod qemu_proc;
 mod qemu_state;
 mod record;
 pub mod saved;
