@@ -43,6 +43,35 @@ const MAX_OPTION_DATA: u32 = 64 << 10;
 /// still about 1 ms of a 1 Gbit/s link (0.1 ms at 10 Gbit/s) to refill before the wire
 /// idles, and 64-512 KiB measured alike here.
 const NOTSENT_LOWAT: u32 = 128 << 10;
+/// SO_MAX_PACING_RATE of every connection, in bytes a second. Any limit but "none" turns
+/// on the kernel's own TCP pacing (Linux 4.13+, with any qdisc): a connection spreads
+/// its congestion window over its round trip instead of sending it back to back. A room
+/// switched on at once is dozens of connections each bursting its replies into the NIC's
+/// queue at the same moment; unpaced, that queue overflows and the lost tails of replies
+/// wait for retransmit timers (`cargo xtask bench storm`). The limit itself, 4 GB/s, is
+/// above any LAN a thin client sits on.
+const MAX_PACING_RATE: u32 = u32::MAX - 1;
+
+/// Turns on TCP pacing for `sock` with `rate` as its ceiling (see [`MAX_PACING_RATE`]).
+/// Neither socket2 nor nix has this option, hence the call by hand.
+fn set_max_pacing_rate(sock: &impl std::os::fd::AsRawFd, rate: u32) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: a valid socket descriptor, and a pointer to a u32 whose size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&rate as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
 
 /// What every connection shares.
 pub struct Shared {
@@ -82,6 +111,7 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_tcp_notsent_lowat(NOTSENT_LOWAT);
+    let _ = set_max_pacing_rate(&stream, MAX_PACING_RATE);
     let _ = sock.set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
             .with_time(KEEPALIVE.0)
