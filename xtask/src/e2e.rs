@@ -192,10 +192,22 @@ pub fn serve(tag: &str, cmdline: &str, starts: Starts) -> Result<Served> {
 
 /// [`serve`] with a given vdd binary (benchmarks run the release build).
 pub fn serve_with(tag: &str, cmdline: &str, starts: Starts, vdd: &Path) -> Result<Served> {
+    serve_edited(tag, cmdline, starts, vdd, Ok)
+}
+
+/// [`serve_with`], the lab's config changed by `edit` first (a bench serves another file).
+pub fn serve_edited(
+    tag: &str,
+    cmdline: &str,
+    starts: Starts,
+    vdd: &Path,
+    edit: impl FnOnce(String) -> Result<String>,
+) -> Result<Served> {
     let mut lab = Lab::new(tag)?;
     let dir = std::env::temp_dir().join(format!("{}-{}", lab.name, "work"));
     std::fs::create_dir_all(dir.join("tftp"))?;
-    std::fs::write(dir.join("config.toml"), lab_config(&dir, cmdline, starts))?;
+    let config = edit(lab_config(&dir, cmdline, starts))?;
+    std::fs::write(dir.join("config.toml"), config)?;
     let vdd_pid = start_vdd(&mut lab, &dir, vdd, "vdd.log")?;
     Ok(Served { lab, dir, vdd_pid })
 }

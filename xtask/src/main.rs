@@ -119,7 +119,8 @@ enum Bench {
     /// Pick to the guest's first frame on a VNC client (cold boot, warm pool, saved
     /// state; reset) and to the X11 guest's greeter, through the real API in a lab.
     Pick(xtask::bench::pick::Args),
-    /// Thin-client boot: QEMU stage medians, and DHCP lease latency vs busybox udhcpc.
+    /// Thin-client boot: QEMU stage medians, DHCP lease latency vs busybox udhcpc, and the
+    /// root image in each compression (bytes over NBD, stage times of a PXE boot).
     Bootmenu {
         /// QEMU boots to time (0 skips; at most 10).
         #[arg(long, default_value_t = 3)]
@@ -127,6 +128,12 @@ enum Bench {
         /// DHCP leases per client (0 skips; at most 40).
         #[arg(long, default_value_t = 10)]
         leases: usize,
+        /// Root image compressions to compare (comma-separated: xz, zstd, lz4, gzip).
+        #[arg(long, value_delimiter = ',', default_value = "xz,zstd,lz4")]
+        roots: Vec<String>,
+        /// PXE boots through vdd per root compression (0 skips; at most 5).
+        #[arg(long, default_value_t = 2)]
+        root_boots: usize,
     },
 }
 
@@ -549,8 +556,20 @@ fn main() -> Result<()> {
                 },
         } => xtask::bench::dhcp::run(quick, repeat, rates),
         Cmd::Bench {
-            which: Bench::Bootmenu { boots, leases },
-        } => xtask::bench::bootmenu::run(boots, leases),
+            which:
+                Bench::Bootmenu {
+                    boots,
+                    leases,
+                    roots,
+                    root_boots,
+                },
+        } => {
+            xtask::bench::bootmenu::run(boots, leases)?;
+            if root_boots > 0 {
+                xtask::bench::rootcomp::run(&roots, root_boots.min(5))?;
+            }
+            Ok(())
+        }
         Cmd::Lab => {
             let mut lab = xtask::lab::Lab::new("lab")?;
             let c = lab.add_client(None)?;

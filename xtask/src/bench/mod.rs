@@ -9,6 +9,7 @@ pub mod http;
 pub mod nbd;
 pub mod panel;
 pub mod pick;
+pub mod rootcomp;
 pub mod storm;
 pub mod tftp;
 
