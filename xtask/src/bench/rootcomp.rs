@@ -98,15 +98,10 @@ fn boot(root: &Path, vdd: &Path) -> Result<Boot> {
     )?;
     let result = (|| {
         let mut q = e2e::thin_client(&mut s, e2e::BootPath::Ipxe)?;
-        // Up to the viewer: X and TigerVNC loaded from the root, most of what a seat
-        // reads of it (the check alone reads a few MB).
-        let mut want = e2e::boot_stages(e2e::BootPath::Ipxe);
-        want.push(e2e::Stage {
-            name: "viewer started",
-            marker: "vdd-boot-menu: viewer: connecting",
-            timeout: std::time::Duration::from_secs(180),
-        });
-        let stages = e2e::follow_stages(&mut q, &want)?;
+        // To the check: the root attached, mounted, and Xorg run from it (`Xorg
+        // -version`: the X server's binary and libraries read and decompressed); boot-menu
+        // says nothing later that marks X being up.
+        let stages = e2e::follow_stages(&mut q, &e2e::boot_stages(e2e::BootPath::Ipxe))?;
         // Counted as vdd sends (the seat's connection never closes: QEMU is killed).
         let nbd_bytes = nbd_read(&s.lab.server_ns)?;
         drop(q);
@@ -163,7 +158,7 @@ pub fn run(comps: &[String], boots: usize) -> Result<()> {
         for i in 0..boots {
             let b = boot(&image, &vdd).with_context(|| format!("{comp} boot {}", i + 1))?;
             eprintln!(
-                "bench bootmenu: {comp} boot {}/{boots}: {:.1} MB over NBD, viewer started at {:.1} s",
+                "bench bootmenu: {comp} boot {}/{boots}: {:.1} MB over NBD, check passed at {:.1} s",
                 i + 1,
                 b.nbd_bytes as f64 / 1e6,
                 b.stages.last().map_or(0.0, |s| s.1)
@@ -184,34 +179,25 @@ pub fn run(comps: &[String], boots: usize) -> Result<()> {
                 .collect(),
         )
     };
-    println!("\nThin-client root image by compression ({boots} QEMU TCG boots each through vdd, iPXE path, to the viewer; medians; seconds since QEMU start):");
+    println!("\nThin-client root image by compression ({boots} QEMU TCG boots each through vdd, iPXE path, to the check; medians; seconds since QEMU start):");
     println!(
-        "{:<6} {:>9} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10} {:>14}",
-        "comp",
-        "image MB",
-        "NBD MB",
-        "menu s",
-        "pick s",
-        "mounted s",
-        "Xorg s",
-        "viewer s",
-        "pick->viewer s"
+        "{:<6} {:>9} {:>10} {:>8} {:>8} {:>10} {:>10} {:>12}",
+        "comp", "image MB", "NBD MB", "menu s", "pick s", "mounted s", "Xorg s", "pick->Xorg s"
     );
     for (comp, size, runs) in &rows {
         let nbd = median(runs.iter().map(|b| b.nbd_bytes as f64).collect());
         let pick = at(runs, "guest picked");
-        let viewer = at(runs, "viewer started");
+        let xorg = at(runs, "Xorg -version");
         println!(
-            "{:<6} {:>9.1} {:>10.1} {:>8.1} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>14.1}",
+            "{:<6} {:>9.1} {:>10.1} {:>8.1} {:>8.1} {:>10.1} {:>10.1} {:>12.1}",
             comp,
             *size as f64 / 1e6,
             nbd / 1e6,
             at(runs, "menu shown"),
             pick,
             at(runs, "root mounted"),
-            at(runs, "Xorg -version"),
-            viewer,
-            viewer - pick
+            xorg,
+            xorg - pick
         );
     }
     Ok(())
