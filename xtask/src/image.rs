@@ -171,10 +171,17 @@ pub fn thin_client(force: bool) -> Result<PathBuf> {
     );
     let tmp = out_dir.join("thin-client.squashfs.tmp");
     let _ = std::fs::remove_file(&tmp);
+    let compression: Vec<String> = std::fs::read_to_string(recipe.join("squashfs-options"))?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
     let st = Command::new("mksquashfs")
         .arg(&work)
         .arg(&tmp)
-        .args(["-comp", "xz", "-noappend", "-quiet", "-progress"])
+        .args(&compression)
+        .args(["-noappend", "-quiet", "-progress"])
         .status()
         .context("running mksquashfs")?;
     let _ = std::fs::remove_dir_all(&work);
