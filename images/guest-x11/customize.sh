@@ -21,10 +21,23 @@ for f in xdm-config Xaccess Xservers Xsetup; do
 	install -m 644 "$recipe/$f" "$root/etc/X11/xdm/$f"
 done
 chmod 755 "$root"/etc/X11/xdm/Xsetup
-# Debian's greeter takes 24-point fonts on screens wider than 800 pixels, and is then wider
-# than a 1024x768 screen (the logo is cut off); keep the small fonts up to 1100.
-sed -i 's/^#if WIDTH > 800$/#if WIDTH > 1100/' "$root"/etc/X11/xdm/Xresources
-grep -q '^#if WIDTH > 1100$' "$root"/etc/X11/xdm/Xresources
+# The greeter's resources, decided here once rather than by cpp for every display: xdm runs
+# xrdb for each display it manages, and xrdb runs the C preprocessor (cc1, 30 MB) to pick
+# the fonts by the screen's width, the colours by its depth, and to name the host in the
+# greeting. Under TCG that is a good part of a seat's wait for its greeter. Chosen: the
+# small fonts (Debian takes 24-point ones above 800 pixels, too wide for a 1024x768 seat:
+# the logo is cut off), colour, the colour logo. Any other directive stops the build.
+awk -v host=vdd-guest-x11 '
+/^#if WIDTH > 800$/ { inif = 1; keep = 0; next }
+/^#ifdef COLOR$/ || /^#if PLANES >= 8$/ { inif = 1; keep = 1; next }
+/^#else$/ && inif { keep = !keep; next }
+/^#endif$/ && inif { inif = 0; next }
+/^#/ { print "Xresources: no choice made for " $0 > "/dev/stderr"; bad = 1; exit 1 }
+!inif || keep { gsub(/CLIENTHOST/, host); print }
+END { if (bad || inif) exit 1 }
+' "$root"/etc/X11/xdm/Xresources > "$root"/etc/X11/xdm/Xresources.vdd
+mv "$root"/etc/X11/xdm/Xresources.vdd "$root"/etc/X11/xdm/Xresources
+grep -q '^xlogin\*greeting: Welcome to vdd-guest-x11$' "$root"/etc/X11/xdm/Xresources
 echo /usr/bin/xdm > "$root"/etc/X11/default-display-manager
 install -m 644 "$recipe"/xdm.service "$root"/etc/systemd/system/xdm.service
 ln -sf /etc/systemd/system/xdm.service "$root"/etc/systemd/system/display-manager.service
