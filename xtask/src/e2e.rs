@@ -435,6 +435,24 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
 }
 
+/// The lab vdd's `/metrics` (Prometheus' text format), asked with the admin token from
+/// namespace `ns`.
+pub fn metrics(ns: &str) -> Result<String> {
+    let out = Lab::cmd(ns, "curl")
+        .args(["-sf", "-m", "30", "-H"])
+        .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
+        .arg(format!("http://{SERVER_IP}/metrics"))
+        .output()
+        .context("curl /metrics")?;
+    if !out.status.success() {
+        bail!(
+            "GET /metrics failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// One HTTP request to the lab's vdd with the admin token, via curl in the namespace;
 /// returns the status and the JSON body.
 pub fn admin_api(

@@ -393,19 +393,7 @@ fn session_of_seat(ns: &str, state: &std::path::Path) -> Result<Option<(String, 
 
 /// `/metrics` after the boot, read by Prometheus' own parser and linter.
 fn metrics_check(ns: &str) -> Result<()> {
-    let out = crate::lab::Lab::cmd(ns, "curl")
-        .args(["-sf", "-m", "30", "-H"])
-        .arg(format!("Authorization: Bearer {ADMIN_TOKEN}"))
-        .arg(format!("http://{SERVER_IP}/metrics"))
-        .output()
-        .context("curl /metrics")?;
-    if !out.status.success() {
-        bail!(
-            "GET /metrics failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = crate::e2e::metrics(ns)?;
     let mut p = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

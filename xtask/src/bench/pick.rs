@@ -293,22 +293,20 @@ fn wait_status(what: &str, ready: impl Fn(&Value) -> bool) -> Result<f64> {
 /// The guest is ready for the next pick: its warm VM up, its state saved.
 fn ready_for(guest: &str) -> impl Fn(&Value) -> bool + '_ {
     move |s: &Value| {
-        let saved = s["saved"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x["guest"] == guest));
+        let saved = |g: &str| {
+            s["saved"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["guest"] == g))
+        };
         match guest {
-            "warm" => saved && s["warm_up"].as_u64() >= Some(1) && s["starting"] == 0,
-            "saved" => saved,
+            "warm" => saved(guest) && s["warm_up"].as_u64() >= Some(1) && s["starting"] == 0,
+            "saved" => saved(guest),
             // Every warm VM up (the demo guests' when measured, and the X11 guest's), and
             // the demo guests' states saved: the saves are boots too, and a pick beside
             // them measured the shared CPU, not the pick.
             "x11" => {
-                let saved_all = ["warm", "saved"].iter().all(|g| {
-                    s["saved"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|x| x["guest"] == *g))
-                });
-                saved_all
+                saved("warm")
+                    && saved("saved")
                     && s["warm_up"] == s["warm"]
                     && s["warm"].as_u64() >= Some(1)
                     && s["starting"] == 0

@@ -118,23 +118,8 @@ fn boot(root: &Path, vdd: &Path) -> Result<Boot> {
 
 /// The bytes NBD clients read from vdd so far (`/metrics`; the lab has one seat).
 fn nbd_read(ns: &str) -> Result<u64> {
-    let out = crate::lab::Lab::cmd(ns, "curl")
-        .args(["-sf", "-m", "30", "-H"])
-        .arg(format!("Authorization: Bearer {}", e2e::ADMIN_TOKEN))
-        .arg(format!("http://{}/metrics", crate::lab::SERVER_IP))
-        .output()
-        .context("curl /metrics")?;
-    if !out.status.success() {
-        bail!(
-            "GET /metrics failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    metric(
-        &String::from_utf8_lossy(&out.stdout),
-        "vdd_nbd_read_bytes_total",
-    )
-    .context("no vdd_nbd_read_bytes_total in /metrics")
+    metric(&e2e::metrics(ns)?, "vdd_nbd_read_bytes_total")
+        .context("no vdd_nbd_read_bytes_total in /metrics")
 }
 
 /// A counter's value in Prometheus' text format.
