@@ -4,6 +4,7 @@
 //! which the monitor, the starts and the warm pools use too. Apart from `mod.rs` (the
 //! dispatcher's state and its construction), which was past 600 lines.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -22,6 +23,22 @@ pub enum Who<'a> {
 }
 
 impl Who<'_> {
+    /// Takes seat session `id` out of `sessions` when this caller may act on it (a warm
+    /// VM is nobody's session): [`Dispatcher::end`] and [`Dispatcher::reset`] stop its VM
+    /// next.
+    fn take<B: Backend>(
+        self,
+        sessions: &mut BTreeMap<String, Session<B>>,
+        id: &str,
+    ) -> Result<Session<B>, Error> {
+        let s = sessions
+            .get(id)
+            .filter(|s| !s.rec.warm)
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        self.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
+        Ok(sessions.remove(id).expect("just found"))
+    }
+
     fn seat(&self) -> Option<Mac> {
         match self {
             Who::Admin => None,
@@ -144,13 +161,7 @@ impl<B: Backend> Dispatcher<B> {
                 st.failed.remove(id);
                 return Ok(());
             }
-            let s = st
-                .sessions
-                .get(id)
-                .filter(|s| !s.rec.warm)
-                .ok_or_else(|| Error::NotFound(id.to_string()))?;
-            who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
-            st.sessions.remove(id).expect("just found")
+            who.take(&mut st.sessions, id)?
         };
         self.finish(s, "ended").await;
         self.kick();
@@ -164,13 +175,7 @@ impl<B: Backend> Dispatcher<B> {
     pub async fn reset(&self, id: &str, who: Who<'_>) -> Result<SessionInfo, Error> {
         let mut s = {
             let mut st = self.state.lock().await;
-            let s = st
-                .sessions
-                .get(id)
-                .filter(|s| !s.rec.warm)
-                .ok_or_else(|| Error::NotFound(id.to_string()))?;
-            who.check(id, &s.rec.seat.to_string(), &s.rec.key)?;
-            st.sessions.remove(id).expect("just found")
+            who.take(&mut st.sessions, id)?
         };
         if let Some(p) = s.probe.take() {
             p.abort();
