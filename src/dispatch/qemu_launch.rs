@@ -213,6 +213,14 @@ pub async fn start(
     for _ in 0..100 {
         if let Some(Ok(Some(st))) = vm.child.as_mut().map(|c| c.try_wait()) {
             let log = std::fs::read_to_string(spec.dir.join("qemu.log")).unwrap_or_default();
+            // A state QEMU rejects can end it before its monitor is up; that is a failed
+            // restore (the caller boots cold), not a broken QEMU.
+            if let Some(r) = &spec.restore {
+                return Err(Error::Restore(
+                    r.state.clone(),
+                    format!("QEMU exited ({st}): {}", log.trim()),
+                ));
+            }
             return Err(Error::VmExited(st.to_string(), log.trim().to_string()));
         }
         match Qmp::connect(&vm.qmp, Duration::from_secs(10)).await {
