@@ -101,6 +101,22 @@ fn recipe_hash_skipping(dir: &Path, skip: &[&str]) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// Holds `images/out/NAME.lock` while an image is checked and built: tests in parallel
+/// (and two xtask runs) ask for the same image, and two builds in one work folder break
+/// each other. The one that waited then finds the image up to date.
+fn build_lock(out_dir: &Path, name: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = out_dir.join(format!("{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("locking {}", path.display()))
+}
+
 /// Builds `images/out/thin-client.squashfs` unless the recipe is unchanged since the last
 /// build. Returns the image path.
 pub fn thin_client(force: bool) -> Result<PathBuf> {
@@ -108,6 +124,7 @@ pub fn thin_client(force: bool) -> Result<PathBuf> {
     let recipe = root.join("images/thin-client");
     let out_dir = root.join("images/out");
     std::fs::create_dir_all(&out_dir)?;
+    let _building = build_lock(&out_dir, "thin-client")?;
     let image = out_dir.join("thin-client.squashfs");
     let stamp = out_dir.join("thin-client.recipe-sha256");
     let hash = recipe_hash(&recipe)?;
@@ -237,6 +254,7 @@ pub fn guest_demo(force: bool) -> Result<PathBuf> {
     let recipe = root.join("images/guest-demo");
     let out_dir = root.join("images/out");
     std::fs::create_dir_all(&out_dir)?;
+    let _building = build_lock(&out_dir, "guest-demo")?;
     let image = out_dir.join("guest-demo.img");
     let stamp = out_dir.join("guest-demo.recipe-sha256");
     let kernel = debian_kernel()?;
@@ -362,6 +380,7 @@ pub fn guest_x11(force: bool) -> Result<PathBuf> {
     let recipe = root.join("images/guest-x11");
     let out_dir = root.join("images/out");
     std::fs::create_dir_all(&out_dir)?;
+    let _building = build_lock(&out_dir, "guest-x11")?;
     let image = out_dir.join("guest-x11.qcow2");
     let stamp = out_dir.join("guest-x11.recipe-sha256");
     let recipe_sha = recipe_hash_skipping(&recipe, &["README.md"])?;
