@@ -1,6 +1,6 @@
 //! TFTP server input: `Packet::parse` of every datagram, RFC 2347 option negotiation of
 //! the first RRQ, and the read session's state machine fed the ACKs, ERRORs, strays and
-//! timeouts that follow, as `tftp/driver.rs` feeds it; the file name goes through
+//! timeouts that follow, as `tftp/driver/mod.rs` feeds it; the file name goes through
 //! `paths::clean`.
 //!
 //! Input: three bytes of file size, then datagrams separated by `SEP`; the first that
