@@ -13,7 +13,7 @@
 //! name is kept beside the session's overlay path (`OVERLAY.host`), and the seat's later
 //! sessions go to that host.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,17 +23,20 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
+mod connect;
 mod create;
 mod domxml;
 mod hosts;
+mod place;
 
 use super::backend::{HostStatus, OneTime};
 use super::placement::{self, HostView, Want};
 use super::qemu::{VmDisplay, VmSpec};
-use super::{Backend, Dispatcher, Error, LanSide};
-use crate::config::{AccelChoice, Config, Mac, Placement};
+use super::{Backend, Error};
+use crate::config::{AccelChoice, Mac, Placement};
 use create::{call, on};
-use hosts::{Host, DOWN_AFTER};
+use hosts::Host;
+use place::marker;
 
 /// The libvirt backend over `[[dispatch.host]]`.
 pub struct Libvirt {
@@ -83,159 +86,9 @@ pub struct Saved {
     pub volume: String,
 }
 
-/// This vdd's owner id, made once: `STATE_DIR/libvirt-owner`.
-fn owner_id(state_dir: &Path) -> Result<String, Error> {
-    let path = state_dir.join("libvirt-owner");
-    if let Ok(s) = std::fs::read_to_string(&path) {
-        let s = s.trim();
-        if s.len() == 16 && s.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Ok(s.to_string());
-        }
-    }
-    let id: String = super::random::<8>()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(&path, format!("{id}\n")).map_err(|e| Error::State(path, e))?;
-    Ok(id)
-}
-
 impl Libvirt {
-    /// Connects to every host and waits (up to [`DOWN_AFTER`]) for each one's first
-    /// answer, so what a previous run left can be adopted. A host that does not answer
-    /// yet is skipped until it does.
-    pub async fn connect(cfg: &Config) -> Result<Libvirt, Error> {
-        virt::error::clear_error_callback();
-        let d = &cfg.dispatch;
-        let owner = owner_id(&cfg.server.state_dir)?;
-        let sessions = cfg.server.state_dir.join("sessions");
-        let hosts: Vec<Arc<Host>> = d
-            .hosts
-            .iter()
-            .map(|h| Host::new(h.clone(), owner.clone(), sessions.clone()))
-            .collect();
-        for h in &hosts {
-            h.watch();
-        }
-        let end = Instant::now() + DOWN_AFTER;
-        while Instant::now() < end
-            && hosts.iter().any(|h| {
-                let s = h.snapshot();
-                s.at.is_none() && s.failing.is_none()
-            })
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        for h in &hosts {
-            let s = h.snapshot();
-            if s.at.is_none() {
-                let why = s
-                    .failing
-                    .map(|f| f.1)
-                    .unwrap_or_else(|| "no answer yet".into());
-                warn!(host = %h.cfg.name, uri = %h.cfg.uri, "hypervisor host does not answer ({why}): no VMs go there until it does, and its VMs of a previous run are not adopted");
-            }
-        }
-        Ok(Libvirt {
-            hosts,
-            owner,
-            policy: d.placement,
-            accel: d.accel,
-            starting: Mutex::new(Vec::new()),
-            deleting: Arc::new(Mutex::new(Vec::new())),
-        })
-    }
-
     fn host_index(&self, name: &str) -> Option<usize> {
         self.hosts.iter().position(|h| h.cfg.name == name)
-    }
-
-    /// Each host as placement sees it, VMs still starting included.
-    fn views(&self, starting: &mut Vec<Starting>) -> Vec<(HostView<'_>, bool)> {
-        let now = Instant::now();
-        let snaps: Vec<_> = self.hosts.iter().map(|h| h.snapshot()).collect();
-        // A start counts here until an answer of its host that began after it returned:
-        // that answer shows its domain (then it counts there) or not (it is gone).
-        starting.retain(|s| match s.done {
-            None => true,
-            Some(t) => snaps[s.host].at.is_none_or(|a| a <= t),
-        });
-        self.hosts
-            .iter()
-            .zip(&snaps)
-            .enumerate()
-            .map(|(i, (h, s))| {
-                let ours = s
-                    .domains
-                    .values()
-                    .filter(|d| d.meta.as_ref().is_some_and(|m| m.owner == self.owner));
-                let (mut mib, mut cpus) = ours.fold((0, 0), |(m, c), d| (m + d.mib, c + d.cpus));
-                let mut pending = 0;
-                for st in starting.iter().filter(|st| st.host == i) {
-                    if !s.domains.contains_key(&st.domain) {
-                        mib += st.mib;
-                        cpus += st.cpus;
-                        pending += st.mib;
-                    }
-                }
-                let view = HostView {
-                    name: &h.cfg.name,
-                    up: s.up(now),
-                    limit_mib: h.cfg.memory_mib,
-                    limit_cpus: h.cfg.cpus,
-                    placed_mib: mib,
-                    placed_cpus: cpus,
-                    total_mib: s.total_mib,
-                    free_mib: s.free_mib.saturating_sub(pending),
-                    cpu_busy: s.cpu_busy,
-                    bridge: h.cfg.bridge.is_some(),
-                };
-                (view, s.kvm)
-            })
-            .collect()
-    }
-
-    /// The host a seat's kept disk is on, from the note beside its overlay path.
-    fn kept_on(&self, overlay: &Path) -> Result<Option<usize>, Error> {
-        let Ok(name) = std::fs::read_to_string(marker(overlay)) else {
-            return Ok(None);
-        };
-        let name = name.trim();
-        match self.host_index(name) {
-            Some(i) => Ok(Some(i)),
-            None => Err(Error::Full(format!(
-                "this seat's kept disk is on hypervisor host {name}, which is no longer in [[dispatch.host]]"
-            ))),
-        }
-    }
-
-    async fn wait_deleted(&self, host: usize, volume: &str) {
-        let end = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < end
-            && self
-                .deleting
-                .lock()
-                .expect("deleting lock")
-                .iter()
-                .any(|(h, v)| *h == host && v == volume)
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Where the name of the host of a seat's kept disk is noted.
-fn marker(overlay: &Path) -> PathBuf {
-    let mut m = overlay.as_os_str().to_owned();
-    m.push(".host");
-    PathBuf::from(m)
-}
-
-impl Drop for Libvirt {
-    fn drop(&mut self) {
-        for h in &self.hosts {
-            h.shutdown();
-        }
     }
 }
 
@@ -588,19 +441,6 @@ impl Backend for Libvirt {
                 }
             })
             .collect()
-    }
-}
-
-impl Dispatcher<Libvirt> {
-    /// A dispatcher whose VMs run on the `[[dispatch.host]]` hosts; adopts what a previous
-    /// run left on them.
-    pub async fn on_hosts(
-        cfg: impl Into<crate::config::Live>,
-        lan: Option<LanSide>,
-    ) -> Result<Arc<Dispatcher<Libvirt>>, Error> {
-        let cfg = cfg.into();
-        let backend = Libvirt::connect(&cfg.get()).await?;
-        Dispatcher::with_backend(cfg, lan, backend).await
     }
 }
 
